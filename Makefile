@@ -1,0 +1,36 @@
+# The two commands: `make demo` and `make test`. Both bootstrap a virtual environment in .venv on
+# first use (torch, the pinned dependencies of pyproject.toml, Detectron2 and panopticapi via
+# tools/install_detectron2.py) and reuse it afterwards (stamp file).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gbw-installed
+# pytest workers; 2 matches the CI machine.
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup demo test test-fast experiment env clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test]"
+	$(PY) tools/install_detectron2.py
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+
+# Skips the end-to-end tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" tests
+
+env: $(STAMP)
+	$(PY) -m gbw_panoptic.env
+
+clean:
+	rm -rf $(VENV) output

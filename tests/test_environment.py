@@ -1,0 +1,210 @@
+"""The installed environment: Detectron2 (registry or upstream build), panopticapi, config system."""
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "detectron2",
+        "detectron2.layers",
+        "detectron2.projects.panoptic_deeplab",
+        "detectron2.projects.deeplab",
+        "detectron2.evaluation",
+        "detectron2.utils.visualizer",
+        "detectron2.model_zoo",
+        "panopticapi.evaluation",
+        "cvxopt",
+        "cityscapesscripts.helpers.labels",
+    ],
+)
+def test_module_imports(module):
+    importlib.import_module(module)
+
+
+def test_named_classes_import():
+    from detectron2.evaluation import COCOPanopticEvaluator
+    from detectron2.utils.visualizer import Visualizer
+
+    assert COCOPanopticEvaluator is not None and Visualizer is not None
+
+
+def test_missing_compiled_op_raises_clear_error():
+    import detectron2._C as compiled
+
+    if not getattr(compiled, "IS_PLACEHOLDER", False):
+        pytest.skip("Detectron2 was built with its C++ ops; nothing to check")
+    with pytest.raises(RuntimeError, match=r"deform_conv_forward.*install_detectron2.py --source"):
+        compiled.deform_conv_forward
+    # Dunder lookups (done by inspect, pickle, ...) stay plain AttributeErrors.
+    assert not hasattr(compiled, "__wrapped__")
+
+
+def test_rotated_box_op_fails_clearly_only_when_called():
+    """Importing the layers works; only calling a compiled op raises, naming the op."""
+    import detectron2._C as compiled
+    from detectron2.layers.rotated_boxes import pairwise_iou_rotated
+
+    if not getattr(compiled, "IS_PLACEHOLDER", False):
+        pytest.skip("Detectron2 was built with its C++ ops")
+    boxes = torch.tensor([[5.0, 5.0, 4.0, 4.0, 0.0]])
+    with pytest.raises(RuntimeError, match=r"box_iou_rotated is a compiled C\+\+/CUDA op"):
+        pairwise_iou_rotated(boxes, boxes)
+
+
+def test_numpy_and_pillow_renames_work(tmp_path):
+    """Call-time NumPy names of v0.6 (here in SemSegEvaluator) work with current NumPy."""
+    import numpy as np
+    from PIL import Image
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import SemSegEvaluator
+    from detectron2.structures.masks import polygons_to_bitmask
+
+    assert polygons_to_bitmask([], 3, 5).shape == (3, 5)
+    gt = np.array([[0, 1], [2, 255]], dtype=np.uint8)
+    Image.fromarray(gt).save(tmp_path / "gt.png")
+    name = "gbw_env_semseg_smoke"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [
+            {"file_name": "img.png", "sem_seg_file_name": str(tmp_path / "gt.png")}])
+        MetadataCatalog.get(name).set(stuff_classes=["a", "b", "c"], ignore_label=255)
+    evaluator = SemSegEvaluator(name, distributed=False)
+    evaluator.reset()
+    logits = torch.zeros(3, 2, 2)
+    logits[0, 0, 0] = logits[1, 0, 1] = logits[1, 1, 0] = 1.0  # class 2 pixel predicted as 1
+    evaluator.process([{"file_name": "img.png"}], [{"sem_seg": logits}])
+    result = evaluator.evaluate()["sem_seg"]
+    assert result["IoU-a"] == pytest.approx(100.0)
+    assert result["IoU-b"] == pytest.approx(50.0)
+    assert result["IoU-c"] == pytest.approx(0.0)
+
+
+def test_installer_is_idempotent(repo_root):
+    """A second run of the installer finds everything working and changes nothing."""
+    freeze = [sys.executable, "-m", "pip", "freeze", "--all"]
+    before = subprocess.run(freeze, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(repo_root / "tools" / "install_detectron2.py")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    after = subprocess.run(freeze, capture_output=True, text=True, check=True).stdout
+    assert "detectron2" in out and "nothing to do" in out
+    assert "panopticapi already works" in out
+    assert before == after
+
+
+def test_env_report_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "gbw_panoptic.env"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("torch", "detectron2", "detectron2 C++/CUDA ops", "panopticapi", "cvxopt"):
+        assert name in out
+
+
+def test_config_merges_and_base_yaml_loads(tmp_path, repo_root):
+    from gbw_panoptic.config import add_gbw_panoptic_config
+
+    cfg = get_cfg()
+    add_gbw_panoptic_config(cfg)
+    cfg.merge_from_file(str(repo_root / "configs" / "Base-GBW-Panoptic.yaml"))
+    assert cfg.MODEL.GBW.SEM_SEG.LAMBDA == 1.0
+    assert cfg.UDA.METHOD == "dacs"
+
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        f"_BASE_: \"{repo_root / 'configs' / 'Base-GBW-Panoptic.yaml'}\"\n"
+        "MODEL:\n  GBW:\n    SEM_SEG:\n      LAMBDA_MODE: relative\n"
+        "UDA:\n  METHOD: minent\n"
+    )
+    cfg = get_cfg()
+    add_gbw_panoptic_config(cfg)
+    cfg.merge_from_file(str(child))
+    assert cfg.MODEL.GBW.SEM_SEG.LAMBDA_MODE == "relative"
+    assert cfg.UDA.METHOD == "minent"
+    assert cfg.MODEL.META_ARCHITECTURE == "GBWPanopticSegmentor"
+    # Unknown keys are rejected with Detectron2's usual error.
+    cfg = get_cfg()
+    add_gbw_panoptic_config(cfg)
+    with pytest.raises(AssertionError, match="Non-existent key: UDA.NO_SUCH_KEY"):
+        cfg.merge_from_list(["UDA.NO_SUCH_KEY", 1])
+
+
+def test_panoptic_deeplab_forward_backward_on_cpu():
+    """A Panoptic-DeepLab-sized forward and backward through the installed Detectron2."""
+    from detectron2.modeling import build_model
+    from detectron2.projects.deeplab import add_deeplab_config
+    from detectron2.projects.panoptic_deeplab import add_panoptic_deeplab_config
+
+    torch.manual_seed(0)
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_panoptic_deeplab_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.META_ARCHITECTURE = "PanopticDeepLab"
+    cfg.DATASETS.TRAIN = ("gbw_env_panoptic_deeplab_smoke",)
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_deeplab_backbone"
+    cfg.MODEL.RESNETS.DEPTH = 50
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.RESNETS.STEM_TYPE = "deeplab"
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 128
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res5"]
+    cfg.MODEL.RESNETS.RES4_DILATION = 1
+    cfg.MODEL.RESNETS.RES5_DILATION = 2
+    cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 2, 4]
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "PanopticDeepLabSemSegHead"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res5"]
+    cfg.MODEL.SEM_SEG_HEAD.PROJECT_FEATURES = ["res2", "res3"]
+    cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [32, 64]
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 256
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [6, 12, 18]
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1
+    cfg.MODEL.SEM_SEG_HEAD.HEAD_CHANNELS = 256
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "hard_pixel_mining"
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "BN"
+    cfg.MODEL.INS_EMBED_HEAD.NAME = "PanopticDeepLabInsEmbedHead"
+    cfg.MODEL.INS_EMBED_HEAD.IN_FEATURES = ["res2", "res3", "res5"]
+    cfg.MODEL.INS_EMBED_HEAD.PROJECT_FEATURES = ["res2", "res3"]
+    cfg.MODEL.INS_EMBED_HEAD.PROJECT_CHANNELS = [32, 64]
+    cfg.MODEL.INS_EMBED_HEAD.ASPP_CHANNELS = 256
+    cfg.MODEL.INS_EMBED_HEAD.ASPP_DILATIONS = [6, 12, 18]
+    cfg.MODEL.INS_EMBED_HEAD.ASPP_DROPOUT = 0.1
+    cfg.MODEL.INS_EMBED_HEAD.HEAD_CHANNELS = 32
+    cfg.MODEL.INS_EMBED_HEAD.CONVS_DIM = 128
+    cfg.MODEL.INS_EMBED_HEAD.COMMON_STRIDE = 4
+    cfg.MODEL.INS_EMBED_HEAD.NORM = "BN"
+    cfg.MODEL.PANOPTIC_DEEPLAB.USE_DEPTHWISE_SEPARABLE_CONV = True
+    cfg.MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV = True
+    cfg.MODEL.PANOPTIC_DEEPLAB.SIZE_DIVISIBILITY = 64
+    model = build_model(cfg)
+    model.train()
+
+    height, width = 128, 128
+    inputs = []
+    for _ in range(2):
+        sem = torch.randint(0, 19, (height, width))
+        inputs.append({
+            "image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8),
+            "sem_seg": sem,
+            "sem_seg_weights": torch.ones(height, width),
+            "center": torch.rand(1, height, width),
+            "center_weights": torch.ones(height, width),
+            "offset": torch.randn(2, height, width),
+            "offset_weights": torch.ones(height, width),
+        })
+    losses = model(inputs)
+    assert set(losses) == {"loss_sem_seg", "loss_center", "loss_offset"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
