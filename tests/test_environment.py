@@ -196,7 +196,7 @@ def test_panoptic_deeplab_forward_backward_on_cpu():
             "image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8),
             "sem_seg": sem,
             "sem_seg_weights": torch.ones(height, width),
-            "center": torch.rand(1, height, width),
+            "center": torch.rand(height, width),
             "center_weights": torch.ones(height, width),
             "offset": torch.randn(2, height, width),
             "offset_weights": torch.ones(height, width),
