@@ -1,0 +1,394 @@
+"""``GBWPanopticSegmentor``: EDAPS-style bottom-up panoptic segmentation with GBW-weighted losses.
+
+::
+
+    image -> normalise -> backbone (MiT / ResNet) -> res2..res5
+                             |-> DAFormerSemSegHead  -> class logits  --+
+                             |-> DAFormerInstanceHead -> center, offset -+-> upsample to input size
+    training:  GBW cross-entropy (x SEM_SEG_HEAD.LOSS_WEIGHT), GBW center MSE (x CENTER_LOSS_WEIGHT,
+               / sum of center weights), GBW offset L1 (x OFFSET_LOSS_WEIGHT, / sum of offset weights)
+    inference: resize to (height, width) -> Panoptic-DeepLab post-processing -> sem_seg,
+               panoptic_seg, instances
+
+With ``MODEL.INS_EMBED_HEAD.ENABLED False`` the model is semantic-only (DAFormer): no instance
+head, only ``loss_sem_seg`` and the ``sem_seg`` output.
+"""
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import CfgNode, configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.utils.events import EventStorage, get_event_storage
+from detectron2.utils.events import _CURRENT_STORAGE_STACK
+from torch import nn
+
+from ..gbw import GBWCrossEntropyLoss, GBWRegressionLoss
+from .heads import build_ins_embed_head
+from .post_processing import get_panoptic_segmentation_batched, panoptic_to_segments
+
+__all__ = ["GBWPanopticSegmentor", "CITYSCAPES_CLASS_NAMES", "CITYSCAPES_THING_IDS"]
+
+logger = logging.getLogger(__name__)
+
+# Used when the config names no registered dataset (e.g. building a model for a benchmark).
+CITYSCAPES_CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+    "bicycle",
+)  # fmt: skip
+CITYSCAPES_THING_IDS = tuple(range(11, 19))
+_VOID = -1
+
+
+def _gbw_loss_kwargs(node: CfgNode) -> Dict:
+    """Keyword arguments of a GBW loss module from one ``MODEL.GBW.<LOSS>`` node."""
+    return {
+        "enabled": node.ENABLED,
+        "lam": node.LAMBDA,
+        "lam_mode": node.LAMBDA_MODE,
+        "solver": node.SOLVER,
+        "active_classes": node.ACTIVE_CLASSES,
+        "ema_momentum": node.EMA_MOMENTUM,
+    }
+
+
+def _dataset_classes(cfg: CfgNode) -> Tuple[List[str], List[int], int]:
+    """(class names, contiguous thing ids, label divisor) from the metadata of DATASETS.TEST[0] or
+    DATASETS.TRAIN[0]; Cityscapes' 19 classes when neither is registered."""
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    names = [name for name in (*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN) if name in MetadataCatalog.list()]
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        if hasattr(meta, "stuff_classes") and hasattr(meta, "thing_dataset_id_to_contiguous_id"):
+            if len(meta.stuff_classes) != num_classes:
+                raise ValueError(
+                    f"dataset {name} has {len(meta.stuff_classes)} classes (stuff_classes) but "
+                    f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {num_classes}"
+                )
+            thing_ids = sorted(meta.thing_dataset_id_to_contiguous_id.values())
+            return list(meta.stuff_classes), thing_ids, getattr(meta, "label_divisor", 1000)
+    if num_classes != len(CITYSCAPES_CLASS_NAMES):
+        raise ValueError(
+            f"no registered panoptic dataset among DATASETS.TEST/TRAIN {names or '(none)'} gives the class "
+            f"names and thing ids of MODEL.SEM_SEG_HEAD.NUM_CLASSES = {num_classes} classes"
+        )
+    logger.info("No dataset metadata found; using the 19 Cityscapes classes (things 11-18).")
+    return list(CITYSCAPES_CLASS_NAMES), list(CITYSCAPES_THING_IDS), 1000
+
+
+def _active_event_storage() -> Optional[EventStorage]:
+    """The current Detectron2 EventStorage, or None outside ``with EventStorage():``."""
+    return get_event_storage() if _CURRENT_STORAGE_STACK else None
+
+
+@META_ARCH_REGISTRY.register()
+class GBWPanopticSegmentor(nn.Module):
+    """Shared encoder + DAFormer semantic decoder + DAFormer center/offset decoder, GBW losses."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        ins_embed_head: Optional[nn.Module],
+        sem_seg_loss: GBWCrossEntropyLoss,
+        center_loss: Optional[GBWRegressionLoss],
+        offset_loss: Optional[GBWRegressionLoss],
+        sem_seg_loss_weight: float,
+        center_loss_weight: float,
+        offset_loss_weight: float,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        size_divisibility: int,
+        class_names: Sequence[str],
+        thing_ids: Sequence[int],
+        label_divisor: int,
+        stuff_area: int,
+        center_threshold: float,
+        nms_kernel: int,
+        top_k: int,
+        predict_instances: bool,
+    ):
+        """
+        Args:
+            backbone: Detectron2 backbone returning the features the heads read.
+            sem_seg_head: returns B x C x h x w class logits.
+            ins_embed_head: returns (center B x 1 x h x w, offsets B x 2 x h x w in pixels); None for
+                a semantic-only model.
+            sem_seg_loss, center_loss, offset_loss: GBW loss modules (the last two None when
+                ``ins_embed_head`` is None).
+            sem_seg_loss_weight, center_loss_weight, offset_loss_weight: loss multipliers.
+            pixel_mean, pixel_std: RGB normalisation, 0-255 scale.
+            size_divisibility: images are padded to a multiple of it.
+            class_names: C class names (logged GBW weights are named after them).
+            thing_ids: contiguous ids of the thing classes.
+            label_divisor: panoptic label = class * label_divisor + instance.
+            stuff_area, center_threshold, nms_kernel, top_k: Panoptic-DeepLab post-processing.
+            predict_instances: also return ``instances`` at inference.
+        """
+        super().__init__()
+        if (ins_embed_head is None) != (center_loss is None) or (center_loss is None) != (offset_loss is None):
+            raise ValueError("ins_embed_head, center_loss and offset_loss must all be given or all be None")
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.ins_embed_head = ins_embed_head
+        self.sem_seg_loss = sem_seg_loss
+        self.center_loss = center_loss
+        self.offset_loss = offset_loss
+        self.sem_seg_loss_weight = sem_seg_loss_weight
+        self.center_loss_weight = center_loss_weight
+        self.offset_loss_weight = offset_loss_weight
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.size_divisibility = size_divisibility
+        self.class_names = list(class_names)
+        self.thing_ids = list(thing_ids)
+        self.label_divisor = label_divisor
+        self.stuff_area = stuff_area
+        self.center_threshold = center_threshold
+        self.nms_kernel = nms_kernel
+        self.top_k = top_k
+        self.predict_instances = predict_instances
+        self.ignore_value = sem_seg_loss.ignore_index
+        if len(self.class_names) != sem_seg_loss.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {sem_seg_loss.num_classes} classes")
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> Dict:
+        backbone = build_backbone(cfg)
+        class_names, thing_ids, label_divisor = _dataset_classes(cfg)
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        ignore = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+        instance_on = cfg.MODEL.INS_EMBED_HEAD.ENABLED
+        gbw = cfg.MODEL.GBW
+        sem_seg_loss = GBWCrossEntropyLoss(
+            num_classes, ignore_index=ignore, mode=gbw.SEM_SEG.MODE, **_gbw_loss_kwargs(gbw.SEM_SEG)
+        )
+        center_loss = offset_loss = None
+        if instance_on:
+            center_loss = GBWRegressionLoss(num_classes, kind="mse", ignore_index=ignore, **_gbw_loss_kwargs(gbw.CENTER))
+            offset_kwargs = _gbw_loss_kwargs(gbw.OFFSET)
+            if offset_kwargs["active_classes"] == "all":
+                # Offsets are only learnt on thing pixels: the thing classes share the simplex.
+                offset_kwargs["active_classes"] = thing_ids
+            offset_loss = GBWRegressionLoss(num_classes, kind="l1", ignore_index=ignore, **offset_kwargs)
+        post = cfg.MODEL.POST_PROCESSING
+        return {
+            "backbone": backbone,
+            "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
+            "ins_embed_head": build_ins_embed_head(cfg, backbone.output_shape()) if instance_on else None,
+            "sem_seg_loss": sem_seg_loss,
+            "center_loss": center_loss,
+            "offset_loss": offset_loss,
+            "sem_seg_loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
+            "center_loss_weight": cfg.MODEL.INS_EMBED_HEAD.CENTER_LOSS_WEIGHT,
+            "offset_loss_weight": cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_WEIGHT,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": cfg.MODEL.SIZE_DIVISIBILITY,
+            "class_names": class_names,
+            "thing_ids": thing_ids,
+            "label_divisor": label_divisor,
+            "stuff_area": post.STUFF_AREA,
+            "center_threshold": post.CENTER_THRESHOLD,
+            "nms_kernel": post.NMS_KERNEL,
+            "top_k": post.TOP_K_INSTANCE,
+            "predict_instances": post.PREDICT_INSTANCES,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.sem_seg_loss.num_classes
+
+    @property
+    def instance_on(self) -> bool:
+        return self.ins_embed_head is not None
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Move ``"image"`` (3 x H x W RGB, uint8 or float, 0-255) to the device, normalise, pad.
+
+        Returns:
+            ImageList with a B x 3 x H_pad x W_pad float tensor (H_pad, W_pad multiples of
+            ``size_divisibility``; padding 0 = the mean colour) and the unpadded sizes.
+        """
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def extract_features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Backbone features of normalised images B x 3 x H x W: {name: B x C_i x H/s_i x W/s_i}."""
+        return self.backbone(images)
+
+    def predict_dense(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Dense predictions at input resolution for normalised images B x 3 x H x W.
+
+        Returns:
+            ``"sem_seg"``: B x C x H x W logits; with the instance head also ``"center"``:
+            B x 1 x H x W heatmap and ``"offset"``: B x 2 x H x W (dy, dx) in input pixels.
+        """
+        features = self.extract_features(images)
+        size = images.shape[-2:]
+        outputs = {"sem_seg": self.sem_seg_head(features)}
+        if self.instance_on:
+            outputs["center"], outputs["offset"] = self.ins_embed_head(features)
+        return {
+            name: F.interpolate(value, size=size, mode="bilinear", align_corners=False)
+            for name, value in outputs.items()
+        }
+
+    def forward(self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"):
+        """
+        Args:
+            batched_inputs: list of dicts with ``"image"`` and, in training, the targets
+                ``"sem_seg"`` (H x W int64, 255 ignore), optional ``"sem_seg_weights"`` (H x W),
+                ``"center"`` (1 x H x W), ``"center_weights"``, ``"offset"`` (2 x H x W),
+                ``"offset_weights"`` (H x W); at inference optional ``"height"``, ``"width"``
+                (output resolution).
+            gbw_log_prefix: GBW class weights are logged as ``{prefix}/{loss}/{class name}``.
+        Returns:
+            training: ``{"loss_sem_seg", "loss_center", "loss_offset"}`` (no instance losses in
+            semantic-only mode); inference: one dict per image with ``"sem_seg"`` (C x H x W
+            logits), and with the instance head ``"panoptic_seg"`` ``(png, segments_info)`` and
+            ``"instances"`` (see :meth:`postprocess`).
+        """
+        images = self.preprocess_image(batched_inputs)
+        predictions = self.predict_dense(images.tensor)
+        if self.training:
+            return self.losses(predictions, batched_inputs, images.tensor.shape[-2:], gbw_log_prefix)
+        return self.postprocess(predictions, batched_inputs, images.image_sizes)
+
+    def _batch_target(
+        self, batched_inputs: List[Dict], key: str, size, pad_value: float = 0.0, channels: Tuple[int, ...] = (),
+        default: float = 0.0,
+    ) -> torch.Tensor:
+        """Stack ``key`` of every input, padded with ``pad_value`` to ``size`` (H_pad, W_pad);
+        inputs without ``key`` contribute ``channels`` x H x W filled with ``default``."""
+        targets = []
+        for x in batched_inputs:
+            height, width = x["image"].shape[-2:]
+            target = x[key].to(self.device) if key in x else torch.full((*channels, height, width), default, device=self.device)
+            targets.append(F.pad(target, (0, size[1] - width, 0, size[0] - height), value=pad_value))
+        return torch.stack(targets)
+
+    def losses(
+        self, predictions: Dict[str, torch.Tensor], batched_inputs: List[Dict], size, gbw_log_prefix: str = "gbw"
+    ) -> Dict[str, torch.Tensor]:
+        """Supervised losses of :meth:`predict_dense` outputs (at the padded size ``size``) against
+        the targets of ``batched_inputs``; GBW weights are logged under ``gbw_log_prefix``."""
+        if any("sem_seg" not in x for x in batched_inputs):
+            raise ValueError("training inputs need a 'sem_seg' target (H x W int64) in every dict")
+        labels = self._batch_target(batched_inputs, "sem_seg", size, self.ignore_value).long()
+        sem_seg_weights = None
+        if any("sem_seg_weights" in x for x in batched_inputs):
+            sem_seg_weights = self._batch_target(batched_inputs, "sem_seg_weights", size, default=1.0).float()
+        losses = {
+            "loss_sem_seg": self.sem_seg_loss(predictions["sem_seg"], labels, sem_seg_weights)
+            * self.sem_seg_loss_weight
+        }
+        if self.instance_on:
+            center = self._batch_target(batched_inputs, "center", size, channels=(1,)).float()
+            center_weights = self._batch_target(batched_inputs, "center_weights", size).float()
+            offset = self._batch_target(batched_inputs, "offset", size, channels=(2,)).float()
+            offset_weights = self._batch_target(batched_inputs, "offset_weights", size).float()
+            losses["loss_center"] = (
+                self.center_loss(predictions["center"], center, labels, center_weights) * self.center_loss_weight
+            )
+            losses["loss_offset"] = (
+                self.offset_loss(predictions["offset"], offset, labels, offset_weights) * self.offset_loss_weight
+            )
+        self.log_gbw_weights(gbw_log_prefix)
+        return losses
+
+    def gbw_losses(self) -> Dict[str, nn.Module]:
+        """The GBW loss modules by log name: ``sem_seg`` and, with the instance head, ``center``, ``offset``."""
+        modules = {"sem_seg": self.sem_seg_loss}
+        if self.instance_on:
+            modules.update(center=self.center_loss, offset=self.offset_loss)
+        return modules
+
+    def log_gbw_weights(self, prefix: str = "gbw") -> None:
+        """Put the class weights of each GBW loss's last call into the active EventStorage as
+        ``{prefix}/{loss}/{class name}`` (only the classes the loss covers); no-op without one."""
+        storage = _active_event_storage()
+        if storage is None:
+            return
+        for loss_name, module in self.gbw_losses().items():
+            if module.last_weights is None:
+                continue
+            covered = module.fixed_active.tolist()
+            for class_name, weight, is_covered in zip(self.class_names, module.last_weights.tolist(), covered):
+                if is_covered:
+                    storage.put_scalar(f"{prefix}/{loss_name}/{class_name}", weight, smoothing_hint=False)
+
+    def postprocess(
+        self, predictions: Dict[str, torch.Tensor], batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]
+    ) -> List[Dict]:
+        """Per image: crop the padding, resize to ``height`` x ``width`` (offsets scaled by the resize
+        factor) and, with the instance head, run the panoptic post-processing.
+
+        Returns:
+            one dict per image: ``"sem_seg"``: C x height x width logits; ``"panoptic_seg"``:
+            ``(png, segments_info)`` with png height x width int32 (0 = void, else a segment id)
+            and segments_info dicts ``id``, ``category_id`` (contiguous), ``isthing``, ``area``,
+            ``panoptic_label``; ``"instances"``: Instances with ``pred_masks``, ``pred_classes``,
+            ``scores`` (mean class probability x center score) and ``pred_boxes``.
+        """
+        results = []
+        for index, (x, image_size) in enumerate(zip(batched_inputs, image_sizes)):
+            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
+            sem_seg = sem_seg_postprocess(predictions["sem_seg"][index], image_size, height, width)
+            result = {"sem_seg": sem_seg}
+            if self.instance_on:
+                center = sem_seg_postprocess(predictions["center"][index], image_size, height, width)
+                scale = torch.tensor(
+                    [height / image_size[0], width / image_size[1]], device=self.device
+                ).view(2, 1, 1)
+                offset = sem_seg_postprocess(predictions["offset"][index], image_size, height, width) * scale
+                panoptic = get_panoptic_segmentation_batched(
+                    sem_seg.argmax(dim=0, keepdim=True),
+                    center.unsqueeze(0),
+                    offset.unsqueeze(0),
+                    thing_ids=self.thing_ids,
+                    label_divisor=self.label_divisor,
+                    stuff_area=self.stuff_area,
+                    void_label=_VOID,
+                    threshold=self.center_threshold,
+                    nms_kernel=self.nms_kernel,
+                    top_k=self.top_k,
+                )[0]
+                png, segments_info = panoptic_to_segments(panoptic, self.label_divisor, self.thing_ids, _VOID)
+                result["panoptic_seg"] = (png, segments_info)
+                if self.predict_instances:
+                    result["instances"] = self._instances(png, segments_info, sem_seg, center[0])
+            results.append(result)
+        return results
+
+    def _instances(
+        self, png: torch.Tensor, segments_info: List[Dict], sem_seg: torch.Tensor, center: torch.Tensor
+    ) -> Instances:
+        """Thing segments as Detectron2 Instances (Panoptic-DeepLab scoring)."""
+        height, width = png.shape
+        instances = Instances((height, width))
+        things = [s for s in segments_info if s["isthing"]]
+        masks = torch.stack([png == s["id"] for s in things]) if things else png.new_zeros((0, height, width), dtype=torch.bool)
+        classes = torch.tensor([s["category_id"] for s in things], dtype=torch.int64, device=png.device)
+        probabilities = F.softmax(sem_seg, dim=0)
+        scores = []
+        for mask, class_id in zip(masks, classes.tolist()):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            center_score = center[int(ys.float().mean()), int(xs.float().mean())]
+            scores.append(probabilities[class_id][mask].mean() * center_score)
+        instances.pred_masks = masks
+        instances.pred_classes = classes
+        instances.scores = torch.stack(scores) if scores else torch.zeros(0, device=png.device)
+        instances.pred_boxes = BitMasks(masks).get_bounding_boxes()
+        return instances
