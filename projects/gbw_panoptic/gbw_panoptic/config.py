@@ -56,6 +56,13 @@ def add_model_config(cfg: CN) -> None:
     cfg.MODEL.MIT.DROP_PATH_RATE = 0.1
     cfg.MODEL.MIT.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
+    # ResNet backbone (MODEL.BACKBONE.NAME "build_resnet_deeplab_stem_backbone"): DeepLab stem,
+    # depths 18/34/50/101/152; the keys of Detectron2's DeepLab project.
+    cfg.MODEL.RESNETS.STEM_TYPE = "deeplab"
+    cfg.MODEL.RESNETS.RES4_DILATION = 1
+    cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
     # Semantic decoder (DAFormer context-aware fusion head).
     cfg.MODEL.SEM_SEG_HEAD.NAME = "DAFormerSemSegHead"
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
