@@ -142,6 +142,8 @@ def add_uda_config(cfg: CN) -> None:
     cfg.UDA.FD = CN()
     cfg.UDA.FD.WEIGHT = 0.005
     cfg.UDA.FD.SCALE_MIN_RATIO = 0.75
+    cfg.UDA.FD.FEATURE = "res5"  # compared encoder output (the deepest stage, as DAFormer)
+    cfg.UDA.FD.CLASSES = []  # contiguous class ids compared; empty = thing classes of DATASETS.TRAIN[0]
     # AdvEnt: output-space discriminator on entropy maps.
     cfg.UDA.ADVENT = CN()
     cfg.UDA.ADVENT.LOSS_WEIGHT = 0.001
@@ -150,6 +152,8 @@ def add_uda_config(cfg: CN) -> None:
     # MinEnt: entropy minimisation on target predictions.
     cfg.UDA.MINENT = CN()
     cfg.UDA.MINENT.LOSS_WEIGHT = 0.001
+    # Iterations between two writes of the console / metrics.json / TensorBoard logs.
+    cfg.UDA.LOG_PERIOD = 20
 
 
 def add_solver_config(cfg: CN) -> None:
