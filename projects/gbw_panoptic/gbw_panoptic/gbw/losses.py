@@ -1,0 +1,268 @@
+"""Dense losses with Gradient-based class Weighting (GBW), as drop-in ``nn.Module`` s.
+
+At every call the module computes the squared per-class gradient norms of the loss analytically
+(:mod:`.grad_norms`), turns them into class weights with the QP of :mod:`.qp`, and weights each
+pixel's loss by the (detached) weight of its class::
+
+    loss_i = q_i * w_{y_i} * base_loss_i
+
+where q_i is the given per-pixel weight (pseudo-label confidence, center/offset weights; 1 if
+absent). With ``enabled=False`` the class weights are not computed and the loss is exactly the
+unweighted one.
+"""
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grad_norms import (
+    REGRESSION_KINDS,
+    ce_grad_sq_norms,
+    check_class_map,
+    class_pixel_counts,
+    regression_grad_sq_norms,
+)
+from .qp import LAMBDA_MODES, SOLVERS, qp_class_weights
+
+__all__ = ["GBWCrossEntropyLoss", "GBWRegressionLoss", "ActiveClasses"]
+
+# "all": every class shares the simplex; "present": only the classes with at least one covered
+# pixel in the call (the others get weight 0; all classes if none is present); a sequence of
+# class ids: only those classes (e.g. the thing classes for the offset loss).
+ActiveClasses = Union[str, Sequence[int]]
+
+REGRESSION_NORMALIZERS = ("weight_sum", "mean")
+
+
+class _ClassWeighting(nn.Module):
+    """Shared state of the GBW losses: QP settings, active classes, EMA and ``last_weights``."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int,
+        enabled: bool,
+        lam: float,
+        lam_mode: str,
+        solver: str,
+        active_classes: ActiveClasses,
+        ema_momentum: float,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if lam_mode not in LAMBDA_MODES:
+            raise ValueError(f"lam_mode must be one of {LAMBDA_MODES}, got {lam_mode!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if not lam > 0:
+            raise ValueError(f"lam must be > 0, got {lam}")
+        if not 0.0 <= ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.enabled = enabled
+        self.lam = lam
+        self.lam_mode = lam_mode
+        self.solver = solver
+        self.ema_momentum = ema_momentum
+        self.active_classes = active_classes
+        if isinstance(active_classes, str):
+            if active_classes not in ("all", "present"):
+                raise ValueError(
+                    f"active_classes must be 'all', 'present' or a list of class ids, got {active_classes!r}"
+                )
+            fixed_active = torch.ones(num_classes, dtype=torch.bool)
+        else:
+            ids = list(active_classes)
+            if not ids or any(not 0 <= int(c) < num_classes for c in ids):
+                raise ValueError(f"active_classes must be non-empty ids in [0, {num_classes}), got {ids}")
+            fixed_active = torch.zeros(num_classes, dtype=torch.bool)
+            fixed_active[ids] = True
+        self.register_buffer("fixed_active", fixed_active, persistent=False)
+        self.register_buffer("ema_weights", torch.empty(0), persistent=False)
+        # Class weights [C] used by the last forward call (detached), None when GBW is disabled.
+        self.last_weights: Optional[torch.Tensor] = None
+
+    def class_weights(self, sq_norms: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Detached float32 class weights [C] from the squared norms and covered pixel counts [C]."""
+        active = self.fixed_active.to(sq_norms.device)
+        if self.active_classes == "present":
+            present = counts > 0
+            active = present | ~present.any()
+        weights = qp_class_weights(sq_norms, self.lam, self.lam_mode, self.solver, active).float()
+        if self.ema_momentum > 0:
+            if self.ema_weights.numel() == self.num_classes:
+                weights = self.ema_momentum * self.ema_weights + (1.0 - self.ema_momentum) * weights
+            self.ema_weights = weights
+        self.last_weights = weights.detach()
+        return self.last_weights
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, enabled={self.enabled}, lam={self.lam}, "
+            f"lam_mode={self.lam_mode!r}, solver={self.solver!r}, "
+            f"active_classes={self.active_classes!r}, ema_momentum={self.ema_momentum}"
+        )
+
+
+class GBWCrossEntropyLoss(_ClassWeighting):
+    """Pixel-wise cross-entropy with GBW class weights.
+
+    Reduction: mean over all B*H*W pixels, ignored pixels counting as 0 (Detectron2's
+    ``DeepLabCE`` with ``top_k_percent_pixels=1.0``); with ``enabled=False`` the result equals
+    ``DeepLabCE`` bit for bit.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        enabled: bool = True,
+        lam: float = 1.0,
+        lam_mode: str = "absolute",
+        solver: str = "projection",
+        mode: str = "channel",
+        active_classes: ActiveClasses = "all",
+        ema_momentum: float = 0.0,
+    ):
+        """
+        Args:
+            num_classes: number of classes C (logit channels).
+            ignore_index: label of unlabelled pixels.
+            enabled: compute and apply GBW class weights; False gives the plain loss.
+            lam, lam_mode, solver: see :func:`~gbw_panoptic.gbw.qp_class_weights`.
+            mode: gradient norm definition, ``"channel"`` or ``"class"``
+                (see :func:`~gbw_panoptic.gbw.ce_grad_sq_norms`).
+            active_classes: ``"all"``, ``"present"`` or a sequence of class ids (see
+                :data:`ActiveClasses`); inactive classes get weight 0.
+            ema_momentum: momentum of an exponential moving average of the weights across calls
+                (0 = none, the reference).
+        """
+        super().__init__(num_classes, ignore_index, enabled, lam, lam_mode, solver, active_classes, ema_momentum)
+        if mode not in ("channel", "class"):
+            raise ValueError(f"mode must be 'channel' or 'class', got {mode!r}")
+        self.mode = mode
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, pixel_weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            logits: float tensor [B, C, H, W] (fp16/bf16 are computed in float32).
+            labels: int tensor [B, H, W], values in [0, C) or ``ignore_index``.
+            pixel_weights: optional float tensor [B, H, W] of per-pixel weights q_i.
+
+        Returns:
+            float32 scalar loss.
+        """
+        if logits.dim() != 4 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits must have shape [B, {self.num_classes}, H, W], got {tuple(logits.shape)}")
+        logits = logits.float()
+        if self.enabled:
+            sq_norms = ce_grad_sq_norms(logits, labels, self.ignore_index, self.mode, pixel_weights)
+            counts = class_pixel_counts(labels, self.num_classes, self.ignore_index, pixel_weights)
+            weights = self.class_weights(sq_norms, counts)
+        else:
+            check_class_map(labels, self.num_classes, self.ignore_index, "labels")
+            self.last_weights = None
+        pixel_losses = F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index, reduction="none")
+        if pixel_weights is not None:
+            pixel_losses = pixel_losses * pixel_weights
+        if self.enabled:
+            safe_labels = torch.where(labels == self.ignore_index, torch.zeros_like(labels), labels).long()
+            pixel_losses = pixel_losses * weights[safe_labels]
+        loss = pixel_losses.contiguous().view(-1).mean()
+        if not self.enabled and not bool(torch.isfinite(loss)):
+            if not bool(torch.isfinite(logits).all()):
+                value = float(logits[~torch.isfinite(logits)][0])
+                raise ValueError(f"logits contains the non-finite value {value}; expected finite values")
+        return loss
+
+
+class GBWRegressionLoss(_ClassWeighting):
+    """Dense regression loss (center heatmap MSE or offset L1) with GBW weights per pixel class.
+
+    ``loss = sum_{i,k} q_i * w_{class_i} * base(pred[i, k] - target[i, k]) / normalizer`` with
+    ``normalizer = sum_i q_i`` (``"weight_sum"``, Panoptic-DeepLab / EDAPS: the loss is 0 when
+    no pixel has weight) or the number of elements B*K*H*W (``"mean"``). Pixels whose class is
+    ``ignore_index`` keep class weight 1.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        kind: str = "mse",
+        ignore_index: int = 255,
+        enabled: bool = True,
+        lam: float = 1.0,
+        lam_mode: str = "absolute",
+        solver: str = "projection",
+        active_classes: ActiveClasses = "all",
+        ema_momentum: float = 0.0,
+        normalizer: str = "weight_sum",
+    ):
+        """
+        Args:
+            num_classes: number of classes C of the pixel class map.
+            kind: ``"mse"`` (center heatmap) or ``"l1"`` (offsets).
+            normalizer: ``"weight_sum"`` or ``"mean"`` (see the class docstring).
+            others: as :class:`GBWCrossEntropyLoss`; for the offsets pass the thing class ids as
+                ``active_classes``.
+        """
+        super().__init__(num_classes, ignore_index, enabled, lam, lam_mode, solver, active_classes, ema_momentum)
+        if kind not in REGRESSION_KINDS:
+            raise ValueError(f"kind must be one of {REGRESSION_KINDS}, got {kind!r}")
+        if normalizer not in REGRESSION_NORMALIZERS:
+            raise ValueError(f"normalizer must be one of {REGRESSION_NORMALIZERS}, got {normalizer!r}")
+        self.kind = kind
+        self.normalizer = normalizer
+
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        pixel_class: torch.Tensor,
+        pixel_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            pred: float tensor [B, K, H, W] (K = 1 center heatmap, 2 offsets (dy, dx) in pixels).
+            target: float tensor [B, K, H, W].
+            pixel_class: int tensor [B, H, W], semantic class of each pixel or ``ignore_index``.
+            pixel_weights: float tensor [B, H, W] (center / offset weights; 0 = not covered).
+
+        Returns:
+            float32 scalar loss.
+        """
+        pred = pred.float()
+        target = target.float()
+        if pixel_weights.shape != pixel_class.shape or pred.shape != target.shape or pred.dim() != 4:
+            raise ValueError(
+                f"expected pred and target [B, K, H, W], pixel_class and pixel_weights [B, H, W]; got "
+                f"pred {tuple(pred.shape)}, target {tuple(target.shape)}, pixel_class "
+                f"{tuple(pixel_class.shape)}, pixel_weights {tuple(pixel_weights.shape)}"
+            )
+        pixel_weights = pixel_weights.float()
+        weight_sum = pixel_weights.sum()
+        if self.enabled:
+            sq_norms = regression_grad_sq_norms(
+                pred, target, pixel_class, pixel_weights, self.num_classes, self.kind, self.ignore_index
+            )
+            counts = class_pixel_counts(pixel_class, self.num_classes, self.ignore_index, pixel_weights)
+            weights = self.class_weights(sq_norms, counts)
+            ignored = pixel_class == self.ignore_index
+            safe_class = torch.where(ignored, torch.zeros_like(pixel_class), pixel_class).long()
+            pixel_weights = pixel_weights * torch.where(ignored, 1.0, weights[safe_class])
+        else:
+            self.last_weights = None
+        if self.kind == "mse":
+            element_losses = F.mse_loss(pred, target, reduction="none")
+        else:
+            element_losses = F.l1_loss(pred, target, reduction="none")
+        total = (element_losses * pixel_weights.unsqueeze(1)).sum()
+        if self.normalizer == "mean":
+            return total / element_losses.numel()
+        has_weight = weight_sum > 0
+        return torch.where(has_weight, total / torch.where(has_weight, weight_sum, 1.0), total * 0.0)
