@@ -1,1 +1,55 @@
-"""uda"""
+"""UDA training on Detectron2's engine: the trainer, the methods (source-only, DACS, AdvEnt, MinEnt),
+EMA teacher, ClassMix, optimizer and schedule, atomic checkpoints, and a gloo/NCCL launcher.
+
+Importing this package registers the methods in :data:`UDA_METHOD_REGISTRY`.
+"""
+from .advent import AdvEnt, EntropyDiscriminator
+from .augment import class_mix_masks, color_jitter, gaussian_blur, mix, strong_augment
+from .checkpoint import AtomicCheckpointer, get_rng_state, preserved_rng_state, set_rng_state
+from .dacs import DACS, PseudoLabels, pseudo_labels
+from .feature_distance import FeatureDistance, downscale_labels
+from .launch import default_backend, launch
+from .method import UDA_METHOD_REGISTRY, SourceOnly, UDAMethod, build_uda_method, uda_method_names
+from .minent import MinEnt, entropy_loss, entropy_map
+from .optim import build_lr_scheduler, build_optimizer, build_param_groups
+from .runner import StudentRunner
+from .teacher import EMATeacher, ema_alpha
+from .trainer import UDATrainer
+from .validate import check_uda_config
+
+__all__ = [
+    "AdvEnt",
+    "AtomicCheckpointer",
+    "DACS",
+    "EMATeacher",
+    "EntropyDiscriminator",
+    "FeatureDistance",
+    "MinEnt",
+    "PseudoLabels",
+    "SourceOnly",
+    "StudentRunner",
+    "UDAMethod",
+    "UDATrainer",
+    "UDA_METHOD_REGISTRY",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "build_param_groups",
+    "build_uda_method",
+    "check_uda_config",
+    "class_mix_masks",
+    "color_jitter",
+    "default_backend",
+    "downscale_labels",
+    "ema_alpha",
+    "entropy_loss",
+    "entropy_map",
+    "gaussian_blur",
+    "get_rng_state",
+    "launch",
+    "mix",
+    "preserved_rng_state",
+    "pseudo_labels",
+    "set_rng_state",
+    "strong_augment",
+    "uda_method_names",
+]

@@ -1,0 +1,111 @@
+"""Checkpoints of UDA training: atomic files, RNG states of every process, and the periodic hook.
+
+A checkpoint holds the student (``model``) and, through the trainer's ``state_dict``, the iteration,
+optimizer, gradient scaler, learning-rate schedules, the method's networks (EMA teacher,
+discriminator) with their optimizers, and the RNG states of all processes, so that a resumed run
+continues exactly as the uninterrupted one would have.
+"""
+import contextlib
+import os
+import random
+import tempfile
+from typing import Any, Dict, Iterator
+
+import numpy as np
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import hooks
+from detectron2.utils import comm
+
+__all__ = [
+    "AtomicCheckpointer",
+    "atomic_write",
+    "get_rng_state",
+    "set_rng_state",
+    "preserved_rng_state",
+    "PeriodicCheckpointerWithRNG",
+]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` in one ``os.replace``.
+
+    A process killed while writing leaves ``path`` as it was (and at most a stray ``.tmp`` file).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """Detectron2's checkpointer with atomic writes of the checkpoint and of ``last_checkpoint``."""
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Write ``<save_dir>/<name>.pth`` (model, checkpointables, ``kwargs``) and tag it as the last."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        with atomic_write(save_file, "wb") as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
+            f.write(last_filename_basename)
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """The states of Python's, NumPy's, torch's CPU and (if present) CUDA generators of this process."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore the generator states returned by :func:`get_rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Run a block (e.g. an evaluation) without changing any generator state of this process."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+class PeriodicCheckpointerWithRNG(hooks.PeriodicCheckpointer):
+    """Detectron2's periodic checkpointer hook that first gathers the RNG states of all processes
+    into ``trainer.rng_states`` (a collective, so register it on every process; only the main process
+    writes the file)."""
+
+    def after_step(self) -> None:
+        iteration = self.trainer.iter
+        if (iteration + 1) % self.period == 0 or iteration >= self.max_iter - 1:
+            self.trainer.rng_states = comm.all_gather(get_rng_state())
+        super().after_step()

@@ -1,0 +1,73 @@
+"""The training / evaluation command line (``tools/train_net.py``), on Detectron2's argument parser.
+
+::
+
+    python tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml
+    python tools/train_net.py --config-file ... --resume             # continue from OUTPUT_DIR
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
+    python tools/train_net.py --config-file ... --num-gpus 2 MODEL.DEVICE cpu   # 2 processes, gloo
+"""
+import argparse
+from typing import List, Optional
+
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_argument_parser, default_setup
+
+from ..config import add_gbw_panoptic_config
+from .checkpoint import AtomicCheckpointer
+from .launch import default_backend, launch
+from .trainer import UDATrainer
+from .validate import check_uda_config
+
+__all__ = ["load_config", "setup", "main", "run"]
+
+
+def load_config(args: argparse.Namespace) -> CfgNode:
+    """Detectron2's defaults + the project's keys, the ``--config-file``, then the ``KEY VALUE`` overrides;
+    checked (:func:`check_uda_config`) and frozen."""
+    cfg = get_cfg()
+    add_gbw_panoptic_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    check_uda_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def setup(args: argparse.Namespace) -> CfgNode:
+    """:func:`load_config` plus Detectron2's ``default_setup`` (output dir, loggers, seeds, config dump)."""
+    cfg = load_config(args)
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args: argparse.Namespace):
+    """Train (or, with ``--eval-only``, evaluate) in this process; returns the evaluation results."""
+    cfg = setup(args)
+    if args.eval_only:
+        model = UDATrainer.build_model(cfg)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return UDATrainer.test(cfg, model)
+    trainer = UDATrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def run(argv: Optional[List[str]] = None) -> None:
+    """Parse ``argv`` (default: ``sys.argv``) and launch :func:`main` on ``--num-gpus`` processes per machine
+    (NCCL when ``MODEL.DEVICE`` is CUDA, gloo on the CPU)."""
+    parser = default_argument_parser(
+        epilog=__doc__ + "\nTrailing KEY VALUE pairs override config keys (see projects/gbw_panoptic/README.md)."
+    )
+    args = parser.parse_args(argv)
+    cfg = load_config(args)  # fail on a bad config before any process starts
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        backend=default_backend(cfg.MODEL.DEVICE),
+    )

@@ -1,0 +1,175 @@
+"""DACS self-training (Tranheden et al., WACV 2021, as in DAFormer/HRDA/EDAPS).
+
+Per iteration: supervised source losses; the EMA teacher predicts pseudo-labels on the target crops;
+ClassMix pastes half of the classes of each source image onto a target image (image, semantic labels,
+pixel weights and, with ``UDA.MIX_INSTANCES``, the instance targets of the pasted pixels); colour jitter
+and blur; the student trains on the mixed batch through the model's normal forward (GBW weights logged
+under ``gbw/mixed``).
+"""
+from typing import Dict, List, NamedTuple, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.config import CfgNode, configurable
+
+from .augment import class_mix_masks, mix, strong_augment
+from .method import UDA_METHOD_REGISTRY, StepOutput, UDAMethod, stack_field
+from .runner import StudentRunner, stack_images
+from .teacher import EMATeacher
+
+__all__ = ["PseudoLabels", "pseudo_labels", "DACS"]
+
+INSTANCE_FIELDS = ("center", "center_weights", "offset", "offset_weights")
+
+
+class PseudoLabels(NamedTuple):
+    """Teacher pseudo-labels of a target batch (see :func:`pseudo_labels`)."""
+
+    labels: torch.Tensor  # int64 B x H x W
+    weights: torch.Tensor  # float32 B x H x W, in [0, 1]
+    confidence: torch.Tensor  # float32 B: fraction of pixels at or above the threshold
+    max_probs: torch.Tensor  # float32 B x H x W
+
+
+def pseudo_labels(logits: torch.Tensor, threshold: float, ignore_top: int = 0, ignore_bottom: int = 0) -> PseudoLabels:
+    """Hard pseudo-labels and their per-pixel weights from teacher logits.
+
+    The weight of an image is the fraction of its pixels whose maximum probability is at least
+    ``threshold`` (one scalar per image, as DACS), set to 0 on the ``ignore_top`` first and the
+    ``ignore_bottom`` last rows (absolute row counts, clipped to the image height).
+
+    Args:
+        logits: ``B x C x H x W`` (softmax computed in float32).
+    """
+    probs = torch.softmax(logits.float(), dim=1)
+    max_probs, labels = probs.max(dim=1)
+    confidence = (max_probs >= threshold).float().mean(dim=(1, 2))
+    weights = confidence[:, None, None].expand_as(max_probs).clone()
+    height = weights.shape[1]
+    weights[:, : min(ignore_top, height)] = 0
+    weights[:, max(height - ignore_bottom, 0) :] = 0
+    return PseudoLabels(labels, weights, confidence, max_probs)
+
+
+@UDA_METHOD_REGISTRY.register()
+class DACS(UDAMethod):
+    """DACS with an EMA teacher (``UDA.EMA_ALPHA``), confidence-weighted pseudo-labels
+    (``UDA.PSEUDO_THRESHOLD``, ``UDA.PSEUDO_WEIGHT_IGNORE_TOP/BOTTOM``), ClassMix and strong colour
+    augmentation (``UDA.COLOR_JITTER_*``, ``UDA.BLUR``)."""
+
+    config_name = "dacs"
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        teacher: EMATeacher,
+        pseudo_threshold: float,
+        ignore_top: int,
+        ignore_bottom: int,
+        jitter_strength: float,
+        jitter_probability: float,
+        blur: bool,
+        mix_instances: bool,
+        ignore_value: int = 255,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.teacher = teacher
+        self.pseudo_threshold = pseudo_threshold
+        self.ignore_top = ignore_top
+        self.ignore_bottom = ignore_bottom
+        self.jitter_strength = jitter_strength
+        self.jitter_probability = jitter_probability
+        self.blur = blur
+        self.mix_instances = mix_instances
+        self.ignore_value = ignore_value
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, model: nn.Module) -> dict:
+        ret = super().from_config(cfg, model)
+        ret.update(
+            teacher=EMATeacher(model, cfg.UDA.EMA_ALPHA),
+            pseudo_threshold=cfg.UDA.PSEUDO_THRESHOLD,
+            ignore_top=cfg.UDA.PSEUDO_WEIGHT_IGNORE_TOP,
+            ignore_bottom=cfg.UDA.PSEUDO_WEIGHT_IGNORE_BOTTOM,
+            jitter_strength=cfg.UDA.COLOR_JITTER_STRENGTH,
+            jitter_probability=cfg.UDA.COLOR_JITTER_PROB,
+            blur=cfg.UDA.BLUR,
+            mix_instances=cfg.UDA.MIX_INSTANCES,
+            ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        )
+        return ret
+
+    def before_step(self, model: nn.Module, iteration: int) -> None:
+        """Average the student into the teacher (from iteration 1 on; the teacher starts as a copy)."""
+        if iteration > 0:
+            self.teacher.update(model, iteration)
+
+    def mixed_batch(
+        self, source_batch: List[dict], target_images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+    ) -> Tuple[List[dict], torch.Tensor]:
+        """ClassMix of the source batch onto the target images, then strong augmentation.
+
+        Args:
+            target_images: float ``B x 3 x H x W``, 0-255.
+            labels, weights: pseudo-labels and their weights, ``B x H x W``.
+        Returns:
+            the mixed training dicts (``image``, ``sem_seg``, ``sem_seg_weights``, ``height``, ``width``
+            and, with ``mix_instances``, the instance targets restricted to pasted pixels) and the bool
+            ClassMix masks ``B x H x W``.
+        """
+        device = target_images.device
+        source_images = stack_images(source_batch, device)
+        if source_images.shape != target_images.shape:
+            raise ValueError(
+                f"source crops {tuple(source_images.shape)} and target crops {tuple(target_images.shape)} "
+                "differ; ClassMix needs the same INPUT.CROP.SIZE for both domains"
+            )
+        source_labels = stack_field(source_batch, "sem_seg", device)
+        source_weights = stack_field(source_batch, "sem_seg_weights", device).float()
+        masks = class_mix_masks(source_labels, self.ignore_value)
+        images = strong_augment(
+            mix(masks, source_images, target_images), self.jitter_strength, self.jitter_probability, self.blur
+        )
+        mixed_labels = mix(masks, source_labels, labels)
+        mixed_weights = mix(masks, source_weights, weights)
+        mixed = []
+        for index, source in enumerate(source_batch):
+            record = {
+                "image": images[index],
+                "sem_seg": mixed_labels[index],
+                "sem_seg_weights": mixed_weights[index],
+                "height": source["height"],
+                "width": source["width"],
+            }
+            if self.mix_instances and all(field in source for field in INSTANCE_FIELDS):
+                pasted = masks[index].float()
+                record["center"] = source["center"].to(device)
+                record["offset"] = source["offset"].to(device)
+                record["center_weights"] = source["center_weights"].to(device) * pasted
+                record["offset_weights"] = source["offset_weights"].to(device) * pasted
+            mixed.append(record)
+        return mixed, masks
+
+    def run_step(
+        self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
+    ) -> StepOutput:
+        losses = self.source_step(runner, source_batch)
+        device = runner.model.device
+        target_images = stack_images(target_batch, device)
+        with torch.no_grad(), runner.autocast():
+            teacher_logits = self.teacher.model.predict_dense(runner.normalize(target_images))["sem_seg"]
+        pseudo = pseudo_labels(teacher_logits, self.pseudo_threshold, self.ignore_top, self.ignore_bottom)
+        mixed, masks = self.mixed_batch(source_batch, target_images, pseudo.labels, pseudo.weights)
+        mixed_losses = runner.losses(mixed, gbw_log_prefix="gbw/mixed")
+        runner.backward(sum(mixed_losses.values()))
+        for name, value in mixed_losses.items():
+            losses[name.replace("loss_", "loss_mix_", 1)] = value.detach()
+        metrics: Dict[str, float] = {
+            "dacs/pseudo_confidence": float(pseudo.confidence.mean()),
+            "dacs/pseudo_max_prob": float(pseudo.max_probs.mean()),
+            "dacs/mixed_fraction": float(masks.float().mean()),
+        }
+        return losses, metrics

@@ -1,0 +1,111 @@
+"""Multi-process launch with the right backend: NCCL for CUDA training, gloo on the CPU.
+
+Detectron2 v0.6's ``detectron2.engine.launch`` hard-codes NCCL and requires one GPU per process; this
+launcher has the same arguments and semantics (one process per device on each machine, Detectron2's
+local process group set up, ``dist_url="auto"`` picks a free local port) plus a ``backend`` argument.
+"""
+import logging
+import socket
+from datetime import timedelta
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from detectron2.utils import comm
+
+__all__ = ["DEFAULT_TIMEOUT", "default_backend", "launch"]
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def default_backend(device: str) -> str:
+    """``"nccl"`` for a CUDA ``MODEL.DEVICE``, ``"gloo"`` otherwise."""
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def _find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(
+    main_func: Callable,
+    num_processes_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: Optional[str] = None,
+    args: Sequence = (),
+    backend: str = "gloo",
+    timeout: timedelta = DEFAULT_TIMEOUT,
+) -> None:
+    """Run ``main_func(*args)`` in ``num_processes_per_machine`` processes on each of ``num_machines``.
+
+    Call it on every machine. With a world size of 1 it simply calls ``main_func(*args)``.
+
+    Args:
+        num_processes_per_machine: processes on this machine (one per GPU with NCCL; any number with
+            gloo on the CPU).
+        dist_url: rendezvous URL, e.g. ``"tcp://127.0.0.1:50152"``; ``"auto"`` picks a free local port
+            (single machine only).
+        backend: ``"nccl"`` or ``"gloo"`` (see :func:`default_backend`).
+    """
+    world_size = num_machines * num_processes_per_machine
+    if world_size == 1:
+        main_func(*args)
+        return
+    if backend == "nccl" and num_processes_per_machine > torch.cuda.device_count():
+        raise ValueError(
+            f"{num_processes_per_machine} NCCL processes per machine need as many GPUs, "
+            f"{torch.cuda.device_count()} are visible; use MODEL.DEVICE cpu (gloo) or fewer processes"
+        )
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url='auto' works on one machine only; give a tcp:// URL for several")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    if dist_url is None:
+        raise ValueError("a multi-process launch needs dist_url (e.g. 'auto' or 'tcp://HOST:PORT')")
+    mp.start_processes(
+        _distributed_worker,
+        nprocs=num_processes_per_machine,
+        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, tuple(args), backend, timeout),
+        daemon=False,
+        start_method="spawn",
+    )
+
+
+def _distributed_worker(
+    local_rank: int,
+    main_func: Callable,
+    world_size: int,
+    num_processes_per_machine: int,
+    machine_rank: int,
+    dist_url: str,
+    args: tuple,
+    backend: str,
+    timeout: timedelta,
+) -> None:
+    global_rank = machine_rank * num_processes_per_machine + local_rank
+    try:
+        dist.init_process_group(
+            backend=backend, init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
+        )
+    except Exception:
+        logging.getLogger(__name__).error(f"Process group URL: {dist_url}")
+        raise
+    # Detectron2's local process group: the ranks on this machine.
+    num_machines = world_size // num_processes_per_machine
+    for machine in range(num_machines):
+        ranks = list(range(machine * num_processes_per_machine, (machine + 1) * num_processes_per_machine))
+        group = dist.new_group(ranks)
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()

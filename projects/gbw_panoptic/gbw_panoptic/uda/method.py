@@ -1,0 +1,147 @@
+"""UDA methods: the registry, the shared supervised source step, and the source-only baseline.
+
+A method is an ``nn.Module`` holding its own networks (EMA teacher, discriminator, frozen encoder), so
+they move to the model's device and are checkpointed with the trainer. Per iteration the trainer calls
+:meth:`UDAMethod.before_step`, then :meth:`UDAMethod.run_step` (forwards and backwards; the trainer steps
+the student's optimizer afterwards, and the optimizers of :meth:`UDAMethod.optimizers`). GBW is
+independent of the method: it lives in the model's losses (``MODEL.GBW.*``).
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.config import CfgNode, configurable
+from detectron2.data import MetadataCatalog
+from detectron2.utils.registry import Registry
+
+from .feature_distance import FeatureDistance
+from .runner import StudentRunner
+
+__all__ = [
+    "UDA_METHOD_REGISTRY",
+    "UDAMethod",
+    "SourceOnly",
+    "uda_method_names",
+    "build_uda_method",
+    "build_feature_distance",
+    "stack_field",
+]
+
+UDA_METHOD_REGISTRY = Registry("UDA_METHOD")
+UDA_METHOD_REGISTRY.__doc__ = """
+Registry of UDA methods; ``UDA.METHOD`` selects the class whose ``config_name`` matches.
+A method is built as ``cls(cfg, model)`` (``@configurable``).
+"""
+
+# (losses to back-propagate and log, other scalars to log) of one step.
+StepOutput = Tuple[Dict[str, torch.Tensor], Dict[str, float]]
+
+
+def stack_field(batched_inputs: List[dict], field: str, device: torch.device) -> torch.Tensor:
+    """``torch.stack`` of one field of every dict of a batch, on ``device``; a clear error if missing."""
+    missing = [x.get("file_name", index) for index, x in enumerate(batched_inputs) if field not in x]
+    if missing:
+        raise KeyError(f"training dicts {missing} have no {field!r}; the source mapper must provide it")
+    return torch.stack([x[field] for x in batched_inputs]).to(device)
+
+
+def build_feature_distance(cfg: CfgNode, model: nn.Module) -> Optional[FeatureDistance]:
+    """The feature-distance regulariser of ``UDA.FD``, or None when it is off.
+
+    It is on when ``UDA.FD.WEIGHT > 0`` and the encoder starts from pretrained weights
+    (``MODEL.MIT.PRETRAINED`` or ``MODEL.WEIGHTS``); the compared classes are ``UDA.FD.CLASSES`` or, when
+    empty, the thing classes of the first source dataset.
+    """
+    pretrained = bool(cfg.MODEL.MIT.PRETRAINED) or bool(cfg.MODEL.WEIGHTS)
+    if cfg.UDA.FD.WEIGHT <= 0 or not pretrained:
+        return None
+    classes = list(cfg.UDA.FD.CLASSES)
+    if not classes:
+        metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+        classes = sorted(metadata.thing_dataset_id_to_contiguous_id.values())
+    return FeatureDistance(
+        model,
+        feature_name=cfg.UDA.FD.FEATURE,
+        classes=classes,
+        num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        min_ratio=cfg.UDA.FD.SCALE_MIN_RATIO,
+        weight=cfg.UDA.FD.WEIGHT,
+        ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+    )
+
+
+class UDAMethod(nn.Module):
+    """Base class: the supervised source step shared by every method.
+
+    The source step computes the model's losses on the source batch (GBW weights logged under
+    ``gbw/source``), adds the feature distance when it is on, and back-propagates them.
+    """
+
+    config_name = ""
+    uses_target = True
+
+    @configurable
+    def __init__(self, *, feature_distance: Optional[FeatureDistance] = None):
+        super().__init__()
+        self.feature_distance = feature_distance
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, model: nn.Module) -> dict:
+        return {"feature_distance": build_feature_distance(cfg, model)}
+
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        """Optimizers of the method's own networks, stepped by the trainer after the student's."""
+        return {}
+
+    def schedulers(self) -> Dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """Learning-rate schedules of :meth:`optimizers`, stepped by the trainer after each iteration."""
+        return {}
+
+    def before_step(self, model: nn.Module, iteration: int) -> None:
+        """Called before the forwards of ``iteration`` (e.g. to update an EMA teacher)."""
+
+    def source_step(self, runner: StudentRunner, source_batch: List[dict]) -> Dict[str, torch.Tensor]:
+        """Forward and backward of the supervised source losses; returns them detached."""
+        if self.feature_distance is None:
+            losses = runner.losses(source_batch, gbw_log_prefix="gbw/source")
+        else:
+            losses, features, images = runner.losses_and_features(
+                source_batch, gbw_log_prefix="gbw/source", feature_name=self.feature_distance.feature_name
+            )
+            labels = stack_field(source_batch, "sem_seg", images.device)
+            losses["loss_fd"] = self.feature_distance(features, images, labels)
+        runner.backward(sum(losses.values()))
+        return {name: value.detach() for name, value in losses.items()}
+
+    def run_step(
+        self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
+    ) -> StepOutput:
+        """Forwards and backwards of one iteration; returns (losses, other scalars) for logging."""
+        raise NotImplementedError
+
+
+@UDA_METHOD_REGISTRY.register()
+class SourceOnly(UDAMethod):
+    """The source-only baseline: supervised source losses only (target images are not used)."""
+
+    config_name = "source_only"
+    uses_target = False
+
+    def run_step(
+        self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
+    ) -> StepOutput:
+        return self.source_step(runner, source_batch), {}
+
+
+def uda_method_names() -> List[str]:
+    """The ``UDA.METHOD`` values of the registered methods."""
+    return sorted(cls.config_name for _, cls in UDA_METHOD_REGISTRY)
+
+
+def build_uda_method(cfg: CfgNode, model: nn.Module) -> UDAMethod:
+    """Build the method of ``cfg.UDA.METHOD`` for ``model``, on the model's device."""
+    for _, cls in UDA_METHOD_REGISTRY:
+        if cls.config_name == cfg.UDA.METHOD:
+            return cls(cfg, model).to(model.device)
+    raise ValueError(f"UDA.METHOD={cfg.UDA.METHOD!r} is unknown; expected one of {uda_method_names()}")

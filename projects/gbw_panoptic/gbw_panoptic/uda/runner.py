@@ -1,0 +1,117 @@
+"""How UDA methods run the student: every forward through one (optionally DDP-wrapped) module, under
+autocast, and every backward through the gradient scaler.
+
+A UDA step runs the student several times (source losses, target predictions, mixed losses), each
+followed by its own backward. Routing all of them through :class:`StudentForward` keeps them inside
+``DistributedDataParallel.forward``, so the gradients of each pass are all-reduced across processes.
+"""
+import contextlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.utils import comm
+
+__all__ = ["StudentForward", "StudentRunner", "stack_images"]
+
+
+class StudentForward(nn.Module):
+    """Dispatches the three kinds of student passes of a UDA step to the model.
+
+    ``forward("losses", batched_inputs, gbw_log_prefix=...)`` -> dict of losses;
+    ``forward("losses_and_features", batched_inputs, gbw_log_prefix=..., feature_name=...)`` ->
+    ``(losses, features B x C x h x w, normalised padded images B x 3 x H' x W')``;
+    ``forward("dense", images)`` -> the model's ``predict_dense`` outputs for normalised images.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        task: str,
+        inputs,
+        gbw_log_prefix: str = "gbw",
+        feature_name: Optional[str] = None,
+    ):
+        if task == "losses":
+            return self.model(inputs, gbw_log_prefix=gbw_log_prefix)
+        if task == "losses_and_features":
+            losses = self.model(inputs, gbw_log_prefix=gbw_log_prefix)
+            images = self.model.preprocess_image(inputs).tensor
+            features = self.model.extract_features(images)[feature_name]
+            return losses, features, images
+        if task == "dense":
+            return self.model.predict_dense(inputs)
+        raise ValueError(f"unknown student task {task!r}; expected 'losses', 'losses_and_features' or 'dense'")
+
+
+def stack_images(batched_inputs: List[dict], device: torch.device) -> torch.Tensor:
+    """The ``"image"`` tensors (3 x H x W, 0-255) of a batch as one float ``B x 3 x H x W`` on ``device``.
+
+    All images must have the same size (the training crop); the error names the sizes found otherwise.
+    """
+    sizes = {tuple(x["image"].shape) for x in batched_inputs}
+    if len(sizes) != 1:
+        raise ValueError(f"UDA batches need images of one size (the training crop), got sizes {sorted(sizes)}")
+    return torch.stack([x["image"] for x in batched_inputs]).to(device=device, dtype=torch.float32)
+
+
+class StudentRunner:
+    """Runs the student for a UDA method.
+
+    Args:
+        model: the (unwrapped) meta-architecture; gives ``pixel_mean``, ``pixel_std``, ``device``.
+        find_unused_parameters: passed to DDP (some passes do not reach every head).
+        amp: run forwards under ``torch.autocast`` of the model's device type.
+        grad_scaler: ``torch.amp.GradScaler`` used by :meth:`backward`.
+    """
+
+    def __init__(self, model: nn.Module, amp: bool, grad_scaler: torch.amp.GradScaler):
+        self.model = model
+        self.amp = amp
+        self.grad_scaler = grad_scaler
+        forward = StudentForward(model)
+        if comm.get_world_size() > 1:
+            device_ids = [comm.get_local_rank()] if model.device.type == "cuda" else None
+            forward = DistributedDataParallel(
+                forward, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=True
+            )
+        self.forward = forward
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context of the model's device (a no-op when AMP is off)."""
+        return torch.autocast(device_type=self.model.device.type, enabled=self.amp)
+
+    def losses(self, batched_inputs: List[dict], gbw_log_prefix: str) -> Dict[str, torch.Tensor]:
+        """The model's training losses on ``batched_inputs``; GBW weights logged under ``gbw_log_prefix``."""
+        with self.autocast():
+            return self.forward("losses", batched_inputs, gbw_log_prefix=gbw_log_prefix)
+
+    def losses_and_features(
+        self, batched_inputs: List[dict], gbw_log_prefix: str, feature_name: str
+    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Like :meth:`losses`, plus the encoder features ``feature_name`` and the normalised, padded
+        images they were computed from (for the feature distance)."""
+        with self.autocast():
+            return self.forward(
+                "losses_and_features", batched_inputs, gbw_log_prefix=gbw_log_prefix, feature_name=feature_name
+            )
+
+    def predict_dense(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Dense student outputs (``"sem_seg"`` logits B x C x H x W, ...) for raw images B x 3 x H x W, 0-255."""
+        with self.autocast():
+            return self.forward("dense", self.normalize(images))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(images - pixel_mean) / pixel_std`` for float images B x 3 x H x W, 0-255."""
+        mean = self.model.pixel_mean.reshape(1, -1, 1, 1)
+        std = self.model.pixel_std.reshape(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` through the gradient scaler (gradients accumulate across calls)."""
+        self.grad_scaler.scale(loss).backward()

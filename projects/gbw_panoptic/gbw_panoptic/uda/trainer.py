@@ -1,0 +1,256 @@
+"""The UDA trainer: Detectron2's ``TrainerBase`` with a UDA ``run_step`` and DefaultTrainer-like builders.
+
+Per iteration: next ``(source_batch, target_batch)``; the method's ``before_step`` (EMA update); the
+method's forwards and backwards (:mod:`.method`); optional gradient clipping; optimizer steps through
+the gradient scaler (AMP on CUDA). Hooks: iteration timer, LR schedule, checkpoints (with the RNG states
+of every process), periodic evaluation on ``DATASETS.TEST``, and Detectron2's writers (console with ETA,
+``metrics.json``, TensorBoard). The model logs its GBW class weights to the event storage as
+``gbw/source/...`` and ``gbw/mixed/...``; the methods log their own scalars (``dacs/...``, ...).
+"""
+import logging
+import os
+import time
+import weakref
+from collections import OrderedDict
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from detectron2.config import CfgNode
+from detectron2.engine import SimpleTrainer, TrainerBase, default_writers, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.events import EventWriter, get_event_storage
+
+from ..data import build_source_train_loader, build_test_loader, build_uda_train_loader
+from .checkpoint import AtomicCheckpointer, PeriodicCheckpointerWithRNG, preserved_rng_state, set_rng_state
+from .method import UDAMethod, build_uda_method
+from .optim import build_lr_scheduler, build_optimizer
+from .runner import StudentRunner
+from .validate import check_uda_config
+
+__all__ = ["UDATrainer"]
+
+logger = logging.getLogger(__name__)
+
+Batches = Tuple[List[dict], List[dict]]
+
+
+def _clip_gradients(parameters: List[nn.Parameter], clip_cfg: CfgNode) -> None:
+    """Clip in place by ``SOLVER.CLIP_GRADIENTS`` (``CLIP_TYPE`` "value" or "norm")."""
+    if clip_cfg.CLIP_TYPE == "value":
+        torch.nn.utils.clip_grad_value_(parameters, clip_cfg.CLIP_VALUE)
+    elif clip_cfg.CLIP_TYPE == "norm":
+        torch.nn.utils.clip_grad_norm_(parameters, clip_cfg.CLIP_VALUE, norm_type=clip_cfg.NORM_TYPE)
+    else:
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={clip_cfg.CLIP_TYPE!r}; expected 'value' or 'norm'")
+
+
+class UDATrainer(TrainerBase):
+    """Trains the student of ``cfg`` with ``UDA.METHOD`` (source_only | dacs | advent | minent).
+
+    Typical use (what ``tools/train_net.py`` does)::
+
+        trainer = UDATrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+
+    Attributes:
+        model: the student (unwrapped; DDP, when used, wraps it inside :attr:`runner`).
+        method: the :class:`UDAMethod` with its own networks (teacher, discriminator, ...).
+        optimizer, scheduler: the student's AdamW and learning-rate schedule.
+        checkpointer: writes ``OUTPUT_DIR/model_*.pth`` holding everything needed to resume.
+    """
+
+    def __init__(self, cfg: CfgNode):
+        super().__init__()
+        check_uda_config(cfg)
+        self.cfg = cfg
+        model = self.build_model(cfg)
+        if cfg.MODEL.WEIGHTS:
+            # Initial weights go in before the teacher and the frozen feature-distance encoder copy them.
+            AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        self.model = model
+        self.method = self.build_method(cfg, model)
+        self.optimizer = self.build_optimizer(cfg, model)
+        self.scheduler = self.build_lr_scheduler(cfg, self.optimizer)
+        self.data_loader = self.build_train_loader(cfg, self.method.uses_target)
+
+        self.amp = bool(cfg.SOLVER.AMP.ENABLED) and model.device.type == "cuda"
+        if cfg.SOLVER.AMP.ENABLED and not self.amp:
+            logger.warning("SOLVER.AMP.ENABLED is ignored on %s; mixed precision runs on CUDA only", model.device)
+        self.grad_scaler = torch.amp.GradScaler(model.device.type, enabled=self.amp)
+        self.runner = StudentRunner(model, amp=self.amp, grad_scaler=self.grad_scaler)
+        model.train()
+        self.method.train()
+
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.rng_states: List[dict] = []
+        self._resume_rng_states: List[dict] = []
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.register_hooks(self.build_hooks())
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> nn.Module:
+        """The meta-architecture of ``MODEL.META_ARCHITECTURE`` on ``MODEL.DEVICE``."""
+        from .. import modeling  # noqa: F401  (registers the meta-architecture, backbones and heads)
+
+        return build_model(cfg)
+
+    @classmethod
+    def build_method(cls, cfg: CfgNode, model: nn.Module) -> UDAMethod:
+        return build_uda_method(cfg, model)
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode, uses_target: bool = True):
+        """Iterable of ``(source_batch, target_batch)``; target batches are empty lists when unused."""
+        if uses_target:
+            return build_uda_train_loader(cfg)
+        return _SourceOnlyLoader(build_source_train_loader(cfg))
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: nn.Module) -> "OrderedDict[str, dict]":
+        """Evaluate ``model`` on every dataset of ``DATASETS.TEST`` with the project's evaluators.
+
+        Results are printed (main process), written by the evaluators under
+        ``OUTPUT_DIR/inference/<dataset>``, and returned as ``{dataset: {task: {metric: value}}}``.
+        """
+        from ..evaluation import build_evaluators
+
+        results: "OrderedDict[str, dict]" = OrderedDict()
+        for dataset_name in cfg.DATASETS.TEST:
+            loader = build_test_loader(cfg, dataset_name)
+            evaluator = build_evaluators(cfg, dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
+            results[dataset_name] = inference_on_dataset(model, loader, evaluator)
+            if comm.is_main_process():
+                logger.info(f"Evaluation results for {dataset_name}:")
+                print_csv_format(results[dataset_name])
+        return results
+
+    def build_writers(self) -> List[EventWriter]:
+        """Console (with ETA), ``OUTPUT_DIR/metrics.json`` and TensorBoard writers."""
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+
+    def build_hooks(self) -> List[hooks.HookBase]:
+        cfg = self.cfg
+
+        def evaluate() -> "OrderedDict[str, dict]":
+            # Evaluation must not shift any generator: a resumed run does not repeat it.
+            with preserved_rng_state():
+                self._last_eval_results = self.test(cfg, self.model)
+            return self._last_eval_results
+
+        ret: List[Optional[hooks.HookBase]] = [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(self.optimizer, self.scheduler),
+            PeriodicCheckpointerWithRNG(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
+            hooks.EvalHook(cfg.TEST.EVAL_PERIOD, evaluate) if cfg.DATASETS.TEST else None,
+            hooks.PeriodicWriter(self.build_writers(), period=cfg.UDA.LOG_PERIOD) if comm.is_main_process() else None,
+        ]
+        return [hook for hook in ret if hook is not None]
+
+    # ------------------------------------------------------------------ training
+    def resume_or_load(self, resume: bool = True) -> None:
+        """With ``resume`` and a ``last_checkpoint`` in ``OUTPUT_DIR``, restore everything from it and
+        continue after its iteration; otherwise start at iteration 0 (``MODEL.WEIGHTS`` is already
+        loaded at construction)."""
+        if resume and self.checkpointer.has_checkpoint():
+            self.checkpointer.resume_or_load("", resume=True)
+            self.start_iter = self.iter + 1
+
+    def train(self) -> Optional["OrderedDict[str, dict]"]:
+        """Run iterations ``start_iter .. SOLVER.MAX_ITER - 1``; returns the last evaluation results."""
+        self._data_loader_iter = iter(self.data_loader)
+        if self.start_iter > 0:
+            # Replay the batches already trained on, so that the data (order and augmentation) after
+            # the resume point is what the uninterrupted run saw.
+            logger.info(f"Resuming: skipping the {self.start_iter} batches already trained on")
+            for _ in range(self.start_iter):
+                next(self._data_loader_iter)
+        if self._resume_rng_states:
+            if len(self._resume_rng_states) == comm.get_world_size():
+                set_rng_state(self._resume_rng_states[comm.get_rank()])
+            else:
+                logger.warning(
+                    f"The checkpoint holds RNG states of {len(self._resume_rng_states)} processes, this run has "
+                    f"{comm.get_world_size()}; random generators are not restored"
+                )
+        super().train(self.start_iter, self.max_iter)
+        return getattr(self, "_last_eval_results", None)
+
+    def run_step(self) -> None:
+        assert self.model.training, "[UDATrainer] the student was switched to eval mode"
+        start = time.perf_counter()
+        source_batch, target_batch = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        self.method.before_step(self.model, self.iter)
+        extra_optimizers = list(self.method.optimizers().values())
+        for optimizer in [self.optimizer] + extra_optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        losses, metrics = self.method.run_step(self.runner, source_batch, target_batch, self.iter)
+        self._write_metrics(losses, metrics, data_time)
+
+        if self.cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
+            self.grad_scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            _clip_gradients(params, self.cfg.SOLVER.CLIP_GRADIENTS)
+        for optimizer in [self.optimizer] + extra_optimizers:
+            self.grad_scaler.step(optimizer)
+        self.grad_scaler.update()
+        for scheduler in self.method.schedulers().values():
+            scheduler.step()
+
+    def _write_metrics(self, losses: Dict[str, torch.Tensor], metrics: Dict[str, float], data_time: float) -> None:
+        """Losses via Detectron2's ``SimpleTrainer.write_metrics`` (averaged over processes, ``total_loss``,
+        error on non-finite values); other scalars averaged over processes."""
+        SimpleTrainer.write_metrics(losses, data_time)
+        all_metrics = comm.gather(metrics)
+        if comm.is_main_process() and metrics:
+            get_event_storage().put_scalars(**{k: float(np.mean([m[k] for m in all_metrics])) for k in metrics})
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        ret = super().state_dict()
+        ret["optimizer"] = self.optimizer.state_dict()
+        ret["grad_scaler"] = self.grad_scaler.state_dict()
+        ret["method"] = self.method.state_dict()
+        ret["method_optimizers"] = {name: opt.state_dict() for name, opt in self.method.optimizers().items()}
+        ret["method_schedulers"] = {name: s.state_dict() for name, s in self.method.schedulers().items()}
+        ret["rng_states"] = self.rng_states
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        self.method.load_state_dict(state_dict["method"])
+        for name, optimizer in self.method.optimizers().items():
+            optimizer.load_state_dict(state_dict["method_optimizers"][name])
+        for name, scheduler in self.method.schedulers().items():
+            scheduler.load_state_dict(state_dict["method_schedulers"][name])
+        self._resume_rng_states = state_dict.get("rng_states", [])
+
+
+class _SourceOnlyLoader:
+    """``(source_batch, [])`` pairs from a source loader, for methods that use no target images."""
+
+    def __init__(self, source_loader):
+        self.source_loader = source_loader
+
+    def __iter__(self) -> Iterator[Batches]:
+        for source_batch in self.source_loader:
+            yield source_batch, []
