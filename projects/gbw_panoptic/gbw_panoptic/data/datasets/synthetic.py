@@ -1,0 +1,473 @@
+"""The synthetic two-domain street-scene benchmark (``datasets/prepare_synthetic.py``).
+
+Each image is a procedurally generated street scene: a list of labelled polygons (sky, buildings,
+vegetation, sidewalk, terrain, road, wall, fence, poles with traffic lights and signs, cars, buses,
+persons, riders on motorcycles and bicycles) drawn in painter's order, far objects first. The polygon
+list is rasterised with cityscapesScripts' own ``createLabelImage`` / ``createInstanceImage``, so the
+label images and the polygon JSONs agree exactly with what the Cityscapes converters produce.
+
+Two domains with a real gap:
+
+- **source** (SYNTHIA-RAND-CITYSCAPES layout): saturated flat rendering, sharp edges, little noise,
+  random camera pitch (horizon anywhere in 25-60 % of the height), many pedestrians and riders, few
+  cars, no terrain;
+- **target** (Cityscapes layout, ``train`` and ``val``): a different, desaturated palette with texture
+  (facade windows, road grain), a colour cast and vignetting, Gaussian blur and sensor noise, a fixed
+  camera (horizon at 40-48 %), many cars, few riders, terrain patches.
+
+Thin structures (poles, lights, signs) and riders/two-wheelers stay around or below 1 % of the pixels,
+so the class imbalance resembles Cityscapes. Everything is drawn from ``numpy.random.default_rng``
+seeded with ``(seed, domain, split, index)``: the output does not depend on the number of workers.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+from cityscapesscripts.helpers.annotation import Annotation
+from cityscapesscripts.helpers.labels import name2label
+from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
+from cityscapesscripts.preparation.json2labelImg import createLabelImage
+from tqdm import tqdm
+
+from .builtin_meta import SYNTHIA_TO_LABEL_ID
+from .conversion import ConversionReport, atomic_output, conversion_parser, exit_code_on_missing_input, save_png
+from .prepare_cityscapes import prepare_cityscapes
+from .prepare_synthia import prepare_synthia
+
+__all__ = [
+    "DomainStyle",
+    "SOURCE_STYLE",
+    "TARGET_STYLE",
+    "generate_scene",
+    "rasterise",
+    "render_image",
+    "generate_synthetic",
+    "prepare_synthetic",
+    "main",
+]
+
+Polygon = List[List[int]]
+SceneObject = Tuple[str, Polygon]  # (Cityscapes label name, polygon [[x, y], ...])
+
+TARGET_TRAIN_CITIES = ("ashford", "brookdale")
+TARGET_VAL_CITIES = ("cedarton",)
+
+
+@dataclass(frozen=True)
+class DomainStyle:
+    """Scene statistics and appearance of one domain.
+
+    Attributes:
+        palette: RGB colour (0-255) of each label name drawn.
+        horizon: range of the horizon row as a fraction of the image height.
+        cars, persons, riders, buses, poles: ranges ``(low, high)`` of the number of objects (high
+            inclusive); ``buses`` and ``riders`` may be 0.
+        terrain_probability: probability of a terrain patch on each side of the road.
+        saturation: factor applied to the palette's distance from grey.
+        texture: amplitude (0-255 units) of the low-frequency texture per class.
+        windows: draw facade window patterns on buildings.
+        colour_cast: multiplicative RGB cast range; ``vignetting``: darkening of the corners (0-1).
+        blur_sigma: Gaussian blur in pixels (0 = none); ``noise_sigma``: sensor noise, 0-255 units.
+    """
+
+    palette: Dict[str, Tuple[int, int, int]]
+    horizon: Tuple[float, float]
+    cars: Tuple[int, int]
+    persons: Tuple[int, int]
+    riders: Tuple[int, int]
+    buses: Tuple[int, int]
+    poles: Tuple[int, int]
+    terrain_probability: float
+    saturation: float
+    texture: float
+    windows: bool
+    colour_cast: Tuple[float, float]
+    vignetting: float
+    blur_sigma: float
+    noise_sigma: float
+
+
+SOURCE_STYLE = DomainStyle(
+    palette={
+        "sky": (120, 170, 235), "building": (150, 110, 90), "vegetation": (60, 160, 50),
+        "sidewalk": (200, 190, 170), "terrain": (140, 170, 80), "road": (90, 90, 100),
+        "wall": (190, 170, 120), "fence": (120, 80, 50), "pole": (220, 220, 40),
+        "traffic light": (30, 30, 30), "traffic sign": (230, 40, 40), "car": (200, 40, 40),
+        "bus": (240, 170, 20), "person": (240, 160, 120), "rider": (60, 60, 220),
+        "motorcycle": (40, 40, 40), "bicycle": (30, 160, 200),
+    },
+    horizon=(0.25, 0.6), cars=(1, 4), persons=(6, 14), riders=(1, 4), buses=(0, 1), poles=(2, 5),
+    terrain_probability=0.0, saturation=1.3, texture=6.0, windows=False,
+    colour_cast=(1.0, 1.0), vignetting=0.0, blur_sigma=0.0, noise_sigma=2.0,
+)
+
+TARGET_STYLE = DomainStyle(
+    palette={
+        "sky": (180, 195, 210), "building": (95, 95, 100), "vegetation": (85, 110, 60),
+        "sidewalk": (150, 140, 140), "terrain": (120, 130, 75), "road": (110, 100, 110),
+        "wall": (120, 115, 105), "fence": (140, 130, 120), "pole": (110, 110, 110),
+        "traffic light": (50, 50, 40), "traffic sign": (200, 190, 60), "car": (60, 70, 110),
+        "bus": (80, 110, 140), "person": (90, 60, 70), "rider": (120, 50, 50),
+        "motorcycle": (70, 70, 80), "bicycle": (110, 60, 60),
+    },
+    horizon=(0.40, 0.48), cars=(4, 10), persons=(2, 6), riders=(0, 2), buses=(0, 1), poles=(2, 6),
+    terrain_probability=0.6, saturation=0.7, texture=18.0, windows=True,
+    colour_cast=(0.85, 1.15), vignetting=0.35, blur_sigma=1.2, noise_sigma=7.0,
+)
+
+
+def _rect(x0: float, y0: float, x1: float, y1: float) -> Polygon:
+    return [[int(round(x0)), int(round(y0))], [int(round(x1)), int(round(y0))],
+            [int(round(x1)), int(round(y1))], [int(round(x0)), int(round(y1))]]
+
+
+def _blob(rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, vertices: int = 12) -> Polygon:
+    angles = np.linspace(0, 2 * np.pi, vertices, endpoint=False)
+    radii = rng.uniform(0.75, 1.0, size=vertices)
+    return [[int(round(cx + rx * r * np.cos(a))), int(round(cy + ry * r * np.sin(a)))] for a, r in zip(angles, radii)]
+
+
+def _person(x: float, ground: float, height: float) -> Polygon:
+    """Silhouette (head, shoulders, legs) standing on ``ground`` at column ``x``."""
+    w = height * 0.28
+    points = [(0.0, 0.0), (0.12, 0.0), (0.18, -0.45), (0.25, -0.52), (0.22, -0.8), (0.08, -0.86),
+              (0.1, -1.0), (-0.1, -1.0), (-0.08, -0.86), (-0.22, -0.8), (-0.25, -0.52), (-0.18, -0.45),
+              (-0.12, 0.0), (-0.02, 0.0), (0.0, -0.4)]
+    return [[int(round(x + px * w / 0.5)), int(round(ground + py * height))] for px, py in points]
+
+
+def _car(x: float, ground: float, width: float, height: float) -> Polygon:
+    points = [(-0.5, 0.0), (0.5, 0.0), (0.5, -0.5), (0.3, -0.55), (0.18, -1.0), (-0.22, -1.0),
+              (-0.35, -0.55), (-0.5, -0.5)]
+    return [[int(round(x + px * width)), int(round(ground + py * height))] for px, py in points]
+
+
+def _two_wheeler(x: float, ground: float, length: float) -> Polygon:
+    points = [(-0.5, 0.0), (-0.3, -0.05), (0.3, -0.05), (0.5, 0.0), (0.45, -0.35), (0.1, -0.45),
+              (-0.2, -0.4), (-0.5, -0.3)]
+    return [[int(round(x + px * length)), int(round(ground + py * length))] for px, py in points]
+
+
+def generate_scene(rng: np.random.Generator, style: DomainStyle, height: int, width: int) -> List[SceneObject]:
+    """Draw the polygons of one street scene, in painter's order (later objects occlude earlier ones).
+
+    Returns:
+        ``[(label_name, polygon)]`` with Cityscapes label names and integer pixel coordinates.
+    """
+    H, W = height, width
+    horizon = rng.uniform(*style.horizon) * H
+    vanishing_x = rng.uniform(0.35, 0.65) * W
+    objects: List[SceneObject] = [("sky", _rect(0, 0, W, horizon + 1))]
+
+    # Facades along the horizon, with gaps showing sky or trees.
+    x = -rng.uniform(0, 0.1) * W
+    while x < W:
+        facade_width = rng.uniform(0.08, 0.25) * W
+        if rng.random() < 0.85:
+            top = horizon - rng.uniform(0.1, 0.45) * H
+            objects.append(("building", _rect(x, max(top, 0), x + facade_width, horizon + 2)))
+        x += facade_width
+    for _ in range(rng.integers(1, 5)):
+        cx, r = rng.uniform(0, W), rng.uniform(0.04, 0.12) * W
+        objects.append(("vegetation", _blob(rng, cx, horizon - r * 0.6, r, r * 0.9)))
+
+    # Ground: sidewalk everywhere below the horizon, terrain patches at the sides, then the road.
+    objects.append(("sidewalk", _rect(0, horizon, W, H)))
+    road_half_top = rng.uniform(0.02, 0.06) * W
+    left_bottom, right_bottom = rng.uniform(-0.3, 0.15) * W, rng.uniform(0.85, 1.3) * W
+    for side_x, road_x in ((0, left_bottom), (W, right_bottom)):
+        if rng.random() < style.terrain_probability:
+            inner = side_x + (road_x - side_x) * rng.uniform(0.3, 0.7)
+            objects.append(("terrain", [[int(side_x), int(H)], [int(inner), int(H)], [int(side_x), int(horizon + 0.3 * (H - horizon))]]))
+    road = [[int(left_bottom), H], [int(right_bottom), H],
+            [int(vanishing_x + road_half_top), int(horizon)], [int(vanishing_x - road_half_top), int(horizon)]]
+    objects.append(("road", road))
+
+    # Wall and fence segments at the back of the sidewalk.
+    for label in ("wall", "fence"):
+        if rng.random() < 0.7:
+            x0 = rng.uniform(0, 0.8) * W
+            x1 = x0 + rng.uniform(0.1, 0.3) * W
+            segment_height = rng.uniform(0.03, 0.08) * H
+            objects.append((label, _rect(x0, horizon - segment_height, x1, horizon + 0.02 * H)))
+
+    def ground_row(depth: float) -> float:
+        """Image row of a ground point at relative depth (0 = horizon, 1 = bottom row)."""
+        return horizon + depth * (H - horizon)
+
+    # Things and poles, sorted far to near.
+    things: List[Tuple[float, List[SceneObject]]] = []
+
+    def road_x(ground: float) -> Tuple[float, float]:
+        t = (ground - horizon) / max(H - horizon, 1)
+        left = vanishing_x - road_half_top + t * (left_bottom - vanishing_x + road_half_top)
+        right = vanishing_x + road_half_top + t * (right_bottom - vanishing_x - road_half_top)
+        return left, right
+
+    for _ in range(rng.integers(style.poles[0], style.poles[1] + 1)):
+        depth = rng.uniform(0.05, 0.6)
+        ground = ground_row(depth)
+        left, right = road_x(ground)
+        x = left - rng.uniform(0.02, 0.1) * W if rng.random() < 0.5 else right + rng.uniform(0.02, 0.1) * W
+        pole_height = (0.3 + 0.6 * depth) * H * 0.8
+        pole_width = max(1.5, 2.5 * (0.3 + depth))
+        top = ground - pole_height
+        parts = [("pole", _rect(x - pole_width / 2, top, x + pole_width / 2, ground))]
+        box = pole_width * 2.5
+        if rng.random() < 0.5:
+            parts.append(("traffic light", _rect(x - box / 2, top - 2.2 * box, x + box / 2, top)))
+        else:
+            parts.append(("traffic sign", _blob(rng, x, top - box, box * 1.2, box * 1.2, vertices=6)))
+        things.append((ground, parts))
+
+    def add_on_road(count: Tuple[int, int], build) -> None:
+        for _ in range(rng.integers(count[0], count[1] + 1)):
+            depth = rng.uniform(0.08, 1.0)
+            ground = ground_row(depth)
+            left, right = road_x(ground)
+            things.append((ground, build(rng.uniform(left, right), ground, 0.1 + depth)))
+
+    add_on_road(style.cars, lambda x, g, s: [("car", _car(x, g, 0.3 * W * s, 0.16 * W * s))])
+    add_on_road(style.buses, lambda x, g, s: [("bus", _car(x, g, 0.4 * W * s, 0.25 * W * s))])
+
+    def rider(x: float, ground: float, scale: float) -> List[SceneObject]:
+        length = 0.12 * W * scale
+        vehicle = "motorcycle" if rng.random() < 0.5 else "bicycle"
+        return [("rider", _person(x, ground - 0.3 * length, 0.25 * H * scale)),
+                (vehicle, _two_wheeler(x, ground, length))]
+
+    add_on_road(style.riders, rider)
+    for _ in range(rng.integers(style.persons[0], style.persons[1] + 1)):
+        depth = rng.uniform(0.05, 1.0)
+        ground = ground_row(depth)
+        left, right = road_x(ground)
+        side = rng.random() < 0.5
+        x = rng.uniform(0, max(left, 1)) if side else rng.uniform(min(right, W - 1), W)
+        things.append((ground, [("person", _person(x, ground, 0.3 * H * (0.1 + depth)))]))
+
+    things.sort(key=lambda item: item[0])
+    for _, parts in things:
+        objects.extend(parts)
+    return objects
+
+
+def rasterise(objects: Sequence[SceneObject], height: int, width: int) -> Tuple[dict, np.ndarray, np.ndarray]:
+    """Polygons JSON (Cityscapes ``*_gtFine_polygons.json`` content) and its label / instance images.
+
+    Returns:
+        ``(polygons_json, label_ids, instance_ids)``: label ids HxW uint8 and instance ids HxW int32
+        (``labelId`` or ``labelId * 1000 + k``), exactly as cityscapesScripts rasterises the JSON.
+    """
+    polygons_json = {
+        "imgHeight": height,
+        "imgWidth": width,
+        "objects": [{"label": label, "polygon": polygon} for label, polygon in objects],
+    }
+    annotation = Annotation()
+    annotation.fromJsonText(json.dumps(polygons_json))
+    label_ids = np.asarray(createLabelImage(annotation, "ids"), dtype=np.uint8)
+    instance_ids = np.asarray(createInstanceImage(annotation, "ids"), dtype=np.int32)
+    return polygons_json, label_ids, instance_ids
+
+
+def render_image(
+    rng: np.random.Generator, style: DomainStyle, label_ids: np.ndarray, instance_ids: np.ndarray
+) -> np.ndarray:
+    """Render the RGB image (HxWx3 uint8) of a scene from its label and instance images."""
+    H, W = label_ids.shape
+    palette = np.zeros((256, 3), dtype=np.float32)
+    for name, colour in style.palette.items():
+        palette[name2label[name].id] = colour
+    grey = palette.mean(axis=1, keepdims=True)
+    palette = np.clip(grey + style.saturation * (palette - grey), 0, 255)
+    image = palette[label_ids]
+
+    # Per-instance colour variation (cars of all colours, clothing).
+    instances = np.flatnonzero(np.bincount(instance_ids.ravel()))
+    instances = instances[instances >= 1000]
+    offsets = np.zeros((instance_ids.max() + 1, 3), dtype=np.float32)
+    offsets[instances] = rng.uniform(-60, 60, size=(len(instances), 3))
+    image += offsets[instance_ids]
+
+    # Low-frequency texture, different per class.
+    # Mostly luminance, with a weak chroma component.
+    coarse = rng.standard_normal(size=(8, 16, 3), dtype=np.float32)
+    coarse = coarse[..., :1] + 0.25 * coarse
+    texture = cv2.resize(coarse, (W, H), interpolation=cv2.INTER_CUBIC)
+    image += style.texture * texture * (1 + (label_ids % 3))[..., None] / 2
+    if style.windows:
+        rows, cols = np.mgrid[0:H, 0:W]
+        period = int(rng.integers(6, 11))
+        windows = ((rows % period) < period // 2) & ((cols % period) < period // 2)
+        image[(label_ids == name2label["building"].id) & windows] *= 0.6
+        grain = style.texture * rng.standard_normal(size=(H, W, 1), dtype=np.float32)
+        image += np.where((label_ids == name2label["road"].id)[..., None], grain, 0)
+
+    # Lighting: global brightness, vertical gradient, colour cast, vignetting.
+    brightness = rng.uniform(0.75, 1.15)
+    gradient = np.linspace(1.1, 0.9, H, dtype=np.float32)[:, None, None]
+    cast = rng.uniform(*style.colour_cast, size=3).astype(np.float32)
+    image = image * brightness * gradient * cast
+    if style.vignetting > 0:
+        yy, xx = np.mgrid[-1:1:complex(0, H), -1:1:complex(0, W)].astype(np.float32)
+        image *= (1 - style.vignetting * (xx**2 + yy**2) / 2)[..., None]
+    if style.blur_sigma > 0:
+        image = cv2.GaussianBlur(image, (0, 0), style.blur_sigma)
+    image += style.noise_sigma * rng.standard_normal(size=image.shape, dtype=np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+_LABEL_ID_TO_SYNTHIA = {label_id: synthia_id for synthia_id, label_id in SYNTHIA_TO_LABEL_ID.items()}
+
+
+def _write_source_image(out_dir: str, index: int, seed: int, height: int, width: int) -> None:
+    """SYNTHIA layout: ``RGB/<id>.png`` and 16-bit ``GT/LABELS/<id>.png`` (class, instance channels)."""
+    rng = np.random.default_rng([seed, 0, 0, index])
+    _, label_ids, instance_ids = rasterise(generate_scene(rng, SOURCE_STYLE, height, width), height, width)
+    image = render_image(rng, SOURCE_STYLE, label_ids, instance_ids)
+    lut = np.zeros(256, dtype=np.uint16)
+    for label_id, synthia_id in _LABEL_ID_TO_SYNTHIA.items():
+        lut[label_id] = synthia_id
+    instance = np.where(instance_ids >= 1000, instance_ids % 1000 + 1, 0).astype(np.uint16)
+    # cv2 writes BGR: the RGB channels (class, instance, 0) are stored as (0, instance, class).
+    labels_bgr = np.stack([np.zeros_like(instance), instance, lut[label_ids]], axis=-1)
+    name = f"{index:07d}.png"
+    save_png(os.path.join(out_dir, "RGB", name), image)
+    with atomic_output(os.path.join(out_dir, "GT", "LABELS", name)) as tmp_path:
+        if not cv2.imwrite(tmp_path, labels_bgr):
+            raise OSError(f"could not write {tmp_path}")
+
+
+def _write_target_image(out_dir: str, split: str, index: int, seed: int, height: int, width: int) -> None:
+    """Cityscapes layout: ``leftImg8bit`` image and ``gtFine`` polygons JSON, labelIds, instanceIds."""
+    split_code = {"train": 1, "val": 2}[split]
+    rng = np.random.default_rng([seed, 1, split_code, index])
+    polygons_json, label_ids, instance_ids = rasterise(generate_scene(rng, TARGET_STYLE, height, width), height, width)
+    image = render_image(rng, TARGET_STYLE, label_ids, instance_ids)
+    cities = TARGET_TRAIN_CITIES if split == "train" else TARGET_VAL_CITIES
+    city = cities[index % len(cities)]
+    prefix = f"{city}_{index:06d}_000019"
+    save_png(os.path.join(out_dir, "leftImg8bit", split, city, f"{prefix}_leftImg8bit.png"), image)
+    gt_dir = os.path.join(out_dir, "gtFine", split, city)
+    with atomic_output(os.path.join(gt_dir, f"{prefix}_gtFine_polygons.json")) as tmp_path:
+        with open(tmp_path, "w") as f:
+            json.dump(polygons_json, f)
+    save_png(os.path.join(gt_dir, f"{prefix}_gtFine_labelIds.png"), label_ids)
+    save_png(os.path.join(gt_dir, f"{prefix}_gtFine_instanceIds.png"), instance_ids.astype(np.uint16))
+
+
+def _write_image(task: Tuple[str, str, str, int, int, int, int]) -> None:
+    domain, out_dir, split, index, seed, height, width = task
+    if domain == "source":
+        _write_source_image(out_dir, index, seed, height, width)
+    else:
+        _write_target_image(out_dir, split, index, seed, height, width)
+
+
+def generate_synthetic(
+    out_dir: str,
+    seed: int = 0,
+    num_source: int = 400,
+    num_target_train: int = 100,
+    num_target_val: int = 50,
+    height: int = 256,
+    width: int = 512,
+    workers: int = 1,
+) -> Dict[str, str]:
+    """Generate the raw benchmark under ``out_dir``.
+
+    Writes ``out_dir/source`` (SYNTHIA-RAND-CITYSCAPES layout) and ``out_dir/target`` (Cityscapes
+    layout, train and val). Deterministic in ``seed`` whatever ``workers``.
+
+    Returns:
+        ``{"source": path, "target": path}``.
+    """
+    source_dir, target_dir = os.path.join(out_dir, "source"), os.path.join(out_dir, "target")
+    tasks = [("source", source_dir, "train", i, seed, height, width) for i in range(num_source)]
+    tasks += [("target", target_dir, "train", i, seed, height, width) for i in range(num_target_train)]
+    tasks += [("target", target_dir, "val", i, seed, height, width) for i in range(num_target_val)]
+    progress = dict(total=len(tasks), desc="generating synthetic scenes")
+    if workers <= 1:
+        for task in tqdm(tasks, **progress):
+            _write_image(task)
+    else:
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with context.Pool(workers) as pool:
+            for _ in tqdm(pool.imap_unordered(_write_image, tasks, chunksize=8), **progress):
+                pass
+    return {"source": source_dir, "target": target_dir}
+
+
+def prepare_synthetic(
+    out_dir: str,
+    seed: int = 0,
+    num_source: int = 400,
+    num_target_train: int = 100,
+    num_target_val: int = 50,
+    height: int = 256,
+    width: int = 512,
+    workers: int = 1,
+) -> List[Tuple[str, ConversionReport]]:
+    """Generate the benchmark (:func:`generate_synthetic`) and prepare it with the real converters:
+    ``prepare_synthia`` on ``out_dir/source``, ``prepare_cityscapes`` on ``out_dir/target``.
+
+    Returns:
+        ``[(name, report)]`` of the three conversions (source, target train, target val).
+    """
+    folders = generate_synthetic(
+        out_dir, seed, num_source, num_target_train, num_target_val, height, width, workers
+    )
+    reports = [("synthetic source", prepare_synthia(folders["source"], workers))]
+    for split in ("train", "val"):
+        reports.append((f"synthetic target {split}", prepare_cityscapes(folders["target"], split, workers)))
+    return reports
+
+
+DESCRIPTION = """\
+Generate the synthetic two-domain street-scene benchmark and prepare it with the same converters as
+the real datasets.
+
+Writes (OUT = e.g. datasets/synthetic):
+  OUT/source/   SYNTHIA-RAND-CITYSCAPES layout (RGB/, GT/LABELS/), converted by prepare_synthia
+  OUT/target/   Cityscapes layout (leftImg8bit/, gtFine/ with *_polygons.json, *_labelIds.png,
+                *_instanceIds.png; splits train and val), converted by prepare_cityscapes
+
+Registered as synthetic_source_panoptic_train, synthetic_target_panoptic_train and
+synthetic_target_panoptic_val when OUT is <datasets root>/synthetic. The source domain is saturated,
+sharp and person-heavy with a random camera pitch; the target domain has another palette, textures,
+colour cast, vignetting, blur and noise, a fixed camera, more cars and terrain. Deterministic in --seed.
+"""
+
+
+@exit_code_on_missing_input
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = conversion_parser(DESCRIPTION, "synthetic")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--num-source", type=int, default=400, help="source images (default: %(default)s)")
+    parser.add_argument(
+        "--num-target-train", type=int, default=100, help="target train images (default: %(default)s)"
+    )
+    parser.add_argument("--num-target-val", type=int, default=50, help="target val images (default: %(default)s)")
+    parser.add_argument("--height", type=int, default=256, help="image height in pixels (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=512, help="image width in pixels (default: %(default)s)")
+    args = parser.parse_args(argv)
+    reports = prepare_synthetic(
+        args.root,
+        args.seed,
+        args.num_source,
+        args.num_target_train,
+        args.num_target_val,
+        args.height,
+        args.width,
+        args.workers,
+    )
+    for name, report in reports:
+        print(report.summary(name))
+    return max(report.exit_code for _, report in reports)
