@@ -345,18 +345,15 @@ class GBWPanopticSegmentor(nn.Module):
         results = []
         for index, (x, image_size) in enumerate(zip(batched_inputs, image_sizes)):
             height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
-            sem_seg = sem_seg_postprocess(predictions["sem_seg"][index], image_size, height, width)
-            result = {"sem_seg": sem_seg}
+            dense = self.resize_to_output(
+                {name: value[index] for name, value in predictions.items()}, image_size, height, width
+            )
+            result = {"sem_seg": dense["sem_seg"]}
             if self.instance_on:
-                center = sem_seg_postprocess(predictions["center"][index], image_size, height, width)
-                scale = torch.tensor(
-                    [height / image_size[0], width / image_size[1]], device=self.device
-                ).view(2, 1, 1)
-                offset = sem_seg_postprocess(predictions["offset"][index], image_size, height, width) * scale
                 panoptic = get_panoptic_segmentation_batched(
-                    sem_seg.argmax(dim=0, keepdim=True),
-                    center.unsqueeze(0),
-                    offset.unsqueeze(0),
+                    dense["sem_seg"].argmax(dim=0, keepdim=True),
+                    dense["center"].unsqueeze(0),
+                    dense["offset"].unsqueeze(0),
                     thing_ids=self.thing_ids,
                     label_divisor=self.label_divisor,
                     stuff_area=self.stuff_area,
@@ -368,9 +365,22 @@ class GBWPanopticSegmentor(nn.Module):
                 png, segments_info = panoptic_to_segments(panoptic, self.label_divisor, self.thing_ids, _VOID)
                 result["panoptic_seg"] = (png, segments_info)
                 if self.predict_instances:
-                    result["instances"] = self._instances(png, segments_info, sem_seg, center[0])
+                    result["instances"] = self._instances(png, segments_info, dense["sem_seg"], dense["center"][0])
             results.append(result)
         return results
+
+    @staticmethod
+    def resize_to_output(
+        dense: Dict[str, torch.Tensor], image_size: Tuple[int, int], height: int, width: int
+    ) -> Dict[str, torch.Tensor]:
+        """Crop one image's dense predictions (K x H_pad x W_pad) to its ``image_size`` and resize
+        them bilinearly to ``height`` x ``width``; ``"offset"`` (dy, dx in input pixels) is also
+        multiplied by the resize factors ``height / image_size[0]`` and ``width / image_size[1]``."""
+        resized = {name: sem_seg_postprocess(value, image_size, height, width) for name, value in dense.items()}
+        if "offset" in resized:
+            scale = torch.tensor([height / image_size[0], width / image_size[1]], device=resized["offset"].device)
+            resized["offset"] = resized["offset"] * scale.to(resized["offset"].dtype).view(2, 1, 1)
+        return resized
 
     def _instances(
         self, png: torch.Tensor, segments_info: List[Dict], sem_seg: torch.Tensor, center: torch.Tensor
