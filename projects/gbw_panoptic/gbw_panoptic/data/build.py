@@ -10,7 +10,7 @@
 - :func:`build_test_loader`: one evaluation image at a time, for a labelled target dataset.
 """
 import logging
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data.sampler import Sampler
@@ -45,10 +45,12 @@ def _dataset_dicts(names: Sequence[str], config_key: str) -> List[Dict[str, Any]
     return get_detection_dataset_dicts(list(names), filter_empty=False)
 
 
-def build_rcs_sampler(cfg: CfgNode, dataset_names: Sequence[str]) -> RareClassSampler:
+def build_rcs_sampler(cfg: CfgNode, dataset_names: Sequence[str], seed: Optional[int] = None) -> RareClassSampler:
     """Rare class sampler over the concatenation of ``dataset_names`` (in order).
 
-    Each dataset's metadata must name its ``class_stats_file``.
+    Each dataset's metadata must name its ``class_stats_file``. ``seed`` None: a random seed shared
+    by all processes (reproducible once Detectron2's ``default_setup`` has seeded NumPy with
+    ``cfg.SEED``), as Detectron2's ``TrainingSampler``.
     """
     counts = []
     for name in dataset_names:
@@ -63,7 +65,7 @@ def build_rcs_sampler(cfg: CfgNode, dataset_names: Sequence[str]) -> RareClassSa
         dicts = get_detection_dataset_dicts(name, filter_empty=False)
         counts.append(load_class_pixel_counts(stats_file, dicts, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES))
     return RareClassSampler(
-        np.concatenate(counts), cfg.DATALOADER.RCS.TEMPERATURE, cfg.DATALOADER.RCS.MIN_PIXELS
+        np.concatenate(counts), cfg.DATALOADER.RCS.TEMPERATURE, cfg.DATALOADER.RCS.MIN_PIXELS, seed
     )
 
 
