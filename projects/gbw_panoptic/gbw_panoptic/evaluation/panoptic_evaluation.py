@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 
+from .distributed import gather_on_main
 from .panoptic_io import atomic_write, id_to_rgb, write_json
 from .pq import pq_compute
 from .report import class_subsets, subset_means, subset_notes, write_report
@@ -156,13 +156,10 @@ class GBWPanopticEvaluator(DatasetEvaluator):
 
     def evaluate(self) -> "OrderedDict[str, Dict[str, float]]":
         """``{"panoptic_seg": {metric: value in percent}}``; empty on processes other than the main one."""
-        predictions = self._predictions
-        if self._distributed and comm.get_world_size() > 1:
-            comm.synchronize()
-            gathered = comm.gather(self._predictions, dst=0)
-            if not comm.is_main_process():
-                return OrderedDict()
-            predictions = [prediction for part in gathered for prediction in part]
+        gathered = gather_on_main(self._predictions, self._distributed)
+        if gathered is None:
+            return OrderedDict()
+        predictions = [prediction for part in gathered for prediction in part]
         if not predictions:
             logger.warning("%s: no prediction to evaluate", self._dataset_name)
             return OrderedDict()

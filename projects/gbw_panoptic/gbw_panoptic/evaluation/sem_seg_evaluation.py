@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 from PIL import Image
 
+from .distributed import gather_on_main
 from .panoptic_io import atomic_write
 from .report import class_subsets, subset_means, subset_notes, write_report
 
@@ -139,13 +139,10 @@ class GBWSemSegEvaluator(DatasetEvaluator):
 
     def evaluate(self) -> "OrderedDict[str, Dict[str, float]]":
         """``{"sem_seg": {metric: value in percent}}``; empty on processes other than the main one."""
-        matrix = self._matrix
-        if self._distributed and comm.get_world_size() > 1:
-            comm.synchronize()
-            matrices = comm.gather(self._matrix, dst=0)
-            if not comm.is_main_process():
-                return OrderedDict()
-            matrix = np.sum(matrices, axis=0)
+        gathered = gather_on_main(self._matrix, self._distributed)
+        if gathered is None:
+            return OrderedDict()
+        matrix = np.sum(gathered, axis=0)
         if matrix.sum() == 0:
             logger.warning("%s: no labelled pixel was evaluated", self._dataset_name)
         metrics = semantic_metrics(matrix)
