@@ -27,6 +27,7 @@ from gbw_panoptic.data import (
     build_augmentations,
     build_test_loader,
     build_uda_train_loader,
+    from_detectron2_layout,
 )
 
 NUM_CLASSES = 19
@@ -145,15 +146,8 @@ def make_cfg(**input_overrides):
 
 
 def assert_same_targets(ours: Dict[str, torch.Tensor], reference: Dict[str, Any]) -> None:
-    """Equal values; the layout differences documented in panoptic_target.py are undone first."""
-    expected = {
-        "sem_seg": reference["sem_seg"],
-        "sem_seg_weights": reference["sem_seg_weights"],
-        "center": reference["center"][None],
-        "center_weights": reference["center_weights"][0],
-        "offset": reference["offset"],
-        "offset_weights": reference["offset_weights"][0],
-    }
+    """Equal keys, dtypes, shapes and values, in our layout."""
+    expected = from_detectron2_layout(reference)
     assert set(ours) == set(expected)
     for key, value in expected.items():
         assert ours[key].dtype == value.dtype, key

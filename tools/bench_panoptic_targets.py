@@ -25,7 +25,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from detectron2.projects.panoptic_deeplab.target_generator import PanopticDeepLabTargetGenerator
-from gbw_panoptic.data import PanopticTargetGenerator
+from gbw_panoptic.data import PanopticTargetGenerator, from_detectron2_layout
 
 # (Cityscapes label id, train id) of the stuff and thing classes.
 STUFF = [(7, 0), (8, 1), (11, 2), (21, 8), (23, 10)]
@@ -56,14 +56,7 @@ def generate_scene(rng: np.random.Generator, height: int, width: int) -> Tuple[n
 
 def same_targets(ours: Dict[str, torch.Tensor], reference: Dict[str, Any]) -> bool:
     """Equality after undoing the layout differences documented in gbw_panoptic.data.panoptic_target."""
-    return (
-        torch.equal(ours["sem_seg"], reference["sem_seg"])
-        and torch.equal(ours["sem_seg_weights"], reference["sem_seg_weights"])
-        and torch.equal(ours["center"], reference["center"][None])
-        and torch.equal(ours["center_weights"], reference["center_weights"][0])
-        and torch.equal(ours["offset"], reference["offset"])
-        and torch.equal(ours["offset_weights"], reference["offset_weights"][0])
-    )
+    return all(torch.equal(ours[key], value) for key, value in from_detectron2_layout(reference).items())
 
 
 def main() -> None:
