@@ -311,6 +311,25 @@ def test_train_augmentation_types():
         build_augmentations(make_cfg(**{"INPUT.RANDOM_FLIP": "diagonal"}), is_train=True)
 
 
+def test_crop_limits_the_area_of_a_single_class(tiny_datasets):
+    """Small crops of sky/road scenes: the constraint avoids crops filled by one class."""
+
+    def dominated_crops(max_area: float) -> int:
+        cfg = make_cfg(**{"INPUT.CROP.SIZE": [12, 16], "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA": max_area,
+                          "INPUT.RESIZE_RATIO_RANGE": [1.0, 1.0]})
+        mapper = GBWPanopticDatasetMapper(cfg, is_train=True, load_labels=True)
+        np.random.seed(0)
+        count = 0
+        for record in tiny_datasets["tiny_source"][:4] * 10:
+            labels = mapper(record)["sem_seg"]
+            counts = torch.bincount(labels[labels != 255])
+            count += int(counts.max() >= 0.75 * counts.sum())
+        return count
+
+    unconstrained, constrained = dominated_crops(1.0), dominated_crops(0.75)
+    assert unconstrained >= 15 and constrained <= unconstrained // 3
+
+
 def test_random_resize_follows_ratio_range(tiny_datasets):
     cfg = make_cfg(**{"INPUT.CROP.ENABLED": False, "INPUT.RESIZE_RATIO_RANGE": [0.5, 2.0]})
     mapper = GBWPanopticDatasetMapper(cfg, is_train=True, load_labels=False)
