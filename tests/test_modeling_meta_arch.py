@@ -1,0 +1,315 @@
+"""GBWPanopticSegmentor: configs, losses, gradients, GBW logging, inference outputs, training."""
+import itertools
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.projects.deeplab.loss import DeepLabCE
+from detectron2.structures import Instances
+from detectron2.utils.events import EventStorage
+
+from gbw_panoptic.config import add_gbw_panoptic_config
+from gbw_panoptic.modeling import GBWPanopticSegmentor, MixVisionTransformer
+from gbw_panoptic.modeling.meta_arch import CITYSCAPES_THING_IDS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "configs").rglob("*.yaml"))
+SMALL_CONFIG = "configs/synthetic/mit_b0_source_only_gbw.yaml"
+THINGS = list(CITYSCAPES_THING_IDS)
+
+
+def _cfg(config: str = SMALL_CONFIG, opts: List = ()):
+    cfg = get_cfg()
+    add_gbw_panoptic_config(cfg)
+    cfg.merge_from_file(str(REPO_ROOT / config))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.MIT.PRETRAINED", "", "MODEL.WEIGHTS", "", *opts])
+    return cfg
+
+
+def _small_model(opts: List = ()) -> GBWPanopticSegmentor:
+    """MiT-B0 with 16-channel decoders, no dropout (deterministic training forward)."""
+    torch.manual_seed(0)
+    base = [
+        "MODEL.SEM_SEG_HEAD.EMBED_DIM", 16, "MODEL.INS_EMBED_HEAD.EMBED_DIM", 16,
+        "MODEL.SEM_SEG_HEAD.DROPOUT", 0.0, "MODEL.INS_EMBED_HEAD.DROPOUT", 0.0,
+        "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+    ]  # fmt: skip
+    return build_model(_cfg(opts=[*base, *opts]))
+
+
+def _batch(seed: int = 0, height: int = 48, width: int = 64, instance_targets=(True, True)) -> List[Dict]:
+    """Training dicts of the source mapper's format: blocky labels with thing classes, targets."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = []
+    for has_instances in instance_targets:
+        coarse = torch.randint(0, 19, (1, 1, height // 8, width // 8), generator=generator).float()
+        labels = torch.nn.functional.interpolate(coarse, size=(height, width), mode="nearest")[0, 0].long()
+        labels[:4] = 255
+        is_thing = (labels >= 11) & (labels <= 18)
+        record = {
+            "image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
+            "sem_seg": labels,
+            "sem_seg_weights": torch.rand((height, width), generator=generator) + 0.5,
+            "height": height,
+            "width": width,
+        }
+        if has_instances:
+            record.update(
+                center=torch.rand((1, height, width), generator=generator) ** 4,
+                center_weights=(labels != 255).float(),
+                offset=torch.randn((2, height, width), generator=generator) * 5,
+                offset_weights=is_thing.float(),
+            )
+        batch.append(record)
+    return batch
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_builds_and_predicts(config):
+    cfg = _cfg(config)
+    model = build_model(cfg).eval()
+    assert isinstance(model, GBWPanopticSegmentor)
+    assert model.instance_on == cfg.MODEL.INS_EMBED_HEAD.ENABLED
+    assert (model.sem_seg_loss.enabled, model.sem_seg_loss.lam_mode) == (
+        cfg.MODEL.GBW.SEM_SEG.ENABLED,
+        cfg.MODEL.GBW.SEM_SEG.LAMBDA_MODE,
+    )
+    if model.instance_on:
+        assert model.center_loss.enabled == cfg.MODEL.GBW.CENTER.ENABLED
+        assert model.offset_loss.enabled == cfg.MODEL.GBW.OFFSET.ENABLED
+        assert model.offset_loss.fixed_active.nonzero().flatten().tolist() == model.thing_ids
+    expected_backbone = "MixVisionTransformer" if cfg.MODEL.BACKBONE.NAME == "build_mit_backbone" else "ResNet"
+    assert type(model.backbone).__name__ == expected_backbone
+    if expected_backbone == "MixVisionTransformer":
+        assert model.backbone.output_shape()["res5"].channels == (256 if cfg.MODEL.MIT.VARIANT == "b0" else 512)
+    with torch.no_grad():
+        (output,) = model([{"image": torch.zeros(3, 64, 64), "height": 32, "width": 48}])
+    assert output["sem_seg"].shape == (19, 32, 48)
+    assert ("panoptic_seg" in output) == model.instance_on
+
+
+def test_train_losses_finite_and_every_parameter_gets_a_gradient():
+    model = _small_model().train()
+    losses = model(_batch())
+    assert set(losses) == {"loss_sem_seg", "loss_center", "loss_offset"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    no_gradient = [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and (parameter.grad is None or not parameter.grad.abs().sum() > 0)
+    ]
+    assert not no_gradient
+    groups = {name.split(".")[0] for name, _ in model.named_parameters()}
+    assert groups == {"backbone", "sem_seg_head", "ins_embed_head"}
+
+
+def test_semantic_only_mode():
+    model = _small_model(["MODEL.INS_EMBED_HEAD.ENABLED", False]).train()
+    assert model.ins_embed_head is None and not any("ins_embed" in n for n, _ in model.named_parameters())
+    losses = model(_batch())
+    assert set(losses) == {"loss_sem_seg"}
+    losses["loss_sem_seg"].backward()
+    images = model.preprocess_image(_batch())
+    assert set(model.predict_dense(images.tensor)) == {"sem_seg"}
+    model.eval()
+    with torch.no_grad():
+        (output,) = model(_batch()[:1])
+    assert set(output) == {"sem_seg"}
+
+
+def test_losses_without_gbw_match_the_reference_formulas():
+    model = _small_model(
+        ["MODEL.GBW.SEM_SEG.ENABLED", False, "MODEL.GBW.CENTER.ENABLED", False, "MODEL.GBW.OFFSET.ENABLED", False]
+    ).train()
+    batch = _batch(height=64, width=96)  # multiples of 32: no padding
+    torch.manual_seed(1)
+    losses = model(batch)
+    images = model.preprocess_image(batch)
+    torch.manual_seed(1)
+    dense = model.predict_dense(images.tensor)
+    labels = torch.stack([x["sem_seg"] for x in batch])
+    pixel_weights = torch.stack([x["sem_seg_weights"] for x in batch])
+    expected_sem_seg = DeepLabCE(ignore_label=255)(dense["sem_seg"], labels, pixel_weights)
+    center_weights = torch.stack([x["center_weights"] for x in batch])
+    offset_weights = torch.stack([x["offset_weights"] for x in batch])
+    center_error = (dense["center"] - torch.stack([x["center"] for x in batch])) ** 2
+    offset_error = (dense["offset"] - torch.stack([x["offset"] for x in batch])).abs()
+    expected_center = 10.0 * (center_error * center_weights[:, None]).sum() / center_weights.sum()
+    expected_offset = 0.1 * (offset_error * offset_weights[:, None]).sum() / offset_weights.sum()
+    torch.testing.assert_close(losses["loss_sem_seg"], expected_sem_seg)
+    torch.testing.assert_close(losses["loss_center"], expected_center)
+    torch.testing.assert_close(losses["loss_offset"], expected_offset)
+
+
+def _gbw_opts(enabled: bool, lam: float, mode: str) -> List:
+    return list(
+        itertools.chain.from_iterable(
+            [f"MODEL.GBW.{loss}.ENABLED", enabled, f"MODEL.GBW.{loss}.LAMBDA", lam, f"MODEL.GBW.{loss}.LAMBDA_MODE", mode]
+            for loss in ("SEM_SEG", "CENTER", "OFFSET")
+        )
+    )
+
+
+def _losses_and_logged(model: GBWPanopticSegmentor, prefix: str = "gbw"):
+    with EventStorage() as storage:
+        losses = model(_batch(), gbw_log_prefix=prefix)
+        logged = {name: value for name, (value, _) in storage.latest().items()}
+    return {k: v.detach() for k, v in losses.items()}, logged
+
+
+def test_gbw_on_vs_off_and_logged_weights():
+    off = _small_model(_gbw_opts(False, 1.0, "absolute")).train()
+    state = off.state_dict()
+    off_losses, off_logged = _losses_and_logged(off)
+    assert not any(name.startswith("gbw/") for name in off_logged)
+
+    # A huge lambda pins every weight to 1: the same losses as without GBW.
+    uniform = _small_model(_gbw_opts(True, 1e12, "absolute")).train()
+    uniform.load_state_dict(state)
+    uniform_losses, uniform_logged = _losses_and_logged(uniform)
+    for name in off_losses:
+        torch.testing.assert_close(uniform_losses[name], off_losses[name], rtol=1e-5, atol=1e-7)
+    assert all(abs(v - 1.0) < 1e-6 for k, v in uniform_logged.items() if k.startswith("gbw/"))
+
+    weighted = _small_model(_gbw_opts(True, 0.1, "relative")).train()
+    weighted.load_state_dict(state)
+    weighted_losses, logged = _losses_and_logged(weighted, prefix="gbw_source")
+    for name in off_losses:
+        assert not torch.allclose(weighted_losses[name], off_losses[name], rtol=1e-3), name
+    names = weighted.class_names
+    for loss, classes in (("sem_seg", range(19)), ("center", range(19)), ("offset", THINGS)):
+        weights = [logged[f"gbw_source/{loss}/{names[c]}"] for c in classes]
+        assert sum(weights) == pytest.approx(len(classes), rel=1e-5), loss
+        assert min(weights) >= 0 and max(weights) > 1.01
+    assert not any(f"gbw_source/offset/{names[c]}" in logged for c in range(11))
+
+
+def test_uint8_and_float_images_give_the_same_predictions():
+    model = _small_model().eval()
+    image = _batch()[0]["image"]
+    with torch.no_grad():
+        as_uint8 = model([{"image": image}])[0]["sem_seg"]
+        as_float = model([{"image": image.float()}])[0]["sem_seg"]
+    assert torch.equal(as_uint8, as_float)
+
+
+def test_images_without_instance_targets_skip_the_instance_losses():
+    model = _small_model().train()
+    losses = model(_batch(instance_targets=(True, False)))
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    losses = model(_batch(instance_targets=(False, False)))
+    assert losses["loss_center"] == 0 and losses["loss_offset"] == 0
+    assert losses["loss_sem_seg"] > 0
+    with pytest.raises(ValueError, match="sem_seg"):
+        model([{"image": torch.zeros(3, 32, 32, dtype=torch.uint8)}])
+
+
+def test_inference_returns_a_valid_panoptic_segmentation():
+    """Crafted dense predictions with two cars, a person and stuff, through the model's postprocess."""
+    model = _small_model(["MODEL.POST_PROCESSING.STUFF_AREA", 50]).eval()
+    height, width = 40, 60
+    logits = torch.zeros((1, 19, height, width))
+    logits[0, 0] = 5.0  # road everywhere
+    logits[0, 10, :3] = 10.0  # a 180-px sky band
+    logits[0, 2, 35:, :5] = 10.0  # 25 px of building: below STUFF_AREA -> void
+    blobs = [((10, 20, 5, 15), 13), ((10, 20, 40, 50), 13), ((25, 35, 20, 30), 11)]
+    center = torch.zeros((1, 1, height, width))
+    offset = torch.zeros((1, 2, height, width))
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    for (y0, y1, x0, x1), class_id in blobs:
+        logits[0, class_id, y0:y1, x0:x1] = 10.0
+        cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+        gaussian = torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * 3.0**2))
+        center[0, 0] = torch.maximum(center[0, 0], gaussian)
+        offset[0, 0, y0:y1, x0:x1] = cy - ys[y0:y1, x0:x1]
+        offset[0, 1, y0:y1, x0:x1] = cx - xs[y0:y1, x0:x1]
+    predictions = {"sem_seg": logits, "center": center, "offset": offset}
+    (output,) = model.postprocess(predictions, [{"height": height, "width": width}], [(height, width)])
+    png, segments = output["panoptic_seg"]
+    assert png.shape == (height, width)
+    ids = set(png.unique().tolist())
+    assert ids == {0} | {s["id"] for s in segments}
+    for segment in segments:
+        mask = png == segment["id"]
+        assert int(mask.sum()) == segment["area"]
+        assert segment["isthing"] == (segment["category_id"] in THINGS)
+        assert (output["sem_seg"].argmax(0)[mask] == segment["category_id"]).all()
+    assert sorted(s["category_id"] for s in segments) == [0, 10, 11, 13, 13]
+    assert (png[35:, :5] == 0).all()
+    instances = output["instances"]
+    assert isinstance(instances, Instances) and len(instances) == 3
+    assert sorted(instances.pred_classes.tolist()) == [11, 13, 13]
+    assert ((instances.scores > 0) & (instances.scores <= 1)).all()
+    boxes = sorted(instances.pred_boxes.tensor.tolist())
+    assert boxes[0] == [5.0, 10.0, 15.0, 20.0]
+
+
+def test_outputs_are_resized_and_offsets_rescaled():
+    dense = {
+        "sem_seg": torch.randn(19, 40, 64),
+        "center": torch.rand(1, 40, 64),
+        "offset": torch.stack([torch.full((40, 64), 3.0), torch.full((40, 64), -5.0)]),
+    }
+    resized = GBWPanopticSegmentor.resize_to_output(dense, (32, 48), 64, 144)
+    assert resized["sem_seg"].shape == (19, 64, 144) and resized["center"].shape == (1, 64, 144)
+    torch.testing.assert_close(resized["offset"][0], torch.full((64, 144), 6.0))
+    torch.testing.assert_close(resized["offset"][1], torch.full((64, 144), -15.0))
+
+
+def test_classes_come_from_the_dataset_metadata():
+    name = "test_modeling_made_up_panoptic"
+    MetadataCatalog.get(name).set(
+        stuff_classes=[f"class{i}" for i in range(19)],
+        thing_dataset_id_to_contiguous_id={100: 3, 101: 4},
+        label_divisor=256,
+    )
+    model = build_model(_cfg(opts=["DATASETS.TEST", f"('{name}',)", "MODEL.MIT.VARIANT", "b0"]))
+    assert model.thing_ids == [3, 4] and model.label_divisor == 256 and model.class_names[0] == "class0"
+    assert model.offset_loss.fixed_active.nonzero().flatten().tolist() == [3, 4]
+    with pytest.raises(ValueError, match="NUM_CLASSES"):
+        build_model(_cfg(opts=["DATASETS.TEST", f"('{name}',)", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 7]))
+
+
+def test_mit_pretrained_path_from_config(tmp_path):
+    encoder = MixVisionTransformer("b0")
+    encoder.encoder.save_pretrained(tmp_path / "mit_b0")
+    model = build_model(_cfg(opts=["MODEL.MIT.PRETRAINED", str(tmp_path / "mit_b0")]))
+    for key, value in encoder.encoder.state_dict().items():
+        assert torch.equal(model.backbone.encoder.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match="nvidia/mit-b0"):
+        build_model(_cfg(opts=["MODEL.MIT.PRETRAINED", str(tmp_path / "missing")]))
+
+
+@pytest.mark.slow
+def test_semantic_model_learns_on_synthetic_data(synthetic_datasets):
+    """20 AdamW steps on synthetic source batches lower the loss of a held-out batch."""
+    from gbw_panoptic.data import build_source_train_loader
+
+    cfg = _cfg(
+        "configs/synthetic/semantic_mit_b0_source_only_gbw.yaml",
+        [
+            "MODEL.SEM_SEG_HEAD.EMBED_DIM", 32, "MODEL.SEM_SEG_HEAD.DROPOUT", 0.0,
+            "DATALOADER.RCS.ENABLED", False, "INPUT.CROP.SIZE", [96, 96],
+        ],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batches = iter(build_source_train_loader(cfg))
+    held_out = next(batches)
+    with torch.no_grad():
+        before = float(model(held_out)["loss_sem_seg"])
+    for _ in range(20):
+        loss = model(next(batches))["loss_sem_seg"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    with torch.no_grad():
+        after = float(model(held_out)["loss_sem_seg"])
+    assert after < 0.85 * before, (before, after)
