@@ -11,75 +11,120 @@ when pixel weights are given, with a non-zero weight) and q_i the pixel weight (
 
     L_c = 1 / (N_c + 1) * sum_{i: y_i = c} q_i * loss_i
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["ce_grad_sq_norms", "regression_grad_sq_norms", "class_pixel_counts", "check_class_map"]
+__all__ = [
+    "ce_grad_sq_norms",
+    "regression_grad_sq_norms",
+    "class_pixel_counts",
+    "check_class_map",
+    "group_pixels",
+    "PixelGroups",
+    "cross_entropy_with_grad_sq_norms",
+    "regression_sq_norms_from_groups",
+    "check_shapes",
+    "check_finite_norms",
+]
 
 CE_MODES = ("channel", "class")
 REGRESSION_KINDS = ("mse", "l1")
 
 
+def _safe_class_map(
+    class_map: torch.Tensor, num_classes: int, ignore_index: int, name: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validate a class map and return ``(safe, ignored)``: int64 with ``ignore_index`` replaced by
+    0, and the bool mask of ignored entries. Reads back two values (min and max) from the device."""
+    if class_map.dtype.is_floating_point or class_map.dtype == torch.bool or class_map.is_complex():
+        raise ValueError(f"{name} must be an integer tensor of class ids, got dtype {class_map.dtype}")
+    ignored = class_map == ignore_index
+    safe = torch.where(ignored, 0, class_map.long())
+    if safe.numel() > 0:
+        low, high = torch.stack(torch.aminmax(safe)).tolist()
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{name} contains the value {low if low < 0 else high}; expected class ids in "
+                f"[0, {num_classes}) or the ignore value {ignore_index}"
+            )
+    return safe, ignored
+
+
 def check_class_map(
     class_map: torch.Tensor, num_classes: int, ignore_index: int, name: str = "labels"
 ) -> None:
-    """Raise ``ValueError`` unless every entry of ``class_map`` is in ``[0, num_classes)`` or is
-    ``ignore_index``. Reads back one value from the device (the first offending label, if any)."""
-    if class_map.dtype.is_floating_point or class_map.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor of class ids, got dtype {class_map.dtype}")
-    bad = ((class_map < 0) | (class_map >= num_classes)) & (class_map != ignore_index)
-    if bool(bad.any()):
-        value = int(class_map[bad][0])
-        raise ValueError(
-            f"{name} contains the value {value}; expected class ids in [0, {num_classes}) "
-            f"or the ignore value {ignore_index}"
-        )
+    """Raise ``ValueError`` (naming ``name`` and the offending value) unless every entry of
+    ``class_map`` is in ``[0, num_classes)`` or is ``ignore_index``."""
+    _safe_class_map(class_map, num_classes, ignore_index, name)
 
 
-def _raise_non_finite(tensors: Tuple[Tuple[str, torch.Tensor], ...]) -> None:
+def _raise_non_finite(tensors: Tuple[Tuple[str, Optional[torch.Tensor]], ...]) -> None:
     """Raise ``ValueError`` naming the first tensor of ``(name, tensor)`` pairs with a NaN/inf."""
     for name, tensor in tensors:
+        if tensor is None:
+            continue
         finite = torch.isfinite(tensor)
         if not bool(finite.all()):
             value = float(tensor[~finite][0])
             raise ValueError(f"{name} contains the non-finite value {value}; expected finite values")
-    raise ValueError(f"non-finite gradient norms from finite {', '.join(n for n, _ in tensors)}")
+    raise ValueError(f"non-finite result from finite {', '.join(n for n, _ in tensors)}")
 
 
-def _check_finite_norms(sq_norms: torch.Tensor, *tensors: Tuple[str, torch.Tensor]) -> torch.Tensor:
-    """Non-finite inputs make the norms non-finite: check the C-vector, scan inputs only on failure."""
+def check_finite_norms(sq_norms: torch.Tensor, *tensors: Tuple[str, Optional[torch.Tensor]]) -> torch.Tensor:
+    """Return ``sq_norms`` if finite, else raise naming the non-finite input among ``(name, tensor)``
+    pairs: non-finite inputs make the norms non-finite, so only the C-vector is checked."""
     if not bool(torch.isfinite(sq_norms).all()):
         _raise_non_finite(tensors)
     return sq_norms
 
 
-def _pixel_scale(
+class PixelGroups(NamedTuple):
+    """Pixels of a loss call grouped by class (see :func:`group_pixels`)."""
+
+    safe_class_map: torch.Tensor  # int64 [B, H, W], ignore_index replaced by 0
+    counts: torch.Tensor  # float32 [C], N_c: covered pixels per class
+    scale: torch.Tensor  # float32 [B, H, W], q_i / (N_{y_i} + 1), 0 where not covered
+
+
+def group_pixels(
     class_map: torch.Tensor,
     num_classes: int,
-    ignore_index: int,
-    pixel_weights: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Factor of each pixel in ``sum_c L_c``: ``q_i / (N_{y_i} + 1)``, 0 where not covered.
+    ignore_index: int = 255,
+    pixel_weights: Optional[torch.Tensor] = None,
+    name: str = "labels",
+) -> PixelGroups:
+    """Validate ``class_map`` and compute the per-class pixel counts and each pixel's factor in
+    ``sum_c L_c`` (module docstring). A pixel is covered when its class is not ``ignore_index``
+    and, if ``pixel_weights`` is given, its weight is not 0.
 
     Args:
-        class_map: int tensor [B, H, W] of class ids (``ignore_index`` = not covered).
+        class_map: int tensor [B, H, W] of class ids or ``ignore_index``.
+        num_classes: number of classes C.
         pixel_weights: float tensor [B, H, W] or None (all ones).
-
-    Returns:
-        ``(scale, safe_class_map, counts)``: float32 [B, H, W]; int64 [B, H, W] with uncovered
-        pixels mapped to class 0 (their scale is 0); float32 [C] pixel counts N_c.
+        name: name of ``class_map`` in error messages.
     """
-    covered = class_map != ignore_index
+    safe, ignored = _safe_class_map(class_map, num_classes, ignore_index, name)
+    covered = ~ignored
     if pixel_weights is not None:
         covered = covered & (pixel_weights != 0)
-    safe_map = torch.where(covered, class_map, torch.zeros_like(class_map)).long()
+    covered = covered.float()
     counts = torch.zeros(num_classes, dtype=torch.float32, device=class_map.device)
-    counts.scatter_add_(0, safe_map.flatten(), covered.flatten().float())
-    scale = covered.float() / (counts[safe_map] + 1.0)
+    counts.scatter_add_(0, safe.flatten(), covered.flatten())
+    scale = covered / (counts[safe] + 1.0)
     if pixel_weights is not None:
         scale = scale * pixel_weights.float()
-    return scale, safe_map, counts
+    return PixelGroups(safe, counts, scale)
+
+
+def class_pixel_counts(
+    class_map: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    pixel_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """float32 [C]: number of pixels of each class that a loss covers (N_c of the module docs)."""
+    return group_pixels(class_map, num_classes, ignore_index, pixel_weights).counts
 
 
 def _check_dense(tensor: torch.Tensor, name: str, shape: Tuple[int, ...], what: str) -> None:
@@ -87,15 +132,13 @@ def _check_dense(tensor: torch.Tensor, name: str, shape: Tuple[int, ...], what: 
         raise ValueError(f"{name} must have shape {what} = {shape}, got {tuple(tensor.shape)}")
 
 
-def _check_pixel_maps(
+def check_shapes(
     output: Tuple[str, torch.Tensor],
     class_map: Tuple[str, torch.Tensor],
     pixel_weights: Tuple[str, Optional[torch.Tensor]],
-    num_classes: int,
-    ignore_index: int,
 ) -> None:
     """Check that the ``(name, tensor)`` class map [B, H, W] and optional pixel weights [B, H, W]
-    match the network output [B, *, H, W], and that the class map holds valid class ids."""
+    match the network output [B, *, H, W]."""
     output_name, output_tensor = output
     if output_tensor.dim() != 4:
         raise ValueError(f"{output_name} must have shape [B, C, H, W], got {tuple(output_tensor.shape)}")
@@ -104,7 +147,69 @@ def _check_pixel_maps(
     _check_dense(class_map[1], class_map[0], (batch, height, width), what)
     if pixel_weights[1] is not None:
         _check_dense(pixel_weights[1], pixel_weights[0], (batch, height, width), what)
-    check_class_map(class_map[1], num_classes, ignore_index, class_map[0])
+
+
+def _residual_sq_norms(
+    probs: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """Turn ``probs`` (float32 [B, C, H, W], softmax) in place into the gradient of
+    ``sum_c L_c``, ``scale_i * (probs_i - onehot(y_i))``, and return its squared per-class norms."""
+    label_index = safe_class_map.unsqueeze(1)
+    # Subtract the one-hot target; uncovered pixels are zeroed by the scale just after.
+    probs.scatter_add_(1, label_index, probs.new_full(label_index.shape, -1.0))
+    probs.mul_(scale.unsqueeze(1))
+    if mode == "channel":
+        return torch.linalg.vector_norm(probs, dim=(0, 2, 3)).square()
+    pixel_sq = torch.linalg.vector_norm(probs, dim=1).square()
+    sq_norms = torch.zeros(probs.shape[1], dtype=torch.float32, device=probs.device)
+    return sq_norms.scatter_add_(0, safe_class_map.flatten(), pixel_sq.flatten())
+
+
+class _CrossEntropyWithGradNorms(torch.autograd.Function):
+    """Per-pixel cross-entropy and the GBW gradient norms from one log-softmax.
+
+    The scaled residual ``s_i * (softmax(z)_i - onehot(y_i))`` computed for the norms is kept for
+    the backward pass: the gradient of the per-pixel loss is ``residual / s_i``, so the backward
+    is one multiplication instead of PyTorch's log-softmax and NLL backward kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str):
+        label_index = safe_class_map.unsqueeze(1)
+        residual = torch.log_softmax(logits, dim=1)
+        pixel_losses = torch.where(scale > 0, -residual.gather(1, label_index).squeeze(1), 0.0)
+        residual.exp_()
+        sq_norms = _residual_sq_norms(residual, safe_class_map, scale, mode)
+        ctx.save_for_backward(residual, scale)
+        ctx.mark_non_differentiable(sq_norms)
+        return pixel_losses, sq_norms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pixel_losses: torch.Tensor, _grad_sq_norms: Optional[torch.Tensor]):
+        residual, scale = ctx.saved_tensors
+        covered = scale > 0
+        factor = torch.where(covered, grad_pixel_losses / torch.where(covered, scale, 1.0), 0.0)
+        return residual * factor.unsqueeze(1), None, None, None
+
+
+def cross_entropy_with_grad_sq_norms(
+    logits: torch.Tensor, groups: PixelGroups, mode: str = "channel"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel cross-entropy and the squared norms of :func:`ce_grad_sq_norms` in one pass.
+
+    Args:
+        logits: float32 tensor [B, C, H, W] (may require grad).
+        groups: :func:`group_pixels` of the labels (and pixel weights).
+        mode: ``"channel"`` or ``"class"``.
+
+    Returns:
+        ``(pixel_losses, sq_norms)``: float32 [B, H, W], ``-log softmax(z)[y_i]`` on covered
+        pixels and 0 elsewhere (differentiable w.r.t. ``logits``); float32 [C] (constant).
+    """
+    if mode not in CE_MODES:
+        raise ValueError(f"mode must be one of {CE_MODES}, got {mode!r}")
+    return _CrossEntropyWithGradNorms.apply(logits, groups.safe_class_map, groups.scale, mode)
 
 
 def ce_grad_sq_norms(
@@ -134,25 +239,31 @@ def ce_grad_sq_norms(
     """
     if mode not in CE_MODES:
         raise ValueError(f"mode must be one of {CE_MODES}, got {mode!r}")
-    num_classes = logits.shape[1] if logits.dim() == 4 else 0
-    _check_pixel_maps(
-        ("logits", logits), ("labels", labels), ("pixel_weights", pixel_weights), num_classes, ignore_index
-    )
-
-    scale, safe_labels, _ = _pixel_scale(labels, num_classes, ignore_index, pixel_weights)
+    check_shapes(("logits", logits), ("labels", labels), ("pixel_weights", pixel_weights))
+    groups = group_pixels(labels, logits.shape[1], ignore_index, pixel_weights, "labels")
     with torch.no_grad():
-        residual = torch.softmax(logits.detach().float(), dim=1)
-        # Subtract the one-hot target; uncovered pixels are zeroed by the scale just after.
-        label_index = safe_labels.unsqueeze(1)
-        residual.scatter_add_(1, label_index, residual.new_full(label_index.shape, -1.0))
-        residual.mul_(scale.unsqueeze(1))
-        if mode == "channel":
-            sq_norms = torch.linalg.vector_norm(residual, dim=(0, 2, 3)).square()
+        probs = torch.softmax(logits.detach().float(), dim=1)
+        sq_norms = _residual_sq_norms(probs, groups.safe_class_map, groups.scale, mode)
+    return check_finite_norms(sq_norms, ("logits", logits), ("pixel_weights", pixel_weights))
+
+
+def regression_sq_norms_from_groups(
+    pred: torch.Tensor, target: torch.Tensor, groups: PixelGroups, kind: str = "mse"
+) -> torch.Tensor:
+    """The norms of :func:`regression_grad_sq_norms` for pixels already grouped by class."""
+    if kind not in REGRESSION_KINDS:
+        raise ValueError(f"kind must be one of {REGRESSION_KINDS}, got {kind!r}")
+    with torch.no_grad():
+        diff = pred.detach().float() - target.detach().float()
+        if kind == "mse":
+            per_pixel = diff.square().sum(dim=1) * 4.0
         else:
-            pixel_sq = residual.square_().sum(dim=1)
-            sq_norms = torch.zeros(num_classes, dtype=torch.float32, device=logits.device)
-            sq_norms.scatter_add_(0, safe_labels.flatten(), pixel_sq.flatten())
-    return _check_finite_norms(sq_norms, ("logits", logits))
+            # sign(NaN) is 0; adding (diff - diff), 0 or NaN, keeps non-finite inputs visible.
+            per_pixel = (diff.sign().square() + (diff - diff)).sum(dim=1)
+        per_pixel = per_pixel * groups.scale.square()
+        sq_norms = torch.zeros(groups.counts.numel(), dtype=torch.float32, device=pred.device)
+        sq_norms.scatter_add_(0, groups.safe_class_map.flatten(), per_pixel.flatten())
+    return check_finite_norms(sq_norms, ("pred", pred), ("target", target), ("pixel_weights", groups.scale))
 
 
 def regression_grad_sq_norms(
@@ -182,33 +293,7 @@ def regression_grad_sq_norms(
     Returns:
         float32 tensor [C] of squared norms, on ``pred``'s device.
     """
-    if kind not in REGRESSION_KINDS:
-        raise ValueError(f"kind must be one of {REGRESSION_KINDS}, got {kind!r}")
-    _check_pixel_maps(
-        ("pred", pred), ("pixel_class", pixel_class), ("pixel_weight", pixel_weight), num_classes, ignore_index
-    )
+    check_shapes(("pred", pred), ("pixel_class", pixel_class), ("pixel_weight", pixel_weight))
     _check_dense(target, "target", tuple(pred.shape), "[B, K, H, W] of pred")
-
-    scale, safe_class, _ = _pixel_scale(pixel_class, num_classes, ignore_index, pixel_weight)
-    with torch.no_grad():
-        diff = pred.detach().float() - target.detach().float()
-        if kind == "mse":
-            per_pixel = diff.square().sum(dim=1) * 4.0
-        else:
-            # sign(NaN) is 0; adding (diff - diff), 0 or NaN, keeps non-finite inputs visible.
-            per_pixel = (diff.sign().square() + (diff - diff)).sum(dim=1)
-        per_pixel = per_pixel * scale.square()
-        sq_norms = torch.zeros(num_classes, dtype=torch.float32, device=pred.device)
-        sq_norms.scatter_add_(0, safe_class.flatten(), per_pixel.flatten())
-    return _check_finite_norms(sq_norms, ("pred", pred), ("target", target))
-
-
-def class_pixel_counts(
-    class_map: torch.Tensor,
-    num_classes: int,
-    ignore_index: int = 255,
-    pixel_weights: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """float32 [C]: number of pixels of each class that a loss covers (N_c of the module docs)."""
-    return _pixel_scale(class_map, num_classes, ignore_index, pixel_weights)[2]
-
+    groups = group_pixels(pixel_class, num_classes, ignore_index, pixel_weight, "pixel_class")
+    return regression_sq_norms_from_groups(pred, target, groups, kind)

@@ -18,10 +18,12 @@ from torch import nn
 
 from .grad_norms import (
     REGRESSION_KINDS,
-    ce_grad_sq_norms,
+    cross_entropy_with_grad_sq_norms,
     check_class_map,
-    class_pixel_counts,
-    regression_grad_sq_norms,
+    check_finite_norms,
+    check_shapes,
+    group_pixels,
+    regression_sq_norms_from_groups,
 )
 from .qp import LAMBDA_MODES, SOLVERS, qp_class_weights
 
@@ -159,26 +161,29 @@ class GBWCrossEntropyLoss(_ClassWeighting):
         """
         if logits.dim() != 4 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must have shape [B, {self.num_classes}, H, W], got {tuple(logits.shape)}")
+        check_shapes(("logits", logits), ("labels", labels), ("pixel_weights", pixel_weights))
         logits = logits.float()
-        if self.enabled:
-            sq_norms = ce_grad_sq_norms(logits, labels, self.ignore_index, self.mode, pixel_weights)
-            counts = class_pixel_counts(labels, self.num_classes, self.ignore_index, pixel_weights)
-            weights = self.class_weights(sq_norms, counts)
-        else:
+        if not self.enabled:
             check_class_map(labels, self.num_classes, self.ignore_index, "labels")
             self.last_weights = None
-        pixel_losses = F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index, reduction="none")
+            pixel_losses = F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index, reduction="none")
+            loss = self._weighted_mean(pixel_losses, pixel_weights)
+            if not bool(torch.isfinite(loss)):
+                check_finite_norms(loss.detach().reshape(1), ("logits", logits), ("pixel_weights", pixel_weights))
+            return loss
+        groups = group_pixels(labels, self.num_classes, self.ignore_index, pixel_weights, "labels")
+        pixel_losses, sq_norms = cross_entropy_with_grad_sq_norms(logits, groups, self.mode)
+        weights = self.class_weights(
+            check_finite_norms(sq_norms, ("logits", logits), ("pixel_weights", pixel_weights)), groups.counts
+        )
+        return self._weighted_mean(pixel_losses * weights[groups.safe_class_map], pixel_weights)
+
+    @staticmethod
+    def _weighted_mean(pixel_losses: torch.Tensor, pixel_weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """Mean over all pixels of the per-pixel losses [B, H, W] times the pixel weights (DeepLabCE)."""
         if pixel_weights is not None:
             pixel_losses = pixel_losses * pixel_weights
-        if self.enabled:
-            safe_labels = torch.where(labels == self.ignore_index, torch.zeros_like(labels), labels).long()
-            pixel_losses = pixel_losses * weights[safe_labels]
-        loss = pixel_losses.contiguous().view(-1).mean()
-        if not self.enabled and not bool(torch.isfinite(loss)):
-            if not bool(torch.isfinite(logits).all()):
-                value = float(logits[~torch.isfinite(logits)][0])
-                raise ValueError(f"logits contains the non-finite value {value}; expected finite values")
-        return loss
+        return pixel_losses.contiguous().view(-1).mean()
 
 
 class GBWRegressionLoss(_ClassWeighting):
@@ -247,14 +252,11 @@ class GBWRegressionLoss(_ClassWeighting):
         pixel_weights = pixel_weights.float()
         weight_sum = pixel_weights.sum()
         if self.enabled:
-            sq_norms = regression_grad_sq_norms(
-                pred, target, pixel_class, pixel_weights, self.num_classes, self.kind, self.ignore_index
-            )
-            counts = class_pixel_counts(pixel_class, self.num_classes, self.ignore_index, pixel_weights)
-            weights = self.class_weights(sq_norms, counts)
+            groups = group_pixels(pixel_class, self.num_classes, self.ignore_index, pixel_weights, "pixel_class")
+            sq_norms = regression_sq_norms_from_groups(pred, target, groups, self.kind)
+            weights = self.class_weights(sq_norms, groups.counts)
             ignored = pixel_class == self.ignore_index
-            safe_class = torch.where(ignored, torch.zeros_like(pixel_class), pixel_class).long()
-            pixel_weights = pixel_weights * torch.where(ignored, 1.0, weights[safe_class])
+            pixel_weights = pixel_weights * torch.where(ignored, 1.0, weights[groups.safe_class_map])
         else:
             self.last_weights = None
         if self.kind == "mse":
