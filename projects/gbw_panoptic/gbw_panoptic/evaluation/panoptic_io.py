@@ -17,6 +17,7 @@ __all__ = [
     "rgb_to_id",
     "id_to_rgb",
     "read_panoptic_png",
+    "write_png",
     "write_panoptic_png",
     "atomic_write",
     "write_json",
@@ -92,15 +93,20 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_panoptic_png(path: PathLike, ids: np.ndarray) -> None:
-    """Write segment ids (integer, HxW) as an RGB panoptic PNG, atomically."""
-    bgr = np.ascontiguousarray(id_to_rgb(ids)[..., ::-1])
+def write_png(path: PathLike, rgb: np.ndarray) -> None:
+    """Write an RGB image (uint8, HxWx3) as a PNG, atomically."""
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
 
     def _write(tmp_path: str) -> None:
         if not cv2.imwrite(tmp_path, bgr):
             raise OSError(f"cannot write PNG {tmp_path}")
 
     atomic_write(path, _write)
+
+
+def write_panoptic_png(path: PathLike, ids: np.ndarray) -> None:
+    """Write segment ids (integer, HxW) as an RGB panoptic PNG, atomically."""
+    write_png(path, id_to_rgb(ids))
 
 
 def write_json(path: PathLike, obj: Any) -> None:

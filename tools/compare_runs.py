@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Compare the evaluation results of two runs class by class (e.g. without and with GBW).
+
+Reads the ``sem_seg.json`` and (when both runs have it) ``panoptic_seg.json`` that the evaluators
+write under ``<run>/inference/<dataset>/``, prints a per-class table of PQ, IoU and recall of run A,
+run B and their difference (B - A), writes it as ``compare.{json,md,csv}``, and draws
+``recall_delta.png``: the per-class recall difference, classes sorted by their pixel frequency in
+the ground truth (most frequent left), the figure that shows whether rare classes gained.
+
+Example:
+    python tools/compare_runs.py output/dacs output/dacs_gbw --output-dir output/dacs_vs_gbw
+"""
+import argparse
+import math
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from gbw_panoptic.evaluation.panoptic_io import atomic_write  # noqa: E402
+from gbw_panoptic.evaluation.report import read_report, write_report  # noqa: E402
+
+REPORTS = (("sem_seg", ("IoU", "recall")), ("panoptic_seg", ("PQ",)))
+
+
+def find_report(run: Path, name: str, dataset: Optional[str]) -> Optional[Path]:
+    """``<name>.json`` under ``run`` (a run folder or an evaluation folder); None if absent.
+
+    Raises ValueError when several datasets have one and ``dataset`` does not choose.
+    """
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {run} does not exist")
+    candidates = sorted(path for path in run.rglob(f"{name}.json") if dataset is None or dataset in path.parts)
+    if len(candidates) > 1:
+        raise ValueError(
+            f"{run} has several {name}.json ({', '.join(str(c) for c in candidates)}); choose one with --dataset"
+        )
+    return candidates[0] if candidates else None
+
+
+def compare_rows(reports_a: Dict[str, Dict[str, Any]], reports_b: Dict[str, Dict[str, Any]]) -> List["OrderedDict[str, Any]"]:
+    """Per-class rows: name, ground-truth pixels, and each metric of A, B and B - A."""
+    rows: Dict[int, "OrderedDict[str, Any]"] = OrderedDict()
+    for name, metrics in REPORTS:
+        if name not in reports_a or name not in reports_b:
+            continue
+        classes_b = {row["class_id"]: row for row in reports_b[name]["per_class"]}
+        for row_a in reports_a[name]["per_class"]:
+            row_b = classes_b.get(row_a["class_id"])
+            if row_b is None:
+                raise ValueError(f"class {row_a['class_id']} ({row_a['name']}) is in run A's {name} report but not run B's")
+            row = rows.setdefault(row_a["class_id"], OrderedDict(class_id=row_a["class_id"], name=row_a["name"]))
+            if "gt_pixels" in row_a:
+                row["gt_pixels"] = row_a["gt_pixels"]
+            for metric in metrics:
+                row[f"{metric} A"] = row_a[metric]
+                row[f"{metric} B"] = row_b[metric]
+                row[f"{metric} B-A"] = row_b[metric] - row_a[metric]
+    return list(rows.values())
+
+
+def plot_recall_delta(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
+    """Bar chart of ``recall B-A`` per class, classes by decreasing ground-truth pixel count."""
+    ordered = sorted(rows, key=lambda row: -row["gt_pixels"])
+    deltas = [0.0 if math.isnan(row["recall B-A"]) else row["recall B-A"] for row in ordered]
+    figure, axis = plt.subplots(figsize=(max(6, 0.5 * len(ordered)), 4))
+    axis.bar(range(len(ordered)), deltas, color=["tab:green" if d >= 0 else "tab:red" for d in deltas])
+    axis.set_xticks(range(len(ordered)))
+    axis.set_xticklabels([row["name"] for row in ordered], rotation=60, ha="right")
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_ylabel("recall B - A (points)")
+    axis.set_xlabel("classes, most frequent (ground-truth pixels) first")
+    axis.set_title(title)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp_path: figure.savefig(tmp_path, format="png", dpi=100))
+    plt.close(figure)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_a", type=Path, help="run A (baseline): run folder or evaluation folder")
+    parser.add_argument("run_b", type=Path, help="run B (compared to A)")
+    parser.add_argument("--dataset", default=None, help="dataset name, when a run evaluated several")
+    parser.add_argument("--output-dir", type=Path, default=Path("compare_runs"), help="where to write compare.{json,md,csv} and recall_delta.png")
+    args = parser.parse_args(argv)
+
+    reports: List[Dict[str, Dict[str, Any]]] = []
+    for run in (args.run_a, args.run_b):
+        found = {}
+        for name, _metrics in REPORTS:
+            path = find_report(run, name, args.dataset)
+            if path is not None:
+                found[name] = read_report(str(path))
+        if "sem_seg" not in found:
+            print(f"error: no sem_seg.json under {run} (run an evaluation first: tools/train_net.py --eval-only)", file=sys.stderr)
+            return 1
+        reports.append(found)
+    rows = compare_rows(reports[0], reports[1])
+
+    summary: "OrderedDict[str, float]" = OrderedDict()
+    for name, _metrics in REPORTS:
+        if name in reports[0] and name in reports[1]:
+            for key, value_a in reports[0][name]["summary"].items():
+                if key in reports[1][name]["summary"]:
+                    summary[f"{key} A"] = value_a
+                    summary[f"{key} B"] = reports[1][name]["summary"][key]
+                    summary[f"{key} B-A"] = reports[1][name]["summary"][key] - value_a
+    columns = list(rows[0].keys())
+    title = f"{args.run_b} vs {args.run_a}"
+    print(tabulate([[row[c] for c in columns] for row in rows], headers=columns, floatfmt=".2f", tablefmt="github"))
+    for key in ("mIoU", "mPQ"):
+        if f"{key} B-A" in summary:
+            print(f"{key}: {summary[f'{key} A']:.2f} -> {summary[f'{key} B']:.2f} ({summary[f'{key} B-A']:+.2f})")
+    write_report(str(args.output_dir), "compare", f"Per-class comparison: {title}", summary, rows, columns,
+                 notes=[f"A = {args.run_a}", f"B = {args.run_b}", "B-A: difference in points"])
+    plot_recall_delta(rows, args.output_dir / "recall_delta.png", f"Recall per class: {args.run_b.name} - {args.run_a.name}")
+    print(f"wrote {args.output_dir}/compare.{{json,md,csv}} and recall_delta.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
