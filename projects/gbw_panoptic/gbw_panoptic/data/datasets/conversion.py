@@ -208,22 +208,27 @@ def instance_ids_from_labels(
     return result.astype(np.int32)
 
 
-def panoptic_from_instance_ids(
-    instance_ids: Union[np.ndarray, str],
-) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+def panoptic_from_instance_ids(instance_ids: Union[np.ndarray, str], panoptic_path: str) -> List[Dict[str, Any]]:
     """Run cityscapesScripts' ``convert2panoptic`` on one Cityscapes-style instance-id image.
+
+    The converter's COCO-panoptic PNG (id = R + 256 G + 256^2 B) is moved atomically to
+    ``panoptic_path``.
 
     Args:
         instance_ids: an ``*_gtFine_instanceIds.png`` file, or the HxW integer array of such a file
             (``labelId`` for stuff and crowd pixels, ``labelId * 1000 + k`` for instance k).
+        panoptic_path: where the panoptic PNG goes.
 
     Returns:
-        The HxWx3 uint8 COCO-panoptic PNG content (id = R + 256 G + 256^2 B) and its
-        ``segments_info`` (``category_id`` = Cityscapes label id; void classes left out).
+        The ``segments_info`` of the image (``category_id`` = Cityscapes label id; void classes
+        left out).
     """
     from cityscapesscripts.preparation.createPanopticImgs import convert2panoptic
 
-    with tempfile.TemporaryDirectory(prefix="gbw-panoptic-") as tmp:
+    output_dir = os.path.dirname(os.path.abspath(panoptic_path))
+    os.makedirs(output_dir, exist_ok=True)
+    # Inside the output folder, so that the final move is an atomic rename.
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=output_dir) as tmp:
         city_dir = os.path.join(tmp, "gtFine", "image", "image")
         os.makedirs(city_dir)
         instance_file = os.path.join(city_dir, "image_gtFine_instanceIds.png")
@@ -234,15 +239,13 @@ def panoptic_from_instance_ids(
                 raise ValueError(
                     f"instance ids must lie in [0, 65535], got {instance_ids.min()}..{instance_ids.max()}"
                 )
-            Image.fromarray(instance_ids.astype(np.uint16)).save(instance_file)
+            Image.fromarray(instance_ids.astype(np.uint16)).save(instance_file, compress_level=0)
         with contextlib.redirect_stdout(io.StringIO()):
             convert2panoptic(os.path.join(tmp, "gtFine"), tmp, useTrainId=False, setNames=["image"])
         with open(os.path.join(tmp, "cityscapes_panoptic_image.json")) as f:
             (annotation,) = json.load(f)["annotations"]
-        panoptic = np.asarray(
-            Image.open(os.path.join(tmp, "cityscapes_panoptic_image", annotation["file_name"]))
-        )
-    return panoptic, annotation["segments_info"]
+        os.replace(os.path.join(tmp, "cityscapes_panoptic_image", annotation["file_name"]), panoptic_path)
+    return annotation["segments_info"]
 
 
 def write_label_outputs(job: ConversionJob, label_ids: np.ndarray, instance_ids: np.ndarray) -> ImageRecord:
@@ -261,9 +264,8 @@ def write_label_outputs(job: ConversionJob, label_ids: np.ndarray, instance_ids:
     if label_ids.shape != image_size:
         raise ValueError(f"{job.inputs[1]}: label size {label_ids.shape} differs from image size {image_size}")
     train_ids = label_id_to_train_id_lut()[label_ids]
-    panoptic, segments_info = panoptic_from_instance_ids(instance_ids)
+    segments_info = panoptic_from_instance_ids(instance_ids, panoptic_path)
     save_png(train_id_path, train_ids)
-    save_png(panoptic_path, panoptic)
     return image_record(job, train_ids, segments_info)
 
 

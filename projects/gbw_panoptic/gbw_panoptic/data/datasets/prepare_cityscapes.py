@@ -21,7 +21,6 @@ from .conversion import (
     print_report,
     read_png_size,
     run_conversion,
-    save_png,
 )
 
 __all__ = ["cityscapes_paths", "prepare_cityscapes", "main"]
@@ -79,8 +78,7 @@ def _convert_cityscapes_image(job: ConversionJob) -> ImageRecord:
         train_ids = np.asarray(Image.open(tmp_path))
         if train_ids.shape != image_size:
             raise ValueError(f"{polygons_path}: imgHeight/imgWidth {train_ids.shape} differ from {image_size}")
-    panoptic, segments_info = panoptic_from_instance_ids(instance_path)
-    save_png(panoptic_path, panoptic)
+    segments_info = panoptic_from_instance_ids(instance_path, panoptic_path)
     return image_record(job, train_ids, segments_info)
 
 
