@@ -24,7 +24,7 @@ TARGET_DOMAIN = 1.0
 class EntropyDiscriminator(nn.Module):
     """AdvEnt's fully convolutional discriminator: five 4x4 stride-2 convolutions with leaky ReLU.
 
-    Input ``B x C x H x W`` entropy maps; output ``B x 1 x H/32 x W/32`` domain logits (target = 1).
+    Input ``B x C x H x W`` entropy maps (zero on padding); output ``B x 1 x H/32 x W/32`` domain logits (target = 1).
     """
 
     def __init__(self, num_classes: int, channels: int = 64):
@@ -98,16 +98,18 @@ class AdvEnt(UDAMethod):
 
         # Student: make the target entropy maps look like source ones (discriminator frozen).
         self.discriminator.requires_grad_(False)
-        target_entropy = entropy_map(runner.predict_dense(stack_images(target_batch, device))["sem_seg"])
+        target_images, target_valid = stack_images(target_batch, device)
+        target_entropy = entropy_map(runner.predict_dense(target_images)["sem_seg"]) * target_valid[:, None]
         loss_adv = self.loss_weight * _domain_loss(self.discriminator(target_entropy), SOURCE_DOMAIN)
         runner.backward(loss_adv)
         losses["loss_adv"] = loss_adv.detach()
 
         # Discriminator: source maps -> 0, target maps -> 1, on detached predictions.
         self.discriminator.requires_grad_(True)
+        source_images, source_valid = stack_images(source_batch, device)
         with torch.no_grad(), runner.autocast():
-            source_logits = runner.model.predict_dense(runner.normalize(stack_images(source_batch, device)))["sem_seg"]
-        source_entropy = entropy_map(source_logits)
+            source_logits = runner.model.predict_dense(runner.normalize(source_images))["sem_seg"]
+        source_entropy = entropy_map(source_logits) * source_valid[:, None]
         disc_source = _domain_loss(self.discriminator(source_entropy), SOURCE_DOMAIN) / 2
         disc_target = _domain_loss(self.discriminator(target_entropy.detach()), TARGET_DOMAIN) / 2
         runner.backward(disc_source + disc_target)

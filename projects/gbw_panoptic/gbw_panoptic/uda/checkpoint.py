@@ -71,10 +71,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
 
 def get_rng_state() -> Dict[str, Any]:
-    """The states of Python's, NumPy's, torch's CPU and (if present) CUDA generators of this process."""
+    """The states of Python's, NumPy's, torch's CPU and (if present) CUDA generators of this process,
+    as tensors and plain Python values (loadable by ``torch.load(weights_only=True)``)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -83,7 +85,8 @@ def get_rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore the generator states returned by :func:`get_rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -8,13 +8,21 @@
     python tools/train_net.py --config-file ... --num-gpus 2 MODEL.DEVICE cpu   # 2 processes, gloo
 """
 import argparse
+import os
 from typing import List, Optional
 
+import torch
+from tabulate import tabulate
+
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_argument_parser
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_gbw_panoptic_config
-from .checkpoint import AtomicCheckpointer
+from ..env import collect_env_info
+from .checkpoint import AtomicCheckpointer, atomic_write
 from .launch import default_backend, launch
 from .trainer import UDATrainer
 from .validate import check_uda_config
@@ -36,9 +44,26 @@ def load_config(args: argparse.Namespace) -> CfgNode:
 
 
 def setup(args: argparse.Namespace) -> CfgNode:
-    """:func:`load_config` plus Detectron2's ``default_setup`` (output dir, loggers, seeds, config dump)."""
+    """:func:`load_config`, then what Detectron2's ``default_setup`` does: output directory, loggers
+    (``OUTPUT_DIR/log.txt``), environment and config in the log, ``OUTPUT_DIR/config.yaml``, seeds
+    (``SEED + rank``; random when ``SEED < 0``). The environment report is the project's, which also
+    works with a Detectron2 built without its C++ extension."""
     cfg = load_config(args)
-    default_setup(cfg, args)
+    rank = comm.get_rank()
+    if comm.is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    for name in ("fvcore", "gbw_panoptic"):
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name[:3])
+    logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank)
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    logger.info("Environment info:\n" + tabulate(collect_env_info()))
+    logger.info(f"Command line arguments: {args}")
+    logger.info(f"Running with full config:\n{cfg.dump()}")
+    if comm.is_main_process():
+        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
     return cfg
 
 

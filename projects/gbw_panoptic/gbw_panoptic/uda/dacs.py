@@ -6,7 +6,7 @@ pixel weights and, with ``UDA.MIX_INSTANCES``, the instance targets of the paste
 and blur; the student trains on the mixed batch through the model's normal forward (GBW weights logged
 under ``gbw/mixed``).
 """
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -15,11 +15,12 @@ from detectron2.config import CfgNode, configurable
 
 from .augment import class_mix_masks, mix, strong_augment
 from .method import UDA_METHOD_REGISTRY, StepOutput, UDAMethod, stack_field
-from .runner import StudentRunner, stack_images
+from .runner import StudentRunner, common_size, stack_images
 from .teacher import EMATeacher
 
 __all__ = ["PseudoLabels", "pseudo_labels", "DACS"]
 
+# Instance targets pasted with their source pixels (UDA.MIX_INSTANCES).
 INSTANCE_FIELDS = ("center", "center_weights", "offset", "offset_weights")
 
 
@@ -32,7 +33,13 @@ class PseudoLabels(NamedTuple):
     max_probs: torch.Tensor  # float32 B x H x W
 
 
-def pseudo_labels(logits: torch.Tensor, threshold: float, ignore_top: int = 0, ignore_bottom: int = 0) -> PseudoLabels:
+def pseudo_labels(
+    logits: torch.Tensor,
+    threshold: float,
+    ignore_top: int = 0,
+    ignore_bottom: int = 0,
+    valid: Optional[torch.Tensor] = None,
+) -> PseudoLabels:
     """Hard pseudo-labels and their per-pixel weights from teacher logits.
 
     The weight of an image is the fraction of its pixels whose maximum probability is at least
@@ -41,11 +48,16 @@ def pseudo_labels(logits: torch.Tensor, threshold: float, ignore_top: int = 0, i
 
     Args:
         logits: ``B x C x H x W`` (softmax computed in float32).
+        valid: optional bool ``B x H x W``, False on padding: those pixels get weight 0 and do not
+            count in the confident fraction.
     """
     probs = torch.softmax(logits.float(), dim=1)
     max_probs, labels = probs.max(dim=1)
-    confidence = (max_probs >= threshold).float().mean(dim=(1, 2))
-    weights = confidence[:, None, None].expand_as(max_probs).clone()
+    if valid is None:
+        valid = torch.ones_like(labels, dtype=torch.bool)
+    confident = (max_probs >= threshold) & valid
+    confidence = confident.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp(min=1)
+    weights = confidence[:, None, None] * valid
     height = weights.shape[1]
     weights[:, : min(ignore_top, height)] = 0
     weights[:, max(height - ignore_bottom, 0) :] = 0
@@ -72,7 +84,6 @@ class DACS(UDAMethod):
         jitter_probability: float,
         blur: bool,
         mix_instances: bool,
-        ignore_value: int = 255,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -84,7 +95,6 @@ class DACS(UDAMethod):
         self.jitter_probability = jitter_probability
         self.blur = blur
         self.mix_instances = mix_instances
-        self.ignore_value = ignore_value
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model: nn.Module) -> dict:
@@ -98,7 +108,6 @@ class DACS(UDAMethod):
             jitter_probability=cfg.UDA.COLOR_JITTER_PROB,
             blur=cfg.UDA.BLUR,
             mix_instances=cfg.UDA.MIX_INSTANCES,
-            ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         )
         return ret
 
@@ -112,45 +121,43 @@ class DACS(UDAMethod):
     ) -> Tuple[List[dict], torch.Tensor]:
         """ClassMix of the source batch onto the target images, then strong augmentation.
 
+        Source crops smaller than the target batch's size are padded (void labels, zero weights).
+
         Args:
             target_images: float ``B x 3 x H x W``, 0-255.
             labels, weights: pseudo-labels and their weights, ``B x H x W``.
         Returns:
             the mixed training dicts (``image``, ``sem_seg``, ``sem_seg_weights``, ``height``, ``width``
-            and, with ``mix_instances``, the instance targets restricted to pasted pixels) and the bool
-            ClassMix masks ``B x H x W``.
+            and, with ``mix_instances``, the source instance targets with weights restricted to the
+            pasted pixels) and the bool ClassMix masks ``B x H x W``.
         """
-        device = target_images.device
-        source_images = stack_images(source_batch, device)
-        if source_images.shape != target_images.shape:
-            raise ValueError(
-                f"source crops {tuple(source_images.shape)} and target crops {tuple(target_images.shape)} "
-                "differ; ClassMix needs the same INPUT.CROP.SIZE for both domains"
-            )
-        source_labels = stack_field(source_batch, "sem_seg", device)
-        source_weights = stack_field(source_batch, "sem_seg_weights", device).float()
+        device, size = target_images.device, tuple(target_images.shape[-2:])
+        source_images, _ = stack_images(source_batch, device, size)
+        source_labels = stack_field(source_batch, "sem_seg", device, self.ignore_value, size)
+        source_weights = stack_field(source_batch, "sem_seg_weights", device, 0.0, size).float()
         masks = class_mix_masks(source_labels, self.ignore_value)
         images = strong_augment(
             mix(masks, source_images, target_images), self.jitter_strength, self.jitter_probability, self.blur
         )
         mixed_labels = mix(masks, source_labels, labels)
         mixed_weights = mix(masks, source_weights, weights)
-        mixed = []
-        for index, source in enumerate(source_batch):
-            record = {
-                "image": images[index],
-                "sem_seg": mixed_labels[index],
-                "sem_seg_weights": mixed_weights[index],
-                "height": source["height"],
-                "width": source["width"],
-            }
-            if self.mix_instances and all(field in source for field in INSTANCE_FIELDS):
-                pasted = masks[index].float()
-                record["center"] = source["center"].to(device)
-                record["offset"] = source["offset"].to(device)
-                record["center_weights"] = source["center_weights"].to(device) * pasted
-                record["offset_weights"] = source["offset_weights"].to(device) * pasted
-            mixed.append(record)
+        mixed = [
+            {"image": image, "sem_seg": label, "sem_seg_weights": weight, "height": size[0], "width": size[1]}
+            for image, label, weight in zip(images, mixed_labels, mixed_weights)
+        ]
+        if self.mix_instances and all(field in x for x in source_batch for field in INSTANCE_FIELDS):
+            pasted = masks.float()
+            center = stack_field(source_batch, "center", device, 0.0, size)
+            offset = stack_field(source_batch, "offset", device, 0.0, size)
+            center_weights = stack_field(source_batch, "center_weights", device, 0.0, size) * pasted
+            offset_weights = stack_field(source_batch, "offset_weights", device, 0.0, size) * pasted
+            for index, record in enumerate(mixed):
+                record.update(
+                    center=center[index],
+                    offset=offset[index],
+                    center_weights=center_weights[index],
+                    offset_weights=offset_weights[index],
+                )
         return mixed, masks
 
     def run_step(
@@ -158,10 +165,13 @@ class DACS(UDAMethod):
     ) -> StepOutput:
         losses = self.source_step(runner, source_batch)
         device = runner.model.device
-        target_images = stack_images(target_batch, device)
+        size = common_size(source_batch + target_batch)
+        target_images, target_valid = stack_images(target_batch, device, size)
         with torch.no_grad(), runner.autocast():
             teacher_logits = self.teacher.model.predict_dense(runner.normalize(target_images))["sem_seg"]
-        pseudo = pseudo_labels(teacher_logits, self.pseudo_threshold, self.ignore_top, self.ignore_bottom)
+        pseudo = pseudo_labels(
+            teacher_logits, self.pseudo_threshold, self.ignore_top, self.ignore_bottom, valid=target_valid
+        )
         mixed, masks = self.mixed_batch(source_batch, target_images, pseudo.labels, pseudo.weights)
         mixed_losses = runner.losses(mixed, gbw_log_prefix="gbw/mixed")
         runner.backward(sum(mixed_losses.values()))

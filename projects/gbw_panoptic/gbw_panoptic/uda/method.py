@@ -16,7 +16,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.registry import Registry
 
 from .feature_distance import FeatureDistance
-from .runner import StudentRunner
+from .runner import StudentRunner, stack_padded
 
 __all__ = [
     "UDA_METHOD_REGISTRY",
@@ -38,12 +38,19 @@ A method is built as ``cls(cfg, model)`` (``@configurable``).
 StepOutput = Tuple[Dict[str, torch.Tensor], Dict[str, float]]
 
 
-def stack_field(batched_inputs: List[dict], field: str, device: torch.device) -> torch.Tensor:
-    """``torch.stack`` of one field of every dict of a batch, on ``device``; a clear error if missing."""
+def stack_field(
+    batched_inputs: List[dict],
+    field: str,
+    device: torch.device,
+    pad_value: float = 0.0,
+    size: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """One field of every dict of a batch stacked on ``device`` (:func:`stack_padded` with ``pad_value``
+    to ``size``); a clear error if a dict lacks it."""
     missing = [x.get("file_name", index) for index, x in enumerate(batched_inputs) if field not in x]
     if missing:
         raise KeyError(f"training dicts {missing} have no {field!r}; the source mapper must provide it")
-    return torch.stack([x[field] for x in batched_inputs]).to(device)
+    return stack_padded([x[field].to(device) for x in batched_inputs], pad_value, size)
 
 
 def build_feature_distance(cfg: CfgNode, model: nn.Module) -> Optional[FeatureDistance]:
@@ -82,13 +89,17 @@ class UDAMethod(nn.Module):
     uses_target = True
 
     @configurable
-    def __init__(self, *, feature_distance: Optional[FeatureDistance] = None):
+    def __init__(self, *, feature_distance: Optional[FeatureDistance] = None, ignore_value: int = 255):
         super().__init__()
         self.feature_distance = feature_distance
+        self.ignore_value = ignore_value
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model: nn.Module) -> dict:
-        return {"feature_distance": build_feature_distance(cfg, model)}
+        return {
+            "feature_distance": build_feature_distance(cfg, model),
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        }
 
     def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
         """Optimizers of the method's own networks, stepped by the trainer after the student's."""
@@ -109,7 +120,7 @@ class UDAMethod(nn.Module):
             losses, features, images = runner.losses_and_features(
                 source_batch, gbw_log_prefix="gbw/source", feature_name=self.feature_distance.feature_name
             )
-            labels = stack_field(source_batch, "sem_seg", images.device)
+            labels = stack_field(source_batch, "sem_seg", images.device, pad_value=self.ignore_value)
             losses["loss_fd"] = self.feature_distance(features, images, labels)
         runner.backward(sum(losses.values()))
         return {name: value.detach() for name, value in losses.items()}

@@ -1,6 +1,6 @@
 """MinEnt (Vu et al., CVPR 2019): entropy minimisation of the student's predictions on target images."""
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,15 @@ def entropy_map(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs) / math.log(logits.shape[1])
 
 
-def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Mean normalised pixel entropy of ``logits`` (``B x C x H x W``), a scalar in [0, 1]."""
-    return entropy_map(logits).sum(dim=1).mean()
+def entropy_loss(logits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean normalised pixel entropy of ``logits`` (``B x C x H x W``), a scalar in [0, 1].
+
+    ``valid`` (bool ``B x H x W``, False on padding) restricts the mean to real pixels.
+    """
+    entropy = entropy_map(logits).sum(dim=1)
+    if valid is None:
+        return entropy.mean()
+    return (entropy * valid).sum() / valid.sum().clamp(min=1)
 
 
 @UDA_METHOD_REGISTRY.register()
@@ -51,8 +57,8 @@ class MinEnt(UDAMethod):
         self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
     ) -> StepOutput:
         losses = self.source_step(runner, source_batch)
-        target_logits = runner.predict_dense(stack_images(target_batch, runner.model.device))["sem_seg"]
-        target_entropy = entropy_loss(target_logits)
+        target_images, target_valid = stack_images(target_batch, runner.model.device)
+        target_entropy = entropy_loss(runner.predict_dense(target_images)["sem_seg"], target_valid)
         loss_entropy = self.loss_weight * target_entropy
         runner.backward(loss_entropy)
         losses["loss_entropy"] = loss_entropy.detach()

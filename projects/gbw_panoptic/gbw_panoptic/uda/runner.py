@@ -9,12 +9,13 @@ import contextlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.utils import comm
 
-__all__ = ["StudentForward", "StudentRunner", "stack_images"]
+__all__ = ["StudentForward", "StudentRunner", "common_size", "stack_images", "stack_padded"]
 
 
 class StudentForward(nn.Module):
@@ -49,15 +50,32 @@ class StudentForward(nn.Module):
         raise ValueError(f"unknown student task {task!r}; expected 'losses', 'losses_and_features' or 'dense'")
 
 
-def stack_images(batched_inputs: List[dict], device: torch.device) -> torch.Tensor:
-    """The ``"image"`` tensors (3 x H x W, 0-255) of a batch as one float ``B x 3 x H x W`` on ``device``.
+def stack_padded(tensors: List[torch.Tensor], value: float = 0.0, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Stack ``... x H_i x W_i`` tensors into ``B x ... x H x W``, padding bottom/right with ``value``.
 
-    All images must have the same size (the training crop); the error names the sizes found otherwise.
+    ``size`` defaults to the largest height and width of the list. Training crops can be smaller than
+    ``INPUT.CROP.SIZE`` when the resized image is, so UDA batches pad them to a common size.
     """
-    sizes = {tuple(x["image"].shape) for x in batched_inputs}
-    if len(sizes) != 1:
-        raise ValueError(f"UDA batches need images of one size (the training crop), got sizes {sorted(sizes)}")
-    return torch.stack([x["image"] for x in batched_inputs]).to(device=device, dtype=torch.float32)
+    size = size or (max(t.shape[-2] for t in tensors), max(t.shape[-1] for t in tensors))
+    return torch.stack([F.pad(t, (0, size[1] - t.shape[-1], 0, size[0] - t.shape[-2]), value=value) for t in tensors])
+
+
+def common_size(batched_inputs: List[dict]) -> Tuple[int, int]:
+    """The largest image height and width of a batch (the size UDA batches are padded to)."""
+    return (
+        max(x["image"].shape[-2] for x in batched_inputs),
+        max(x["image"].shape[-1] for x in batched_inputs),
+    )
+
+
+def stack_images(
+    batched_inputs: List[dict], device: torch.device, size: Optional[Tuple[int, int]] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``"image"`` tensors (3 x H_i x W_i, 0-255) of a batch as one float ``B x 3 x H x W`` on ``device``
+    (zero-padded to ``size``, by default the largest image) and the bool ``B x H x W`` mask of real pixels."""
+    images = [x["image"].to(device=device, dtype=torch.float32) for x in batched_inputs]
+    valid = [torch.ones(image.shape[-2:], dtype=torch.bool, device=device) for image in images]
+    return stack_padded(images, 0.0, size), stack_padded(valid, False, size)
 
 
 class StudentRunner:

@@ -1,0 +1,191 @@
+"""UDA training end to end on the synthetic benchmark: each method trains a few iterations through
+``tools/train_net.py``'s code path, DACS internals on real batches, kill-and-resume equality, and a
+2-process gloo run on the CPU."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from detectron2.engine import HookBase, default_argument_parser
+
+from gbw_panoptic.uda import UDATrainer, ema_alpha
+from gbw_panoptic.uda.cli import main, run, setup
+
+# Tiny settings: MiT-B0 with 32-channel decoders on 64x64 crops.
+TINY = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.SEM_SEG_HEAD.EMBED_DIM", "32",
+    "MODEL.INS_EMBED_HEAD.EMBED_DIM", "32",
+    "INPUT.CROP.SIZE", "[64, 64]",
+    "SOLVER.WARMUP_ITERS", "2",
+    "TEST.EVAL_PERIOD", "0",
+    "UDA.LOG_PERIOD", "1",
+    "SEED", "7",
+]  # fmt: skip
+
+
+def _args(repo_root, output_dir, config="dacs_gbw.yaml", extra=(), flags=()):
+    argv = [*flags, "--config-file", str(repo_root / "configs" / "synthetic" / config)]
+    argv += TINY + ["OUTPUT_DIR", str(output_dir), *extra]
+    return default_argument_parser().parse_args(argv)
+
+
+def _metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+class _KillBeforeIteration(HookBase):
+    """Stops training abruptly before ``iteration`` runs (as a killed process would)."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            raise _Killed(f"killed before iteration {self.iteration}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, method_losses",
+    [
+        ("mit_b0_source_only_gbw.yaml", []),
+        ("dacs_gbw.yaml", ["loss_mix_sem_seg", "loss_mix_center", "loss_mix_offset"]),
+        ("dacs.yaml", ["loss_mix_sem_seg"]),
+        ("advent_gbw.yaml", ["loss_adv"]),
+        ("minent_gbw.yaml", ["loss_entropy"]),
+    ],
+)
+def test_each_method_trains_and_logs(synthetic_datasets, repo_root, tmp_path, config, method_losses):
+    args = _args(repo_root, tmp_path, config, extra=["SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()"])
+    main(args)
+    records = [r for r in _metrics(tmp_path) if "total_loss" in r]
+    assert [r["iteration"] for r in records] == [0, 1]
+    for record in records:
+        for name in ["loss_sem_seg", "loss_center", "loss_offset", *method_losses]:
+            assert math.isfinite(record[name]), (name, record)
+    last = records[-1]
+    gbw_on = config != "dacs.yaml"
+    logged_weights = [k for k in last if k.startswith("gbw/source/sem_seg/")]
+    assert bool(logged_weights) == gbw_on
+    if config.startswith("dacs"):
+        assert 0.0 <= last["dacs/pseudo_confidence"] <= 1.0
+        assert 0.0 < last["dacs/mixed_fraction"] < 1.0
+        if gbw_on:
+            mixed = [last[k] for k in last if k.startswith("gbw/mixed/sem_seg/")]
+            assert len(mixed) == 19 and sum(mixed) == pytest.approx(19, rel=1e-4)
+    if config.startswith("advent"):
+        assert math.isfinite(last["advent/disc_loss_source"]) and math.isfinite(last["advent/disc_loss_target"])
+    assert (tmp_path / "model_final.pth").is_file()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+
+
+@pytest.mark.slow
+def test_dacs_teacher_classmix_and_eval_only(synthetic_datasets, repo_root, tmp_path):
+    cfg = setup(_args(repo_root, tmp_path, extra=["SOLVER.MAX_ITER", "2", "UDA.COLOR_JITTER_PROB", "0.0", "UDA.BLUR", "False"]))
+    trainer = UDATrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    student, teacher = trainer.model, trainer.method.teacher.model
+    student_state, teacher_state = student.state_dict(), teacher.state_dict()
+    assert any(not torch.equal(v, teacher_state[k]) for k, v in student_state.items() if v.dtype.is_floating_point)
+    # The teacher follows teacher = a * teacher + (1 - a) * student with the ramped coefficient.
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    trainer.method.before_step(student, 2)
+    alpha = ema_alpha(2, cfg.UDA.EMA_ALPHA)
+    for key, value in teacher.state_dict().items():
+        if value.dtype.is_floating_point:
+            torch.testing.assert_close(value, alpha * before_teacher[key] + (1 - alpha) * student.state_dict()[key])
+
+    # ClassMix on a real batch (no colour augmentation): image and labels come from the same side.
+    source_batch, target_batch = next(iter(trainer.data_loader))
+    target_images = torch.stack([x["image"] for x in target_batch]).float()
+    pseudo = torch.randint(0, 19, target_images[:, 0].shape)
+    weights = torch.rand(pseudo.shape)
+    mixed, masks = trainer.method.mixed_batch(source_batch, target_images, pseudo, weights)
+    for index, record in enumerate(mixed):
+        mask = masks[index]
+        source = source_batch[index]
+        assert torch.equal(record["image"][:, mask], source["image"].float()[:, mask])
+        assert torch.equal(record["image"][:, ~mask], target_images[index][:, ~mask])
+        assert torch.equal(record["sem_seg"][mask], source["sem_seg"][mask])
+        assert torch.equal(record["sem_seg"][~mask], pseudo[index][~mask])
+        assert torch.equal(record["sem_seg_weights"][~mask], weights[index][~mask])
+        assert torch.equal(record["center_weights"][~mask], torch.zeros_like(weights[index][~mask]))
+        assert (source["sem_seg"][mask] != 255).all()
+
+    # --eval-only on the trained checkpoint: semantic and panoptic metrics on the target val set.
+    results = main(
+        _args(repo_root, tmp_path, flags=["--eval-only"], extra=["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")])
+    )
+    metrics = results["synthetic_target_panoptic_val"]
+    assert "mIoU" in metrics["sem_seg"] and "PQ" in metrics["panoptic_seg"]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted(synthetic_datasets, repo_root, tmp_path):
+    def train(output_dir, resume, kill_before=None):
+        cfg = setup(_args(repo_root, output_dir, extra=["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3"]))
+        trainer = UDATrainer(cfg)
+        if kill_before is not None:
+            trainer.register_hooks([_KillBeforeIteration(kill_before)])
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+        return trainer
+
+    straight = train(tmp_path / "straight", resume=False)
+    with pytest.raises(_Killed):
+        train(tmp_path / "resumed", resume=False, kill_before=4)
+    assert (tmp_path / "resumed" / "last_checkpoint").read_text() == "model_0000002.pth"
+    resumed = train(tmp_path / "resumed", resume=True)
+    assert resumed.start_iter == 3
+
+    for name, modules in (("student", (straight.model, resumed.model)), ("method", (straight.method, resumed.method))):
+        expected, actual = (m.state_dict() for m in modules)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_on_cpu(synthetic_datasets, repo_root, tmp_path):
+    command = [
+        sys.executable, str(repo_root / "tools" / "train_net.py"), "--num-gpus", "2", "--dist-url", "auto",
+        "--config-file", str(repo_root / "configs" / "synthetic" / "dacs_gbw.yaml"),
+        *TINY, "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()",
+    ]  # fmt: skip
+    env = dict(os.environ, DETECTRON2_DATASETS=str(synthetic_datasets), OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert "World size: 2" in log
+    records = [r for r in _metrics(tmp_path) if "total_loss" in r]
+    assert [r["iteration"] for r in records] == [0, 1] and all(math.isfinite(r["total_loss"]) for r in records)
+    assert (tmp_path / "model_final.pth").is_file()
+    checkpoint = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert len(checkpoint["trainer"]["rng_states"]) == 2  # one RNG state per process
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["UDA.METHOD", "selftraining"], "UDA.METHOD='selftraining' is unknown"),
+        (["UDA.PSEUDO_THRESHOLD", "1.5"], "UDA.PSEUDO_THRESHOLD=1.5 must lie strictly between 0 and 1"),
+        (["DATASETS.TARGET_TRAIN", "()"], "DATASETS.TARGET_TRAIN is empty"),
+    ],
+)
+def test_train_net_rejects_bad_configs_before_training(repo_root, tmp_path, overrides, message):
+    argv = ["--config-file", str(repo_root / "configs" / "synthetic" / "dacs_gbw.yaml"), "OUTPUT_DIR", str(tmp_path)]
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run(argv + overrides)
+    assert not (tmp_path / "metrics.json").exists()
