@@ -38,7 +38,13 @@ REGRESSION_NORMALIZERS = ("weight_sum", "mean")
 
 
 class _ClassWeighting(nn.Module):
-    """Shared state of the GBW losses: QP settings, active classes, EMA and ``last_weights``."""
+    """Shared state of the GBW losses: QP settings, active classes, EMA and ``last_weights``.
+
+    Attributes:
+        last_weights: float32 [C] class weights of the last call (detached); None when disabled.
+        fixed_active: bool [C] buffer, the classes that ``active_classes`` admits (all classes for
+            ``"all"`` and ``"present"``; the listed ones for a sequence of ids).
+    """
 
     def __init__(
         self,
