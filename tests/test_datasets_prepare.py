@@ -151,10 +151,10 @@ def test_corrupt_synthia_label_is_reported_rest_converted(tmp_path, capsys):
         assert [a["image_id"] for a in json.load(f)["annotations"]] == ["0000000", "0000001"]
     assert not _temporary_files(folders["source"])
 
-    # Repairing the inputs and re-running converts exactly the two failed images.
-    synthetic.generate_synthetic(
-        str(tmp_path / "synthetic"), seed=3, num_source=4, num_target_train=0, num_target_val=0, height=64, width=128
-    )
+    # Repairing the inputs (the generator rewrites missing files) and re-running converts exactly
+    # the two failed images.
+    os.remove(corrupt)
+    _small_benchmark(tmp_path)
     report = prepare_synthia.prepare_synthia(folders["source"])
     assert (report.converted, report.skipped, report.failures) == (2, 2, [])
 

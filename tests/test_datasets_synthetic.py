@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from cityscapesscripts.helpers.annotation import Annotation
 from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
@@ -29,13 +30,28 @@ def test_generation_is_deterministic_and_independent_of_workers(tmp_path):
     generate_synthetic(str(tmp_path / "b"), seed=5, workers=2, **SMALL)
     generate_synthetic(str(tmp_path / "c"), seed=6, workers=1, **SMALL)
     files = _files(str(tmp_path / "a"))
-    # source: RGB image + label PNG; target: image, polygons JSON, labelIds and instanceIds PNGs.
-    assert len(files) == 2 * 2 + 2 * 4
+    # source: RGB image + label PNG; target: image, polygons JSON, labelIds and instanceIds PNGs;
+    # plus generation.json.
+    assert len(files) == 2 * 2 + 2 * 4 + 1
     assert files == _files(str(tmp_path / "b"))
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)
     assert mismatch == [] and errors == []
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "c", files, shallow=False)
     assert len(mismatch) == len(files)
+
+
+def test_regeneration_writes_only_missing_images_and_refuses_other_settings(tmp_path):
+    out = str(tmp_path / "synthetic")
+    generate_synthetic(out, seed=5, **SMALL)
+    image = tmp_path / "synthetic" / "source" / "RGB" / "0000001.png"
+    content = image.read_bytes()
+    image.unlink()
+    untouched = tmp_path / "synthetic" / "source" / "RGB" / "0000000.png"
+    mtime = untouched.stat().st_mtime_ns
+    generate_synthetic(out, seed=5, **SMALL)
+    assert image.read_bytes() == content and untouched.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="generated with"):
+        generate_synthetic(out, seed=6, **SMALL)
 
 
 def test_target_polygons_rasterise_to_the_label_images(synthetic_datasets):

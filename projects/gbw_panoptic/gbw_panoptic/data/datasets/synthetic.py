@@ -37,7 +37,14 @@ from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from tqdm import tqdm
 
 from .builtin_meta import SYNTHIA_TO_LABEL_ID
-from .conversion import ConversionReport, atomic_output, conversion_parser, exit_code_on_missing_input, save_png
+from .conversion import (
+    ConversionReport,
+    atomic_output,
+    conversion_parser,
+    exit_code_on_missing_input,
+    save_json,
+    save_png,
+)
 from .prepare_cityscapes import prepare_cityscapes
 from .prepare_synthia import prepare_synthia
 
@@ -327,9 +334,25 @@ def render_image(
 _LABEL_ID_TO_SYNTHIA = {label_id: synthia_id for synthia_id, label_id in SYNTHIA_TO_LABEL_ID.items()}
 
 
-def _write_source_image(out_dir: str, index: int, seed: int, height: int, width: int) -> None:
-    """SYNTHIA layout: ``RGB/<id>.png`` and 16-bit ``GT/LABELS/<id>.png`` (class, instance channels)."""
-    rng = np.random.default_rng([seed, 0, 0, index])
+def _output_files(domain: str, out_dir: str, split: str, index: int) -> List[str]:
+    """Files written for one image: source (RGB, labels), target (image, polygons, labelIds, instanceIds)."""
+    if domain == "source":
+        name = f"{index:07d}.png"
+        return [os.path.join(out_dir, "RGB", name), os.path.join(out_dir, "GT", "LABELS", name)]
+    cities = TARGET_TRAIN_CITIES if split == "train" else TARGET_VAL_CITIES
+    city = cities[index % len(cities)]
+    prefix = f"{city}_{index:06d}_000019"
+    gt_prefix = os.path.join(out_dir, "gtFine", split, city, f"{prefix}_gtFine")
+    return [
+        os.path.join(out_dir, "leftImg8bit", split, city, f"{prefix}_leftImg8bit.png"),
+        f"{gt_prefix}_polygons.json",
+        f"{gt_prefix}_labelIds.png",
+        f"{gt_prefix}_instanceIds.png",
+    ]
+
+
+def _write_source_image(files: List[str], rng: np.random.Generator, height: int, width: int) -> None:
+    """SYNTHIA layout: RGB image and 16-bit label PNG with RGB channels (class, instance, 0)."""
     _, label_ids, instance_ids = rasterise(generate_scene(rng, SOURCE_STYLE, height, width), height, width)
     image = render_image(rng, SOURCE_STYLE, label_ids, instance_ids)
     lut = np.zeros(256, dtype=np.uint16)
@@ -338,37 +361,34 @@ def _write_source_image(out_dir: str, index: int, seed: int, height: int, width:
     instance = np.where(instance_ids >= 1000, instance_ids % 1000 + 1, 0).astype(np.uint16)
     # cv2 writes BGR: the RGB channels (class, instance, 0) are stored as (0, instance, class).
     labels_bgr = np.stack([np.zeros_like(instance), instance, lut[label_ids]], axis=-1)
-    name = f"{index:07d}.png"
-    save_png(os.path.join(out_dir, "RGB", name), image)
-    with atomic_output(os.path.join(out_dir, "GT", "LABELS", name)) as tmp_path:
+    image_file, label_file = files
+    save_png(image_file, image)
+    with atomic_output(label_file) as tmp_path:
         if not cv2.imwrite(tmp_path, labels_bgr):
             raise OSError(f"could not write {tmp_path}")
 
 
-def _write_target_image(out_dir: str, split: str, index: int, seed: int, height: int, width: int) -> None:
+def _write_target_image(files: List[str], rng: np.random.Generator, height: int, width: int) -> None:
     """Cityscapes layout: ``leftImg8bit`` image and ``gtFine`` polygons JSON, labelIds, instanceIds."""
-    split_code = {"train": 1, "val": 2}[split]
-    rng = np.random.default_rng([seed, 1, split_code, index])
     polygons_json, label_ids, instance_ids = rasterise(generate_scene(rng, TARGET_STYLE, height, width), height, width)
     image = render_image(rng, TARGET_STYLE, label_ids, instance_ids)
-    cities = TARGET_TRAIN_CITIES if split == "train" else TARGET_VAL_CITIES
-    city = cities[index % len(cities)]
-    prefix = f"{city}_{index:06d}_000019"
-    save_png(os.path.join(out_dir, "leftImg8bit", split, city, f"{prefix}_leftImg8bit.png"), image)
-    gt_dir = os.path.join(out_dir, "gtFine", split, city)
-    with atomic_output(os.path.join(gt_dir, f"{prefix}_gtFine_polygons.json")) as tmp_path:
+    image_file, polygons_file, label_file, instance_file = files
+    save_png(image_file, image)
+    with atomic_output(polygons_file) as tmp_path:
         with open(tmp_path, "w") as f:
             json.dump(polygons_json, f)
-    save_png(os.path.join(gt_dir, f"{prefix}_gtFine_labelIds.png"), label_ids)
-    save_png(os.path.join(gt_dir, f"{prefix}_gtFine_instanceIds.png"), instance_ids.astype(np.uint16))
+    save_png(label_file, label_ids)
+    save_png(instance_file, instance_ids.astype(np.uint16))
+
+
+_DOMAIN_CODES = {("source", "train"): (0, 0), ("target", "train"): (1, 1), ("target", "val"): (1, 2)}
 
 
 def _write_image(task: Tuple[str, str, str, int, int, int, int]) -> None:
     domain, out_dir, split, index, seed, height, width = task
-    if domain == "source":
-        _write_source_image(out_dir, index, seed, height, width)
-    else:
-        _write_target_image(out_dir, split, index, seed, height, width)
+    rng = np.random.default_rng([seed, *_DOMAIN_CODES[domain, split], index])
+    writer = _write_source_image if domain == "source" else _write_target_image
+    writer(_output_files(domain, out_dir, split, index), rng, height, width)
 
 
 def generate_synthetic(
@@ -384,16 +404,38 @@ def generate_synthetic(
     """Generate the raw benchmark under ``out_dir``.
 
     Writes ``out_dir/source`` (SYNTHIA-RAND-CITYSCAPES layout) and ``out_dir/target`` (Cityscapes
-    layout, train and val). Deterministic in ``seed`` whatever ``workers``.
+    layout, train and val), and the settings in ``out_dir/generation.json``. Deterministic in ``seed``
+    whatever ``workers``. Re-running with the same settings only writes missing images; a folder
+    generated with other settings is refused (the converters would mix both).
 
     Returns:
         ``{"source": path, "target": path}``.
     """
+    settings = {
+        "seed": seed,
+        "num_source": num_source,
+        "num_target_train": num_target_train,
+        "num_target_val": num_target_val,
+        "height": height,
+        "width": width,
+    }
+    settings_file = os.path.join(out_dir, "generation.json")
+    if os.path.exists(settings_file):
+        with open(settings_file) as f:
+            previous = json.load(f)
+        if previous != settings:
+            raise ValueError(
+                f"{out_dir} holds a benchmark generated with {previous}, not {settings}; "
+                "delete it or choose another folder"
+            )
+    save_json(settings_file, settings)
+
     source_dir, target_dir = os.path.join(out_dir, "source"), os.path.join(out_dir, "target")
     tasks = [("source", source_dir, "train", i, seed, height, width) for i in range(num_source)]
     tasks += [("target", target_dir, "train", i, seed, height, width) for i in range(num_target_train)]
     tasks += [("target", target_dir, "val", i, seed, height, width) for i in range(num_target_val)]
-    progress = dict(total=len(tasks), desc="generating synthetic scenes")
+    tasks = [task for task in tasks if not all(map(os.path.isfile, _output_files(*task[:4])))]
+    progress = dict(total=len(tasks), desc="generating synthetic scenes", disable=not tasks)
     if workers <= 1:
         for task in tqdm(tasks, **progress):
             _write_image(task)
