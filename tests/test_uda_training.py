@@ -133,6 +133,20 @@ def test_dacs_teacher_classmix_and_eval_only(synthetic_datasets, repo_root, tmp_
 
 
 @pytest.mark.slow
+def test_feature_distance_against_initial_weights(synthetic_datasets, repo_root, tmp_path):
+    # "Pretrained" weights saved by the test; FD compares the stride-4 features on thing-class cells.
+    cfg = setup(_args(repo_root, tmp_path))
+    weights = tmp_path / "initial.pth"
+    torch.save({"model": UDATrainer.build_model(cfg).state_dict()}, weights)
+    extra = ["SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "MODEL.WEIGHTS", str(weights), "UDA.FD.FEATURE", "res2"]
+    main(_args(repo_root, tmp_path / "run", config="mit_b0_source_only_gbw.yaml", extra=extra))
+    records = [r for r in _metrics(tmp_path / "run") if "total_loss" in r]
+    # Iteration 0: the student is the initial encoder (distance 0); then it moves away.
+    assert records[0]["loss_fd"] == 0.0
+    assert records[1]["loss_fd"] > 0.0 and math.isfinite(records[1]["loss_fd"])
+
+
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(synthetic_datasets, repo_root, tmp_path):
     def train(output_dir, resume, kill_before=None):
         cfg = setup(_args(repo_root, output_dir, extra=["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3"]))
