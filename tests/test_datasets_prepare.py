@@ -173,6 +173,7 @@ def test_corrupt_cityscapes_inputs_are_reported_rest_converted(tmp_path, capsys)
     output = capsys.readouterr().out
     assert "1 converted" in output and "2 failed" in output
     assert polygons[0] in output and instance_file in output
+    assert "Label 'no such class' not known" in output
     with open(paths["panoptic_json"]) as f:
         assert len(json.load(f)["annotations"]) == 1
     assert not _temporary_files(folders["target"])

@@ -26,7 +26,6 @@ import functools
 import glob
 import io
 import json
-import logging
 import multiprocessing
 import os
 import sys
@@ -65,8 +64,6 @@ __all__ = [
     "conversion_parser",
     "exit_code_on_missing_input",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -367,9 +364,15 @@ def _init_worker(convert: Callable[[ConversionJob], ImageRecord]) -> None:
 
 def _convert_one(job: ConversionJob) -> Tuple[ConversionJob, Optional[ImageRecord], str]:
     assert _CONVERT_FN is not None
+    printed = io.StringIO()
     try:
-        return job, _CONVERT_FN(job), ""
-    except (Exception, SystemExit) as e:  # cityscapesScripts calls sys.exit on bad labels
+        with contextlib.redirect_stdout(printed):
+            return job, _CONVERT_FN(job), ""
+    except SystemExit:
+        # cityscapesScripts prints "ERROR: <reason>" (e.g. an unknown label) and calls sys.exit.
+        errors = [line for line in printed.getvalue().splitlines() if line.startswith("ERROR")]
+        return job, None, "; ".join(errors) or "the cityscapesScripts converter exited"
+    except Exception as e:
         return job, None, f"{type(e).__name__}: {e}"
 
 
