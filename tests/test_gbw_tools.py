@@ -1,0 +1,55 @@
+"""Command-line tools of the GBW core: tools/bench_gbw.py and tools/plot_gbw_lambda.py run end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / script), *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_bench_gbw_writes_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    stdout = _run("bench_gbw.py", "--shapes", "2x19x32x48", "--repeats", "2", "--warmup", "0", "--out", str(out))
+    assert "ratio reference / gbw weights" in stdout
+    report = json.loads(out.read_text())
+    (result,) = report["results"]
+    assert result["shape"] == [2, 19, 32, 48] and result["repeats"] == 2
+    assert set(result["timings"]) == {
+        "reference weights", "gbw weights", "plain CE fwd+bwd", "GBW CE fwd+bwd", "reference GBW CE fwd+bwd"
+    }
+    assert all(t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in result["timings"].values())
+    assert result["max_weight_difference_reference_vs_gbw"] < 1e-3  # cvxopt at the authors' tolerances
+    assert result["ratios"]["gbw_ce_over_plain_ce"] > 0
+
+
+def test_bench_gbw_rejects_bad_shape(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "bench_gbw.py"), "--shapes", "2x19x32", "--out", str(tmp_path / "b.json")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "expected a shape BxCxHxW" in result.stderr
+
+
+@pytest.mark.slow
+def test_plot_gbw_lambda_writes_png_and_scale_invariant_summary(tmp_path: Path) -> None:
+    out = tmp_path / "weights.png"
+    _run("plot_gbw_lambda.py", "--size", "64", "64", "--sizes", "32", "64", "--out", str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(out.with_suffix(".json").read_text())["sizes"]
+    small, large = summary["32x32"], summary["64x64"]
+    # Upsampling the scene x2 quadruples N_c: g^2 shrinks ~4x, the relative weights do not move.
+    for g_small, g_large in zip(small["sq_norms"], large["sq_norms"]):
+        assert g_large == pytest.approx(g_small / 4, rel=0.1)
+    assert large["weights_relative_lambda_1"] == pytest.approx(small["weights_relative_lambda_1"], abs=0.05)
