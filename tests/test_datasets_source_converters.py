@@ -112,18 +112,24 @@ def test_gta5_connected_components():
     assert np.all(instances[_gta5_scene() == 7] == 0)  # stuff has no instances
 
 
+def _thing_segments(record):
+    """Sorted (category_id, iscrowd, area) of the thing segments of an image record."""
+    segments = record.annotation["segments_info"]
+    return sorted((s["category_id"], s["iscrowd"], s["area"]) for s in segments if s["category_id"] >= 24)
+
+
 def test_gta5_panoptic_with_and_without_instances(tmp_path):
     _write_gta5(tmp_path, _gta5_scene())
     report = prepare_gta5.prepare_gta5(str(tmp_path), min_instance_area=16)
     (record,) = report.records
-    things = sorted((s["category_id"], s["iscrowd"], s["area"]) for s in record.annotation["segments_info"] if s["category_id"] >= 24)
+    things = _thing_segments(record)
     assert things == [(24, 0, 40), (24, 1, 4), (26, 0, 100), (26, 0, 200)]
 
     # Switching instances off re-converts (the JSON info differs) and writes crowd segments only.
     report = prepare_gta5.prepare_gta5(str(tmp_path), instances=False)
     assert report.converted == 1
     (record,) = report.records
-    things = sorted((s["category_id"], s["iscrowd"], s["area"]) for s in record.annotation["segments_info"] if s["category_id"] >= 24)
+    things = _thing_segments(record)
     assert things == [(24, 1, 44), (26, 1, 300)]
     with open(tmp_path / "panoptic.json") as f:
         assert json.load(f)["info"]["has_instances"] is False

@@ -110,7 +110,9 @@ def load_panoptic_dataset(
             }
         )
     if not dataset_dicts:
-        raise FileNotFoundError(f"Dataset '{name}': {panoptic_json} lists no images; re-run `{prepare_command}`")
+        raise FileNotFoundError(
+            f"Dataset '{name}': {panoptic_json} lists no images; re-run `{prepare_command}`"
+        )
     for key in ("file_name", "sem_seg_file_name", "pan_seg_file_name"):
         if not os.path.isfile(dataset_dicts[0][key]):
             raise FileNotFoundError(
@@ -242,7 +244,10 @@ def register_all(root: Optional[str] = None) -> List[str]:
     )
     for split in ("train", "val"):
         _register_cityscapes_layout(
-            f"cityscapes_panoptic_{split}", cityscapes, split, f"python datasets/prepare_cityscapes.py {cityscapes}"
+            f"cityscapes_panoptic_{split}",
+            cityscapes,
+            split,
+            f"python datasets/prepare_cityscapes.py {cityscapes}",
         )
         _register_cityscapes_layout(f"synthetic_target_panoptic_{split}", target, split, synthetic_command)
     return list(DATASET_NAMES)

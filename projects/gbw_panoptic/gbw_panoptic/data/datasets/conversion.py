@@ -205,7 +205,9 @@ def instance_ids_from_labels(
     return result.astype(np.int32)
 
 
-def panoptic_from_instance_ids(instance_ids: Union[np.ndarray, str], panoptic_path: str) -> List[Dict[str, Any]]:
+def panoptic_from_instance_ids(
+    instance_ids: Union[np.ndarray, str], panoptic_path: str
+) -> List[Dict[str, Any]]:
     """Run cityscapesScripts' ``convert2panoptic`` on one Cityscapes-style instance-id image.
 
     The converter's COCO-panoptic PNG (id = R + 256 G + 256^2 B) is moved atomically to
@@ -259,19 +261,28 @@ def write_label_outputs(job: ConversionJob, label_ids: np.ndarray, instance_ids:
     if image_size is None:
         raise ValueError(f"{image_path}: image missing or corrupt")
     if label_ids.shape != image_size:
-        raise ValueError(f"{job.inputs[1]}: label size {label_ids.shape} differs from image size {image_size}")
+        raise ValueError(
+            f"{job.inputs[1]}: label size {label_ids.shape} differs from image size {image_size}"
+        )
     train_ids = label_id_to_train_id_lut()[label_ids]
     segments_info = panoptic_from_instance_ids(instance_ids, panoptic_path)
     save_png(train_id_path, train_ids)
     return image_record(job, train_ids, segments_info)
 
 
-def image_record(job: ConversionJob, train_ids: np.ndarray, segments_info: List[Dict[str, Any]]) -> ImageRecord:
+def image_record(
+    job: ConversionJob, train_ids: np.ndarray, segments_info: List[Dict[str, Any]]
+) -> ImageRecord:
     """The record of a converted image (``job.inputs[0]`` is the RGB image, ``job.outputs[1]`` the
     panoptic PNG)."""
     height, width = train_ids.shape
     return ImageRecord(
-        image={"id": job.image_id, "file_name": os.path.basename(job.inputs[0]), "height": height, "width": width},
+        image={
+            "id": job.image_id,
+            "file_name": os.path.basename(job.inputs[0]),
+            "height": height,
+            "width": width,
+        },
         annotation={
             "image_id": job.image_id,
             "file_name": os.path.basename(job.outputs[1]),
@@ -281,7 +292,9 @@ def image_record(job: ConversionJob, train_ids: np.ndarray, segments_info: List[
     )
 
 
-def flat_layout_jobs(paths: Dict[str, str], dataset: str, options: Optional[Dict[str, Any]] = None) -> List[ConversionJob]:
+def flat_layout_jobs(
+    paths: Dict[str, str], dataset: str, options: Optional[Dict[str, Any]] = None
+) -> List[ConversionJob]:
     """Jobs of a dataset with one image folder and one label folder (SYNTHIA, GTA5 layouts).
 
     Every ``image_dir/<id>.png`` pairs with ``label_dir/<id>.png``; the outputs are
@@ -388,8 +401,8 @@ def run_conversion(
     """Convert ``jobs`` with ``convert`` and write the dataset-level files.
 
     Images whose outputs are valid and which appear in the existing panoptic JSON and class
-    statistics (written with the same ``info``) are skipped; failed images are reported and left out of the JSONs (a re-run
-    retries them). ``convert`` must be a module-level function (it runs in worker processes).
+    statistics (written with the same ``info``) are skipped; failed images are reported and left
+    out of the JSONs (a re-run retries them). ``convert`` must be a module-level function (it runs in worker processes).
 
     Args:
         jobs: the images to convert.
@@ -455,7 +468,7 @@ def class_frequencies(records: Sequence[ImageRecord]) -> Dict[str, Any]:
         "classes": CLASS_NAMES,
         "pixel_counts": [int(c) for c in counts.sum(axis=0)],
         "pixel_fraction": [float(c) / total for c in counts.sum(axis=0)],
-        "image_fraction": [float(f) for f in (counts > 0).mean(axis=0)] if len(records) else [0.0] * NUM_CLASSES,
+        "image_fraction": [float(f) for f in (counts > 0).sum(axis=0) / max(len(records), 1)],
     }
 
 

@@ -77,7 +77,9 @@ def _convert_cityscapes_image(job: ConversionJob) -> ImageRecord:
         json2labelImg(polygons_path, tmp_path, "trainIds")
         train_ids = np.asarray(Image.open(tmp_path))
         if train_ids.shape != image_size:
-            raise ValueError(f"{polygons_path}: imgHeight/imgWidth {train_ids.shape} differ from {image_size}")
+            raise ValueError(
+                f"{polygons_path}: imgHeight/imgWidth {train_ids.shape} differ from {image_size}"
+            )
     segments_info = panoptic_from_instance_ids(instance_path, panoptic_path)
     return image_record(job, train_ids, segments_info)
 
@@ -130,5 +132,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for split in args.splits:
         report = prepare_cityscapes(args.root, split, workers=args.workers)
         name = f"Cityscapes {split} ({args.root})"
-        exit_code = max(exit_code, print_report(report, name, cityscapes_paths(args.root, split)["frequencies"]))
+        frequencies = cityscapes_paths(args.root, split)["frequencies"]
+        exit_code = max(exit_code, print_report(report, name, frequencies))
     return exit_code

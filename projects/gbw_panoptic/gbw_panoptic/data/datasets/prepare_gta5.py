@@ -103,7 +103,8 @@ def _convert_gta5_image(job: ConversionJob) -> ImageRecord:
         instance_map = connected_component_instances(label_ids, job.options["min_instance_area"])
     else:
         instance_map = np.zeros(label_ids.shape, dtype=np.int32)
-    return write_label_outputs(job, label_ids, instance_ids_from_labels(label_ids, instance_map, THING_LABEL_IDS))
+    instance_ids = instance_ids_from_labels(label_ids, instance_map, THING_LABEL_IDS)
+    return write_label_outputs(job, label_ids, instance_ids)
 
 
 def prepare_gta5(

@@ -76,7 +76,8 @@ def read_synthia_labels(path: str) -> Tuple[np.ndarray, np.ndarray]:
 def _convert_synthia_image(job: ConversionJob) -> ImageRecord:
     class_ids, instance_map = read_synthia_labels(job.inputs[1])
     label_ids = synthia_id_to_label_id_lut()[class_ids]
-    return write_label_outputs(job, label_ids, instance_ids_from_labels(label_ids, instance_map, THING_LABEL_IDS))
+    instance_ids = instance_ids_from_labels(label_ids, instance_map, THING_LABEL_IDS)
+    return write_label_outputs(job, label_ids, instance_ids)
 
 
 def prepare_synthia(root: str, workers: int = 1) -> ConversionReport:

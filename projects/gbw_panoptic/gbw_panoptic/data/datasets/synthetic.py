@@ -135,10 +135,16 @@ def _rect(x0: float, y0: float, x1: float, y1: float) -> Polygon:
             [int(round(x1)), int(round(y1))], [int(round(x0)), int(round(y1))]]
 
 
-def _blob(rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, vertices: int = 12) -> Polygon:
+def _blob(
+    rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, vertices: int = 12
+) -> Polygon:
+    """Irregular convex-ish polygon (tree crown, sign) around ``(cx, cy)`` with radii ``rx, ry``."""
     angles = np.linspace(0, 2 * np.pi, vertices, endpoint=False)
     radii = rng.uniform(0.75, 1.0, size=vertices)
-    return [[int(round(cx + rx * r * np.cos(a))), int(round(cy + ry * r * np.sin(a)))] for a, r in zip(angles, radii)]
+    return [
+        [int(round(cx + rx * r * np.cos(a))), int(round(cy + ry * r * np.sin(a)))]
+        for a, r in zip(angles, radii)
+    ]
 
 
 def _person(x: float, ground: float, height: float) -> Polygon:
@@ -162,7 +168,9 @@ def _two_wheeler(x: float, ground: float, length: float) -> Polygon:
     return [[int(round(x + px * length)), int(round(ground + py * length))] for px, py in points]
 
 
-def generate_scene(rng: np.random.Generator, style: DomainStyle, height: int, width: int) -> List[SceneObject]:
+def generate_scene(
+    rng: np.random.Generator, style: DomainStyle, height: int, width: int
+) -> List[SceneObject]:
     """Draw the polygons of one street scene, in painter's order (later objects occlude earlier ones).
 
     Returns:
@@ -192,9 +200,14 @@ def generate_scene(rng: np.random.Generator, style: DomainStyle, height: int, wi
     for side_x, road_x in ((0, left_bottom), (W, right_bottom)):
         if rng.random() < style.terrain_probability:
             inner = side_x + (road_x - side_x) * rng.uniform(0.3, 0.7)
-            objects.append(("terrain", [[int(side_x), int(H)], [int(inner), int(H)], [int(side_x), int(horizon + 0.3 * (H - horizon))]]))
-    road = [[int(left_bottom), H], [int(right_bottom), H],
-            [int(vanishing_x + road_half_top), int(horizon)], [int(vanishing_x - road_half_top), int(horizon)]]
+            patch_top = int(horizon + 0.3 * (H - horizon))
+            objects.append(("terrain", [[int(side_x), H], [int(inner), H], [int(side_x), patch_top]]))
+    road = [
+        [int(left_bottom), H],
+        [int(right_bottom), H],
+        [int(vanishing_x + road_half_top), int(horizon)],
+        [int(vanishing_x - road_half_top), int(horizon)],
+    ]
     objects.append(("road", road))
 
     # Wall and fence segments at the back of the sidewalk.
@@ -370,7 +383,8 @@ def _write_source_image(files: List[str], rng: np.random.Generator, height: int,
 
 def _write_target_image(files: List[str], rng: np.random.Generator, height: int, width: int) -> None:
     """Cityscapes layout: ``leftImg8bit`` image and ``gtFine`` polygons JSON, labelIds, instanceIds."""
-    polygons_json, label_ids, instance_ids = rasterise(generate_scene(rng, TARGET_STYLE, height, width), height, width)
+    scene = generate_scene(rng, TARGET_STYLE, height, width)
+    polygons_json, label_ids, instance_ids = rasterise(scene, height, width)
     image = render_image(rng, TARGET_STYLE, label_ids, instance_ids)
     image_file, polygons_file, label_file, instance_file = files
     save_png(image_file, image)
@@ -496,8 +510,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--num-target-train", type=int, default=100, help="target train images (default: %(default)s)"
     )
-    parser.add_argument("--num-target-val", type=int, default=50, help="target val images (default: %(default)s)")
-    parser.add_argument("--height", type=int, default=256, help="image height in pixels (default: %(default)s)")
+    parser.add_argument(
+        "--num-target-val", type=int, default=50, help="target val images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--height", type=int, default=256, help="image height in pixels (default: %(default)s)"
+    )
     parser.add_argument("--width", type=int, default=512, help="image width in pixels (default: %(default)s)")
     args = parser.parse_args(argv)
     reports = prepare_synthetic(
