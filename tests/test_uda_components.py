@@ -226,3 +226,21 @@ def test_valid_configs_pass():
     check_uda_config(_uda_cfg())
     check_uda_config(_uda_cfg(**{"UDA.METHOD": "source_only", "DATASETS.TARGET_TRAIN": ()}))
     assert math.isclose(_uda_cfg().UDA.PSEUDO_THRESHOLD, 0.968)
+
+
+@pytest.mark.parametrize("clip_type", ["value", "norm"])
+def test_gradient_clipping(clip_type):
+    from gbw_panoptic.uda.trainer import _clip_gradients
+
+    clip_cfg = get_cfg().SOLVER.CLIP_GRADIENTS.clone()
+    clip_cfg.CLIP_TYPE, clip_cfg.CLIP_VALUE = clip_type, 0.5
+    param = nn.Parameter(torch.zeros(4))
+    param.grad = torch.tensor([3.0, -4.0, 0.1, 0.0])
+    _clip_gradients([param], clip_cfg)
+    if clip_type == "value":
+        assert param.grad.tolist() == pytest.approx([0.5, -0.5, 0.1, 0.0])
+    else:
+        assert param.grad.norm().item() == pytest.approx(0.5, rel=1e-4)
+    clip_cfg.CLIP_TYPE = "full_model"
+    with pytest.raises(ValueError, match="CLIP_TYPE='full_model'"):
+        _clip_gradients([param], clip_cfg)

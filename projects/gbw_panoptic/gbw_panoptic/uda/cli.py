@@ -1,12 +1,5 @@
-"""The training / evaluation command line (``tools/train_net.py``), on Detectron2's argument parser.
-
-::
-
-    python tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml
-    python tools/train_net.py --config-file ... --resume             # continue from OUTPUT_DIR
-    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
-    python tools/train_net.py --config-file ... --num-gpus 2 MODEL.DEVICE cpu   # 2 processes, gloo
-"""
+"""The training / evaluation command line (``tools/train_net.py``), on Detectron2's argument parser
+(examples in :data:`EPILOG`)."""
 import argparse
 import os
 from typing import List, Optional
@@ -27,7 +20,19 @@ from .launch import default_backend, launch
 from .trainer import UDATrainer
 from .validate import check_uda_config
 
-__all__ = ["load_config", "setup", "main", "run"]
+__all__ = ["EPILOG", "load_config", "setup", "main", "run"]
+
+EPILOG = """Examples:
+  train:       tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml OUTPUT_DIR output/dacs_gbw
+  resume:      tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml OUTPUT_DIR output/dacs_gbw --resume
+  evaluate:    tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --eval-only MODEL.WEIGHTS output/dacs_gbw/model_final.pth
+  2 CPU procs: tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --num-gpus 2 --dist-url auto
+
+--num-gpus is the number of processes per machine: NCCL when MODEL.DEVICE is cuda, gloo on the CPU.
+SOLVER.IMS_PER_BATCH and DATASETS.TARGET_IMS_PER_BATCH are totals over all processes. UDA.METHOD is
+source_only, dacs, advent or minent; MODEL.GBW.{SEM_SEG,CENTER,OFFSET}.ENABLED switch GBW. Trailing
+KEY VALUE pairs override config keys (table in projects/gbw_panoptic/README.md, "Training").
+"""
 
 
 def load_config(args: argparse.Namespace) -> CfgNode:
@@ -82,9 +87,7 @@ def main(args: argparse.Namespace):
 def run(argv: Optional[List[str]] = None) -> None:
     """Parse ``argv`` (default: ``sys.argv``) and launch :func:`main` on ``--num-gpus`` processes per machine
     (NCCL when ``MODEL.DEVICE`` is CUDA, gloo on the CPU)."""
-    parser = default_argument_parser(
-        epilog=__doc__ + "\nTrailing KEY VALUE pairs override config keys (see projects/gbw_panoptic/README.md)."
-    )
+    parser = default_argument_parser(epilog=EPILOG)
     args = parser.parse_args(argv)
     cfg = load_config(args)  # fail on a bad config before any process starts
     launch(
