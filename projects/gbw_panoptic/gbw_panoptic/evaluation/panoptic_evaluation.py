@@ -15,7 +15,7 @@ from detectron2.evaluation import DatasetEvaluator
 from .distributed import gather_on_main
 from .panoptic_io import atomic_write, id_to_rgb, write_json
 from .pq import pq_compute
-from .report import class_subsets, subset_means, subset_notes, write_report
+from .report import class_subsets, markdown_table, subset_means, subset_notes, write_report
 
 __all__ = ["GBWPanopticEvaluator"]
 
@@ -187,13 +187,15 @@ class GBWPanopticEvaluator(DatasetEvaluator):
             num_workers=self._num_workers,
         )
         summary, per_class = self._summarise(results)
+        columns = ["class_id", "name", "isthing", "PQ", "SQ", "RQ", "TP", "FP", "FN"]
+        logger.info("Panoptic segmentation of %s per class:\n%s", self._dataset_name, markdown_table(per_class, columns))
         write_report(
             output_dir,
             "panoptic_seg",
             f"Panoptic segmentation: {self._dataset_name}",
             {key: value for key, value in summary.items() if "-" not in key},
             per_class,
-            ["class_id", "name", "isthing", "PQ", "SQ", "RQ", "TP", "FP", "FN"],
+            columns,
             notes=subset_notes("PQ", self._subsets)
             + ["PQ/SQ/RQ (All, _th, _st): panopticapi's averages over the categories of the ground-truth JSON"],
         )

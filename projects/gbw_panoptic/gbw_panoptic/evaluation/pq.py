@@ -28,6 +28,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -317,7 +318,8 @@ def _image_stats_stream(
         yield from map(compute, pairs)
         return
     chunksize = max(1, min(8, len(pairs) // (4 * num_workers)))
-    with multiprocessing.Pool(processes=min(num_workers, len(pairs))) as pool:
+    # One OpenCV thread per worker: the parallelism is across images.
+    with multiprocessing.Pool(processes=min(num_workers, len(pairs)), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
         yield from pool.imap(compute, pairs, chunksize=chunksize)
 
 

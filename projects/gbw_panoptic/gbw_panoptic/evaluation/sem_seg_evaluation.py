@@ -12,7 +12,7 @@ from PIL import Image
 
 from .distributed import gather_on_main
 from .panoptic_io import atomic_write
-from .report import class_subsets, subset_means, subset_notes, write_report
+from .report import class_subsets, markdown_table, subset_means, subset_notes, write_report
 
 __all__ = ["GBWSemSegEvaluator", "confusion_matrix", "semantic_metrics"]
 
@@ -169,6 +169,8 @@ class GBWSemSegEvaluator(DatasetEvaluator):
                     "evaluated": [size for size, ids in self._subsets.items() if class_id in ids],
                 }
             )
+        columns = ["class_id", "name", "IoU", "recall", "precision", "gt_pixels", "pred_pixels"]
+        logger.info("Semantic segmentation of %s per class:\n%s", self._dataset_name, markdown_table(per_class, columns))
         if self._output_dir:
             write_report(
                 self._output_dir,
@@ -176,7 +178,7 @@ class GBWSemSegEvaluator(DatasetEvaluator):
                 f"Semantic segmentation: {self._dataset_name}",
                 {key: value for key, value in summary.items() if "-" not in key},
                 per_class,
-                ["class_id", "name", "IoU", "recall", "precision", "gt_pixels", "pred_pixels"],
+                columns,
                 notes=subset_notes("IoU", self._subsets),
             )
             atomic_write(
