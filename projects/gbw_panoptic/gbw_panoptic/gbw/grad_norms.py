@@ -110,7 +110,7 @@ def group_pixels(
     covered = torch.where(ignored, 0.0, 1.0)
     counts = torch.zeros(num_classes, dtype=torch.float32, device=class_map.device)
     counts.scatter_add_(0, safe.flatten(), covered.flatten())
-    scale = covered / (counts + 1.0)[safe]
+    scale = covered / (counts + 1.0).take(safe)
     if pixel_weights is not None:
         scale = scale * pixel_weights.float()
     return PixelGroups(safe, counts, scale)

@@ -182,7 +182,7 @@ class GBWCrossEntropyLoss(_ClassWeighting):
         weights = self.class_weights(
             check_finite_norms(sq_norms, ("logits", logits), ("pixel_weights", pixel_weights)), groups.counts
         )
-        return self._weighted_mean(pixel_losses * weights[groups.safe_class_map], pixel_weights)
+        return self._weighted_mean(pixel_losses * weights.take(groups.safe_class_map), pixel_weights)
 
     @staticmethod
     def _weighted_mean(pixel_losses: torch.Tensor, pixel_weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -262,7 +262,7 @@ class GBWRegressionLoss(_ClassWeighting):
             sq_norms = regression_sq_norms_from_groups(pred, target, groups, self.kind)
             weights = self.class_weights(sq_norms, groups.counts)
             ignored = pixel_class == self.ignore_index
-            pixel_weights = pixel_weights * torch.where(ignored, 1.0, weights[groups.safe_class_map])
+            pixel_weights = pixel_weights * torch.where(ignored, 1.0, weights.take(groups.safe_class_map))
         else:
             self.last_weights = None
         if self.kind == "mse":
