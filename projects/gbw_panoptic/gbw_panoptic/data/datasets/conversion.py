@@ -106,6 +106,7 @@ class ConversionReport:
     converted: int
     skipped: int
     failures: List[Tuple[str, str]]  # (input files, error message)
+    frequencies: Dict[str, Any]  # what :func:`class_frequencies` returns for ``records``
 
     @property
     def exit_code(self) -> int:
@@ -453,8 +454,9 @@ def run_conversion(
         class_stats_json,
         {"classes": CLASS_NAMES, "images": {r.image["id"]: r.pixel_counts for r in ordered}},
     )
-    save_json(paths["frequencies"], class_frequencies(ordered))
-    return ConversionReport(ordered, len(todo) - len(failures), skipped, sorted(failures))
+    frequencies = class_frequencies(ordered)
+    save_json(paths["frequencies"], frequencies)
+    return ConversionReport(ordered, len(todo) - len(failures), skipped, sorted(failures), frequencies)
 
 
 def class_frequencies(records: Sequence[ImageRecord]) -> Dict[str, Any]:
@@ -483,17 +485,17 @@ def format_class_frequencies(frequencies: Dict[str, Any]) -> str:
     return tabulate(rows, headers=["class", "% pixels", "% images"], tablefmt="github")
 
 
-def print_report(report: ConversionReport, name: str, frequencies_json: str) -> int:
+def print_report(report: ConversionReport, name: str) -> int:
     """Print the class frequency table and the conversion summary; return the exit code."""
-    with open(frequencies_json) as f:
-        print(format_class_frequencies(json.load(f)))
+    print(f"{name}: class frequencies of {report.frequencies['num_images']} images")
+    print(format_class_frequencies(report.frequencies))
     print(report.summary(name))
     return report.exit_code
 
 
 def datasets_root() -> str:
     """``$DETECTRON2_DATASETS`` or ``./datasets`` (Detectron2's convention)."""
-    return os.environ.get("DETECTRON2_DATASETS", "datasets")
+    return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 
 def conversion_parser(description: str, dataset_dir: str) -> argparse.ArgumentParser:

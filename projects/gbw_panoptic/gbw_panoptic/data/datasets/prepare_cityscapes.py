@@ -131,7 +131,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exit_code = 0
     for split in args.splits:
         report = prepare_cityscapes(args.root, split, workers=args.workers)
-        name = f"Cityscapes {split} ({args.root})"
-        frequencies = cityscapes_paths(args.root, split)["frequencies"]
-        exit_code = max(exit_code, print_report(report, name, frequencies))
+        exit_code = max(exit_code, print_report(report, f"Cityscapes {split} ({args.root})"))
     return exit_code

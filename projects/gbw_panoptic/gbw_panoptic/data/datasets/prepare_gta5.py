@@ -146,4 +146,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     report = prepare_gta5(args.root, args.workers, args.instances, args.min_instance_area)
-    return print_report(report, f"GTA5 ({args.root})", gta5_paths(args.root)["frequencies"])
+    return print_report(report, f"GTA5 ({args.root})")

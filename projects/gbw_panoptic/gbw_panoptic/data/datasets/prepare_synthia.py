@@ -98,5 +98,5 @@ def prepare_synthia(root: str, workers: int = 1) -> ConversionReport:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = conversion_parser(DESCRIPTION, "synthia").parse_args(argv)
     report = prepare_synthia(args.root, workers=args.workers)
-    return print_report(report, f"SYNTHIA ({args.root})", synthia_paths(args.root)["frequencies"])
+    return print_report(report, f"SYNTHIA ({args.root})")
 

@@ -42,6 +42,7 @@ from .conversion import (
     atomic_output,
     conversion_parser,
     exit_code_on_missing_input,
+    print_report,
     save_json,
     save_png,
 )
@@ -528,6 +529,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.width,
         args.workers,
     )
-    for name, report in reports:
-        print(report.summary(name))
-    return max(report.exit_code for _, report in reports)
+    return max(print_report(report, name) for name, report in reports)
