@@ -6,10 +6,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from gbw_panoptic.data.datasets import prepare_gta5, prepare_synthia
-from gbw_panoptic.data.datasets.builtin_meta import SYNTHIA_EVAL_TRAIN_IDS
+from gbw_panoptic.data.datasets.builtin_meta import SYNTHIA_EVAL_TRAIN_IDS, THING_LABEL_IDS
+from gbw_panoptic.data.datasets.conversion import instance_ids_from_labels
 
 # SYNTHIA id -> Cityscapes train id, written out independently of the implementation (DESIGN §5).
 SYNTHIA_TO_TRAIN_ID = {
@@ -148,3 +152,25 @@ def test_gta5_help_mentions_the_approximation(capsys):
         prepare_gta5.main(["--help"])
     out = capsys.readouterr().out
     assert "APPROXIMATED" in out and "--no-instances" in out
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    labels=hnp.arrays(np.uint8, (6, 7), elements=st.sampled_from([0, 7, 11, 24, 26, 33])),
+    instances=hnp.arrays(np.int32, (6, 7), elements=st.integers(0, 4)),
+)
+def test_instance_ids_encode_label_and_instance(labels, instances):
+    ids = instance_ids_from_labels(labels, instances, THING_LABEL_IDS)
+    is_instance = np.isin(labels, THING_LABEL_IDS) & (instances > 0)
+    # Stuff, void and crowd pixels keep their label id; instances get labelId * 1000 + k.
+    np.testing.assert_array_equal(ids[~is_instance], labels[~is_instance])
+    np.testing.assert_array_equal(ids[is_instance] // 1000, labels[is_instance])
+    # Pixels share an id exactly when they share (label, instance).
+    pairs = {(int(l), int(i)) for l, i in zip(labels[is_instance], instances[is_instance])}
+    assert len(np.unique(ids[is_instance])) == len(pairs)
+    for label, instance in pairs:
+        assert len(np.unique(ids[(labels == label) & (instances == instance)])) == 1
+    # Instance indices of each class are 0, 1, ... without gaps.
+    for label in np.unique(labels[is_instance]):
+        ks = np.unique(ids[is_instance & (labels == label)]) % 1000
+        assert ks.tolist() == list(range(len(ks)))
