@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml tools/install_detectron2.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/demo.py
+	$(PY) tools/run_experiment.py --preset demo
+
+# Several seeds per arm (longer than the demo); results in output/experiment/report.md.
+experiment: $(STAMP)
+	$(PY) tools/run_experiment.py --preset experiment
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
