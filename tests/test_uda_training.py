@@ -190,6 +190,49 @@ def test_two_process_gloo_run_on_cpu(synthetic_datasets, repo_root, tmp_path):
     assert len(checkpoint["trainer"]["rng_states"]) == 2  # one RNG state per process
 
 
+def _report_world(output_dir, config_file, datasets_root):
+    """Runs in each launched process: writes what this process sees of the distributed setup."""
+    from detectron2.config import get_cfg
+    from detectron2.utils import comm
+    import torch.distributed as dist
+
+    from gbw_panoptic.config import add_gbw_panoptic_config
+    from gbw_panoptic.data import build_uda_train_loader
+    from gbw_panoptic.data.datasets import register_all
+
+    register_all(datasets_root)
+    cfg = get_cfg()
+    add_gbw_panoptic_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "4", "DATASETS.TARGET_IMS_PER_BATCH", "2", "INPUT.CROP.SIZE", "[64, 64]"])
+    source_batch, target_batch = next(iter(build_uda_train_loader(cfg)))
+    report = {
+        "rank": comm.get_rank(),
+        "local_rank": comm.get_local_rank(),
+        "world_size": comm.get_world_size(),
+        "local_size": comm.get_local_size(),
+        "backend": dist.get_backend(),
+        "source_images": len(source_batch),
+        "target_images": len(target_batch),
+    }
+    with open(os.path.join(output_dir, f"rank{comm.get_rank()}.json"), "w") as f:
+        json.dump(report, f)
+
+
+@pytest.mark.slow
+def test_launch_gloo_processes_and_batch_semantics(synthetic_datasets, repo_root, tmp_path):
+    from gbw_panoptic.uda import launch
+
+    config_file = str(repo_root / "configs" / "synthetic" / "dacs_gbw.yaml")
+    launch(_report_world, 2, dist_url="auto", args=(str(tmp_path), config_file, str(synthetic_datasets)), backend="gloo")
+    reports = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
+    assert [(r["rank"], r["local_rank"]) for r in reports] == [(0, 0), (1, 1)]
+    for report in reports:
+        assert report["world_size"] == 2 and report["local_size"] == 2 and report["backend"] == "gloo"
+        # Batch sizes are totals over all processes.
+        assert report["source_images"] == 2 and report["target_images"] == 1
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
