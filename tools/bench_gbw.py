@@ -94,6 +94,16 @@ def plain_ce_step(logits: torch.Tensor, labels: torch.Tensor, pixel_weights: tor
     loss.backward()
 
 
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what platform reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -211,7 +221,7 @@ def main() -> None:
         rows.append([label, "ratio GBW CE / plain CE", f"{ratios['gbw_ce_over_plain_ce']:.2f}x", "", ""])
         rows.append([label, "ratio reference GBW CE / plain CE", f"{ratios['reference_gbw_ce_over_plain_ce']:.2f}x", "", ""])
     machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -3,8 +3,8 @@
 GBW (DESIGN §2.1-2.3, §2.8) needs, for every class c, the squared norm g_c^2 of the gradient of
 the sum of per-class mean losses ``sum_c L_c`` with respect to the network output. Both functions
 here evaluate that gradient in closed form in a few fused tensor passes, in float32 whatever the
-input precision, without a second backward pass and without host synchronisation (apart from the
-input checks, which read back one flag).
+input precision, without a second backward pass and without host synchronisation apart from the
+input checks (they read back the label range and whether the norms are finite).
 
 Per-class mean loss, with N_c the number of pixels of class c that the loss covers (labelled and,
 when pixel weights are given, with a non-zero weight) and q_i the pixel weight (1 when absent)::
