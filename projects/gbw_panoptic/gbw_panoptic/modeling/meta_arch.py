@@ -263,7 +263,7 @@ class GBWPanopticSegmentor(nn.Module):
         images = self.preprocess_image(batched_inputs)
         predictions = self.predict_dense(images.tensor)
         if self.training:
-            return self.losses(predictions, batched_inputs, images.tensor.shape[-2:], gbw_log_prefix)
+            return self.losses(predictions, batched_inputs, gbw_log_prefix)
         return self.postprocess(predictions, batched_inputs, images.image_sizes)
 
     def _batch_target(
@@ -280,10 +280,12 @@ class GBWPanopticSegmentor(nn.Module):
         return torch.stack(targets)
 
     def losses(
-        self, predictions: Dict[str, torch.Tensor], batched_inputs: List[Dict], size, gbw_log_prefix: str = "gbw"
+        self, predictions: Dict[str, torch.Tensor], batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"
     ) -> Dict[str, torch.Tensor]:
-        """Supervised losses of :meth:`predict_dense` outputs (at the padded size ``size``) against
-        the targets of ``batched_inputs``; GBW weights are logged under ``gbw_log_prefix``."""
+        """Supervised losses of :meth:`predict_dense` outputs (for the padded batch of
+        :meth:`preprocess_image`) against the targets of ``batched_inputs`` (padded likewise);
+        GBW weights are logged under ``gbw_log_prefix``."""
+        size = predictions["sem_seg"].shape[-2:]
         if any("sem_seg" not in x for x in batched_inputs):
             raise ValueError("training inputs need a 'sem_seg' target (H x W int64) in every dict")
         labels = self._batch_target(batched_inputs, "sem_seg", size, self.ignore_value).long()
