@@ -4,7 +4,7 @@ from typing import List, Optional
 import pytest
 import torch
 
-from gbw_panoptic.gbw import ce_grad_sq_norms, class_pixel_counts, regression_grad_sq_norms
+from gbw_panoptic.gbw import ce_grad_sq_norms, class_pixel_counts, grad_norms, regression_grad_sq_norms
 
 IGNORE = 255
 
@@ -34,7 +34,12 @@ def _per_class_mean_losses(
 
 @pytest.mark.parametrize("mode", ["channel", "class"])
 @pytest.mark.parametrize("use_pixel_weights", [False, True])
-def test_ce_norms_match_autograd(mode: str, use_pixel_weights: bool) -> None:
+@pytest.mark.parametrize("block_elements", [None, 100])
+def test_ce_norms_match_autograd(
+    mode: str, use_pixel_weights: bool, block_elements: Optional[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if block_elements is not None:  # the CPU path in blocks of one image and one row
+        monkeypatch.setattr(grad_norms, "CPU_BLOCK_ELEMENTS", block_elements)
     generator = torch.Generator().manual_seed(0)
     batch, num_classes, height, width = 2, 6, 9, 11
     logits = (3 * torch.randn(batch, num_classes, height, width, generator=generator)).double().requires_grad_()

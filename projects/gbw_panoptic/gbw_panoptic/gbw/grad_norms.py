@@ -11,7 +11,7 @@ when pixel weights are given, with a non-zero weight) and q_i the pixel weight (
 
     L_c = 1 / (N_c + 1) * sum_{i: y_i = c} q_i * loss_i
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 CE_MODES = ("channel", "class")
+# Logits per block when the CPU computes the gradient norms block by block (1 MiB of float32).
+CPU_BLOCK_ELEMENTS = 1 << 18
 REGRESSION_KINDS = ("mse", "l1")
 
 
@@ -148,6 +150,17 @@ def check_shapes(
         _check_dense(pixel_weights[1], pixel_weights[0], (batch, height, width), what)
 
 
+def _pixel_blocks(logits: torch.Tensor) -> List[Tuple[slice, slice]]:
+    """``(images, rows)`` slices that cover the [B, H] of ``logits`` [B, C, H, W]: on the CPU single
+    images in blocks of rows of about :data:`CPU_BLOCK_ELEMENTS` logits, which stay in cache and
+    spare allocating (and page-faulting) a float32 copy of all logits; elsewhere one block."""
+    batch, num_classes, height, width = logits.shape
+    if logits.device.type != "cpu":
+        return [(slice(None), slice(None))]
+    rows = max(1, CPU_BLOCK_ELEMENTS // (num_classes * width))
+    return [(slice(b, b + 1), slice(top, top + rows)) for b in range(batch) for top in range(0, height, rows)]
+
+
 def _residual_sq_norms(
     probs: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str
 ) -> torch.Tensor:
@@ -242,9 +255,11 @@ def ce_grad_sq_norms(
         raise ValueError(f"mode must be one of {CE_MODES}, got {mode!r}")
     check_shapes(("logits", logits), ("labels", labels), ("pixel_weights", pixel_weights))
     groups = group_pixels(labels, logits.shape[1], ignore_index, pixel_weights, "labels")
+    sq_norms = torch.zeros(logits.shape[1], dtype=torch.float32, device=logits.device)
     with torch.no_grad():
-        probs = torch.softmax(logits.detach().float(), dim=1)
-        sq_norms = _residual_sq_norms(probs, groups.safe_class_map, groups.scale, mode)
+        for images, rows in _pixel_blocks(logits):
+            probs = torch.softmax(logits[images, :, rows].detach().float(), dim=1)
+            sq_norms += _residual_sq_norms(probs, groups.safe_class_map[images, rows], groups.scale[images, rows], mode)
     return check_finite_norms(sq_norms, ("logits", logits), ("pixel_weights", pixel_weights))
 
 
