@@ -64,7 +64,8 @@ def test_param_groups_split_heads_and_no_decay():
     assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
     ids = lambda params: {id(p) for p in params}  # noqa: E731
     assert ids(groups["backbone"]["params"]) == ids(model.backbone[0].parameters())
-    assert ids(groups["backbone_no_decay"]["params"]) == ids([*model.backbone[1].parameters(), model.backbone.pos_embed])
+    no_decay = [*model.backbone[1].parameters(), model.backbone.pos_embed]
+    assert ids(groups["backbone_no_decay"]["params"]) == ids(no_decay)
     assert ids(groups["head"]["params"]) == ids(model.head[0].parameters())
     assert ids(groups["head_no_decay"]["params"]) == ids(model.head[1].parameters())
     assert groups["backbone"]["lr"] == pytest.approx(1e-3) and groups["head"]["lr"] == pytest.approx(1e-2)
@@ -132,7 +133,8 @@ def test_class_mix_takes_half_the_classes_and_keeps_images_and_labels_consistent
     target_labels = torch.randint(0, 6, (3, 16, 16))
     mixed_images, mixed_labels = mix(masks, source_images, target_images), mix(masks, labels, target_labels)
     for pixel_mask, image_source in ((masks, source_images), (~masks, target_images)):
-        assert torch.equal(mixed_images.permute(1, 0, 2, 3)[:, pixel_mask], image_source.permute(1, 0, 2, 3)[:, pixel_mask])
+        channels_first = (mixed_images.permute(1, 0, 2, 3), image_source.permute(1, 0, 2, 3))
+        assert torch.equal(channels_first[0][:, pixel_mask], channels_first[1][:, pixel_mask])
     assert torch.equal(mixed_labels[masks], labels[masks]) and torch.equal(mixed_labels[~masks], target_labels[~masks])
     with pytest.raises(ValueError, match="shapes"):
         mix(masks, labels, target_labels[:, :8])

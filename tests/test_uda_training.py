@@ -94,7 +94,8 @@ def test_each_method_trains_and_logs(synthetic_datasets, repo_root, tmp_path, co
 
 @pytest.mark.slow
 def test_dacs_teacher_classmix_and_eval_only(synthetic_datasets, repo_root, tmp_path):
-    cfg = setup(_args(repo_root, tmp_path, extra=["SOLVER.MAX_ITER", "2", "UDA.COLOR_JITTER_PROB", "0.0", "UDA.BLUR", "False"]))
+    no_colour_augmentation = ["UDA.COLOR_JITTER_PROB", "0.0", "UDA.BLUR", "False"]
+    cfg = setup(_args(repo_root, tmp_path, extra=["SOLVER.MAX_ITER", "2", *no_colour_augmentation]))
     trainer = UDATrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -206,7 +207,9 @@ def _report_world(output_dir, config_file, datasets_root):
     cfg = get_cfg()
     add_gbw_panoptic_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "4", "DATASETS.TARGET_IMS_PER_BATCH", "2", "INPUT.CROP.SIZE", "[64, 64]"])
+    cfg.merge_from_list(
+        ["SOLVER.IMS_PER_BATCH", "4", "DATASETS.TARGET_IMS_PER_BATCH", "2", "INPUT.CROP.SIZE", "[64, 64]"]
+    )
     source_batch, target_batch = next(iter(build_uda_train_loader(cfg)))
     report = {
         "rank": comm.get_rank(),
@@ -226,7 +229,8 @@ def test_launch_gloo_processes_and_batch_semantics(synthetic_datasets, repo_root
     from gbw_panoptic.uda import launch
 
     config_file = str(repo_root / "configs" / "synthetic" / "dacs_gbw.yaml")
-    launch(_report_world, 2, dist_url="auto", args=(str(tmp_path), config_file, str(synthetic_datasets)), backend="gloo")
+    args = (str(tmp_path), config_file, str(synthetic_datasets))
+    launch(_report_world, 2, dist_url="auto", args=args, backend="gloo")
     reports = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
     assert [(r["rank"], r["local_rank"]) for r in reports] == [(0, 0), (1, 1)]
     for report in reports:

@@ -11,7 +11,9 @@ from torch import nn
 __all__ = ["downscale_labels", "FeatureDistance"]
 
 
-def downscale_labels(labels: torch.Tensor, factor: int, num_classes: int, min_ratio: float, ignore_value: int = 255) -> torch.Tensor:
+def downscale_labels(
+    labels: torch.Tensor, factor: int, num_classes: int, min_ratio: float, ignore_value: int = 255
+) -> torch.Tensor:
     """Labels of ``factor x factor`` cells: the majority class of each cell, or ``ignore_value`` when that
     class covers less than ``min_ratio`` of the cell (or the majority is void).
 

@@ -50,7 +50,9 @@ class StudentForward(nn.Module):
         raise ValueError(f"unknown student task {task!r}; expected 'losses', 'losses_and_features' or 'dense'")
 
 
-def stack_padded(tensors: List[torch.Tensor], value: float = 0.0, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+def stack_padded(
+    tensors: List[torch.Tensor], value: float = 0.0, size: Optional[Tuple[int, int]] = None
+) -> torch.Tensor:
     """Stack ``... x H_i x W_i`` tensors into ``B x ... x H x W``, padding bottom/right with ``value``.
 
     ``size`` defaults to the largest height and width of the list. Training crops can be smaller than

@@ -33,12 +33,14 @@ def check_uda_config(cfg: CfgNode) -> None:
     _require(
         0.0 <= cfg.UDA.COLOR_JITTER_PROB <= 1.0, f"UDA.COLOR_JITTER_PROB={cfg.UDA.COLOR_JITTER_PROB} must lie in [0, 1]"
     )
-    _require(cfg.UDA.COLOR_JITTER_STRENGTH >= 0, f"UDA.COLOR_JITTER_STRENGTH={cfg.UDA.COLOR_JITTER_STRENGTH} must be >= 0")
+    strength = cfg.UDA.COLOR_JITTER_STRENGTH
+    _require(strength >= 0, f"UDA.COLOR_JITTER_STRENGTH={strength} must be >= 0")
     for key in ("FD.WEIGHT", "ADVENT.LOSS_WEIGHT", "ADVENT.DISC_LR", "MINENT.LOSS_WEIGHT"):
         group, name = key.split(".")
         value = cfg.UDA[group][name]
         _require(value >= 0, f"UDA.{key}={value} must be >= 0")
     _require(
-        0.0 < cfg.UDA.FD.SCALE_MIN_RATIO <= 1.0, f"UDA.FD.SCALE_MIN_RATIO={cfg.UDA.FD.SCALE_MIN_RATIO} must lie in (0, 1]"
+        0.0 < cfg.UDA.FD.SCALE_MIN_RATIO <= 1.0,
+        f"UDA.FD.SCALE_MIN_RATIO={cfg.UDA.FD.SCALE_MIN_RATIO} must lie in (0, 1]",
     )
     _require(cfg.SOLVER.MAX_ITER > 0, f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER} must be > 0")
