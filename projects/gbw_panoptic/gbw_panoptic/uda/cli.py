@@ -24,15 +24,15 @@ __all__ = ["EPILOG", "load_config", "setup", "main", "run"]
 
 EPILOG = """Examples:
   train:       tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml OUTPUT_DIR output/dacs_gbw
-  resume:      tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml OUTPUT_DIR output/dacs_gbw --resume
+  resume:      tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --resume OUTPUT_DIR output/dacs_gbw
   evaluate:    tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --eval-only \
                  MODEL.WEIGHTS output/dacs_gbw/model_final.pth
   2 CPU procs: tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --num-gpus 2 --dist-url auto
 
 --num-gpus is the number of processes per machine: NCCL when MODEL.DEVICE is cuda, gloo on the CPU.
 SOLVER.IMS_PER_BATCH and DATASETS.TARGET_IMS_PER_BATCH are totals over all processes. UDA.METHOD is
-source_only, dacs, advent or minent; MODEL.GBW.{SEM_SEG,CENTER,OFFSET}.ENABLED switch GBW. Trailing
-KEY VALUE pairs override config keys (table in projects/gbw_panoptic/README.md, "Training").
+source_only, dacs, advent or minent; MODEL.GBW.{SEM_SEG,CENTER,OFFSET}.ENABLED switch GBW. KEY VALUE
+pairs come last, after every flag, and override config keys (projects/gbw_panoptic/README.md, "Training").
 """
 
 
