@@ -161,6 +161,15 @@ def _pixel_blocks(logits: torch.Tensor) -> List[Tuple[slice, slice]]:
     return [(slice(b, b + 1), slice(top, top + rows)) for b in range(batch) for top in range(0, height, rows)]
 
 
+def _softmax_copy(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1 of ``logits`` [B, C, H, W] into a new contiguous float32 tensor, computed
+    in place on the copy (on the CPU several times faster than ``torch.softmax`` over the strided
+    channel dim, and no second allocation)."""
+    probs = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+    probs.sub_(probs.amax(dim=1, keepdim=True)).exp_()
+    return probs.div_(probs.sum(dim=1, keepdim=True))
+
+
 def _residual_sq_norms(
     probs: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str
 ) -> torch.Tensor:
@@ -258,7 +267,7 @@ def ce_grad_sq_norms(
     sq_norms = torch.zeros(logits.shape[1], dtype=torch.float32, device=logits.device)
     with torch.no_grad():
         for images, rows in _pixel_blocks(logits):
-            probs = torch.softmax(logits[images, :, rows].detach().float(), dim=1)
+            probs = _softmax_copy(logits[images, :, rows].detach())
             sq_norms += _residual_sq_norms(probs, groups.safe_class_map[images, rows], groups.scale[images, rows], mode)
     return check_finite_norms(sq_norms, ("logits", logits), ("pixel_weights", pixel_weights))
 
