@@ -25,8 +25,7 @@ __all__ = ["EPILOG", "load_config", "setup", "main", "run"]
 EPILOG = """Examples:
   train:       tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml OUTPUT_DIR output/dacs_gbw
   resume:      tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --resume OUTPUT_DIR output/dacs_gbw
-  evaluate:    tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --eval-only \
-                 MODEL.WEIGHTS output/dacs_gbw/model_final.pth
+  evaluate:    tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/dacs_gbw/model_final.pth
   2 CPU procs: tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --num-gpus 2 --dist-url auto
 
 --num-gpus is the number of processes per machine: NCCL when MODEL.DEVICE is cuda, gloo on the CPU.
