@@ -189,6 +189,20 @@ def test_gbw_on_vs_off_and_logged_weights():
     assert not any(f"gbw_source/offset/{names[c]}" in logged for c in range(11))
 
 
+def test_losses_and_features_in_one_backbone_pass():
+    model = _small_model(["MODEL.MIT.DROP_PATH_RATE", 0.0]).train()
+    batch = _batch()
+    losses, features = model.losses_and_features(batch, gbw_log_prefix="gbw/source")
+    expected_losses = model(batch)
+    expected_features = model.extract_features(model.preprocess_image(batch).tensor)
+    for name, value in expected_losses.items():
+        torch.testing.assert_close(losses[name], value)
+    assert set(features) == {"res2", "res3", "res4", "res5"}
+    for name, value in expected_features.items():
+        torch.testing.assert_close(features[name], value)
+    assert features["res5"].requires_grad
+
+
 def test_uint8_and_float_images_give_the_same_predictions():
     model = _small_model().eval()
     image = _batch()[0]["image"]

@@ -235,8 +235,11 @@ class GBWPanopticSegmentor(nn.Module):
             ``"sem_seg"``: B x C x H x W logits; with the instance head also ``"center"``:
             B x 1 x H x W heatmap and ``"offset"``: B x 2 x H x W (dy, dx) in input pixels.
         """
-        features = self.extract_features(images)
-        size = images.shape[-2:]
+        return self.decode_dense(self.extract_features(images), images.shape[-2:])
+
+    def decode_dense(self, features: Dict[str, torch.Tensor], size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+        """The heads' predictions from backbone ``features``, upsampled to ``size`` (H, W); see
+        :meth:`predict_dense`."""
         outputs = {"sem_seg": self.sem_seg_head(features)}
         if self.instance_on:
             outputs["center"], outputs["offset"] = self.ins_embed_head(features)
@@ -244,6 +247,16 @@ class GBWPanopticSegmentor(nn.Module):
             name: F.interpolate(value, size=size, mode="bilinear", align_corners=False)
             for name, value in outputs.items()
         }
+
+    def losses_and_features(
+        self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Training losses (as :meth:`forward`) and the backbone features they were computed from
+        (e.g. for a feature-distance loss), with a single backbone pass."""
+        images = self.preprocess_image(batched_inputs).tensor
+        features = self.extract_features(images)
+        predictions = self.decode_dense(features, images.shape[-2:])
+        return self.losses(predictions, batched_inputs, gbw_log_prefix), features
 
     def forward(self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"):
         """
