@@ -119,7 +119,10 @@ def test_mit_shapes_and_bad_variant():
     model = MixVisionTransformer("b0", out_features=("res2", "res4"))
     features = model(torch.zeros(1, 3, 64, 96))
     assert {k: tuple(v.shape) for k, v in features.items()} == {"res2": (1, 32, 16, 24), "res4": (1, 160, 4, 6)}
-    assert model.output_shape() == {"res2": ShapeSpec(channels=32, stride=4), "res4": ShapeSpec(channels=160, stride=16)}
+    assert model.output_shape() == {
+        "res2": ShapeSpec(channels=32, stride=4),
+        "res4": ShapeSpec(channels=160, stride=16),
+    }
     with pytest.raises(ValueError, match="MODEL.MIT.VARIANT"):
         MixVisionTransformer("b9")
 

@@ -68,7 +68,8 @@ def test_things_are_found_and_numbered_per_class():
         center[0, 0, y, x] = 0.9
     ys, xs = torch.meshgrid(torch.arange(40.0), torch.arange(60.0), indexing="ij")
     offsets = torch.zeros((1, 2, 40, 60))
-    for (y0, y1, x0, x1), (cy, cx) in [((5, 15, 5, 15), (10, 10)), ((5, 15, 40, 50), (10, 45)), ((25, 35, 20, 30), (30, 25))]:
+    blobs = [((5, 15, 5, 15), (10, 10)), ((5, 15, 40, 50), (10, 45)), ((25, 35, 20, 30), (30, 25))]
+    for (y0, y1, x0, x1), (cy, cx) in blobs:
         offsets[0, 0, y0:y1, x0:x1] = cy - ys[y0:y1, x0:x1]
         offsets[0, 1, y0:y1, x0:x1] = cx - xs[y0:y1, x0:x1]
     panoptic = get_panoptic_segmentation_batched(sem_seg, center, offsets, range(11, 19), LABEL_DIVISOR, 100, -1)[0]

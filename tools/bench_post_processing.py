@@ -65,7 +65,9 @@ def detectron2_batch(sem_seg: torch.Tensor, center: torch.Tensor, offsets: torch
     """Detectron2's post-processing, one image after the other."""
     return torch.stack(
         [
-            get_panoptic_segmentation(sem_seg[i : i + 1], center[i].clone(), offsets[i], thing_ids=set(THING_IDS), **SETTINGS)[0][0]
+            get_panoptic_segmentation(
+                sem_seg[i : i + 1], center[i].clone(), offsets[i], thing_ids=set(THING_IDS), **SETTINGS
+            )[0][0]
             for i in range(sem_seg.size(0))
         ]
     )
@@ -122,7 +124,8 @@ def main() -> None:
                 {"device": device_name, "size": size, "batch": args.batch, "instances": args.instances,
                  "identical": True, "ms": timings, "median_ms": medians, "speedup_vs_detectron2": speedup}
             )  # fmt: skip
-    print(tabulate(rows, headers=["device", "HxW", "batch", "method", "median ms", "min ms", "max ms", "speed-up"], floatfmt=".1f"))
+    headers = ["device", "HxW", "batch", "method", "median ms", "min ms", "max ms", "speed-up"]
+    print(tabulate(rows, headers=headers, floatfmt=".1f"))
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),

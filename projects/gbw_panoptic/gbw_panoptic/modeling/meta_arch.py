@@ -27,21 +27,16 @@ from detectron2.utils.events import EventStorage, get_event_storage
 from detectron2.utils.events import _CURRENT_STORAGE_STACK
 from torch import nn
 
+from ..data.datasets.builtin_meta import NUM_CLASSES as CITYSCAPES_NUM_CLASSES
+from ..data.datasets.builtin_meta import panoptic_metadata
 from ..gbw import GBWCrossEntropyLoss, GBWRegressionLoss
 from .heads import build_ins_embed_head
 from .post_processing import get_panoptic_segmentation_batched, panoptic_to_segments
 
-__all__ = ["GBWPanopticSegmentor", "CITYSCAPES_CLASS_NAMES", "CITYSCAPES_THING_IDS"]
+__all__ = ["GBWPanopticSegmentor"]
 
 logger = logging.getLogger(__name__)
 
-# Used when the config names no registered dataset (e.g. building a model for a benchmark).
-CITYSCAPES_CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-    "bicycle",
-)  # fmt: skip
-CITYSCAPES_THING_IDS = tuple(range(11, 19))
 _VOID = -1
 
 
@@ -59,26 +54,29 @@ def _gbw_loss_kwargs(node: CfgNode) -> Dict:
 
 def _dataset_classes(cfg: CfgNode) -> Tuple[List[str], List[int], int]:
     """(class names, contiguous thing ids, label divisor) from the metadata of DATASETS.TEST[0] or
-    DATASETS.TRAIN[0]; Cityscapes' 19 classes when neither is registered."""
+    DATASETS.TRAIN[0]; Cityscapes' 19 classes when neither is a registered panoptic dataset."""
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     names = [name for name in (*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN) if name in MetadataCatalog.list()]
-    for name in names:
-        meta = MetadataCatalog.get(name)
-        if hasattr(meta, "stuff_classes") and hasattr(meta, "thing_dataset_id_to_contiguous_id"):
-            if len(meta.stuff_classes) != num_classes:
-                raise ValueError(
-                    f"dataset {name} has {len(meta.stuff_classes)} classes (stuff_classes) but "
-                    f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {num_classes}"
-                )
-            thing_ids = sorted(meta.thing_dataset_id_to_contiguous_id.values())
-            return list(meta.stuff_classes), thing_ids, getattr(meta, "label_divisor", 1000)
-    if num_classes != len(CITYSCAPES_CLASS_NAMES):
+    panoptic = [(name, MetadataCatalog.get(name).as_dict()) for name in names]
+    required = {"stuff_classes", "thing_dataset_id_to_contiguous_id"}
+    panoptic = [(name, meta) for name, meta in panoptic if required <= set(meta)]
+    if panoptic:
+        source, meta = panoptic[0]
+    elif num_classes == CITYSCAPES_NUM_CLASSES:
+        logger.info("No panoptic dataset metadata in the config; using the 19 Cityscapes classes.")
+        source, meta = "Cityscapes", panoptic_metadata(list(range(CITYSCAPES_NUM_CLASSES)))
+    else:
         raise ValueError(
             f"no registered panoptic dataset among DATASETS.TEST/TRAIN {names or '(none)'} gives the class "
             f"names and thing ids of MODEL.SEM_SEG_HEAD.NUM_CLASSES = {num_classes} classes"
         )
-    logger.info("No dataset metadata found; using the 19 Cityscapes classes (things 11-18).")
-    return list(CITYSCAPES_CLASS_NAMES), list(CITYSCAPES_THING_IDS), 1000
+    if len(meta["stuff_classes"]) != num_classes:
+        raise ValueError(
+            f"dataset {source} has {len(meta['stuff_classes'])} classes (stuff_classes) but "
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {num_classes}"
+        )
+    thing_ids = sorted(meta["thing_dataset_id_to_contiguous_id"].values())
+    return list(meta["stuff_classes"]), thing_ids, meta.get("label_divisor", 1000)
 
 
 def _active_event_storage() -> Optional[EventStorage]:
@@ -172,7 +170,9 @@ class GBWPanopticSegmentor(nn.Module):
         )
         center_loss = offset_loss = None
         if instance_on:
-            center_loss = GBWRegressionLoss(num_classes, kind="mse", ignore_index=ignore, **_gbw_loss_kwargs(gbw.CENTER))
+            center_loss = GBWRegressionLoss(
+                num_classes, kind="mse", ignore_index=ignore, **_gbw_loss_kwargs(gbw.CENTER)
+            )
             offset_kwargs = _gbw_loss_kwargs(gbw.OFFSET)
             if offset_kwargs["active_classes"] == "all":
                 # Offsets are only learnt on thing pixels: the thing classes share the simplex.
@@ -288,7 +288,10 @@ class GBWPanopticSegmentor(nn.Module):
         targets = []
         for x in batched_inputs:
             height, width = x["image"].shape[-2:]
-            target = x[key].to(self.device) if key in x else torch.full((*channels, height, width), default, device=self.device)
+            if key in x:
+                target = x[key].to(self.device)
+            else:
+                target = torch.full((*channels, height, width), default, device=self.device)
             targets.append(F.pad(target, (0, size[1] - width, 0, size[0] - height), value=pad_value))
         return torch.stack(targets)
 
@@ -404,7 +407,9 @@ class GBWPanopticSegmentor(nn.Module):
         height, width = png.shape
         instances = Instances((height, width))
         things = [s for s in segments_info if s["isthing"]]
-        masks = torch.stack([png == s["id"] for s in things]) if things else png.new_zeros((0, height, width), dtype=torch.bool)
+        masks = torch.zeros((len(things), height, width), dtype=torch.bool, device=png.device)
+        for mask, segment in zip(masks, things):
+            mask.copy_(png == segment["id"])
         classes = torch.tensor([s["category_id"] for s in things], dtype=torch.int64, device=png.device)
         probabilities = F.softmax(sem_seg, dim=0)
         scores = []
