@@ -3,6 +3,8 @@ from typing import List, Optional
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gbw_panoptic.gbw import ce_grad_sq_norms, class_pixel_counts, grad_norms, regression_grad_sq_norms
 
@@ -166,3 +168,35 @@ def test_regression_norms_reject_bad_inputs() -> None:
         regression_grad_sq_norms(pred, pred, pixel_class + 7, None, 3)
     with pytest.raises(ValueError, match="kind must be one of"):
         regression_grad_sq_norms(pred, pred, pixel_class, None, 3, kind="huber")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    num_classes=st.integers(2, 12),
+    height=st.integers(1, 7),
+    width=st.integers(1, 7),
+    ignore_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+    logit_scale=st.sampled_from([0.1, 3.0, 30.0]),
+    mode=st.sampled_from(["channel", "class"]),
+    seed=st.integers(0, 2**16),
+)
+def test_ce_norms_match_autograd_on_random_shapes(
+    batch: int, num_classes: int, height: int, width: int, ignore_fraction: float, logit_scale: float, mode: str, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    logits = (logit_scale * torch.randn(batch, num_classes, height, width, generator=generator)).double()
+    logits.requires_grad_()
+    labels = torch.randint(0, num_classes, (batch, height, width), generator=generator)
+    labels[torch.rand(batch, height, width, generator=generator) < ignore_fraction] = IGNORE
+    safe = torch.where(labels == IGNORE, 0, labels)
+    pixel_ce = -torch.log_softmax(logits, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    per_class = _per_class_mean_losses(pixel_ce, labels, num_classes, None)
+    if mode == "channel":
+        expected = torch.autograd.grad(sum(per_class), logits, allow_unused=True)[0].square().sum(dim=(0, 2, 3))
+    else:
+        expected = torch.stack(
+            [torch.autograd.grad(loss, logits, retain_graph=True)[0].square().sum() for loss in per_class]
+        )
+    result = ce_grad_sq_norms(logits, labels, mode=mode)
+    torch.testing.assert_close(result.double(), expected, rtol=1e-4, atol=1e-9)
