@@ -1,6 +1,8 @@
 """gbw_panoptic.evaluation.pq_compute against the real panopticapi on random panoptic sets."""
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -208,6 +210,10 @@ def test_png_id_round_trip(tmp_path):
     ids = rng.integers(0, 256**3, size=(5, 7))
     write_panoptic_png(tmp_path / "x.png", ids)
     assert np.array_equal(read_panoptic_png(tmp_path / "x.png"), ids)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "x.png").st_mode) == 0o666 & ~umask  # not mkstemp's 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temporary file left
     assert np.array_equal(rgb_to_id(id_to_rgb(ids)), ids)
     with pytest.raises(PanopticFormatError, match=r"\[0, 16777215\]"):
         id_to_rgb(np.array([256**3]))

@@ -100,6 +100,7 @@ def plot_groups(groups: "OrderedDict[str, OrderedDict[str, Series]]", title: str
     rows = (len(groups) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4 * rows), squeeze=False)
     for axis, (panel, lines) in zip(axes.flat, groups.items()):
+        axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # 20 distinct colours: one per class
         for label, (iterations, values) in lines.items():
             axis.plot(iterations, values, label=label, marker="o" if len(values) < 20 else None, markersize=3)
         axis.set_title(panel)

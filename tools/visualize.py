@@ -18,6 +18,7 @@ Examples:
         --config-file configs/synthetic/dacs_gbw.yaml MODEL.WEIGHTS output/run/model_final.pth MODEL.DEVICE cpu
 """
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -217,12 +218,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     written = 0
-    for record, panels in tqdm(pictures, desc="visualize", unit="img"):
+    for record, panels in tqdm(itertools.islice(pictures, args.max_images), desc="visualize", unit="img"):
         path = args.output_dir / f"{os.path.splitext(os.path.basename(record['file_name']))[0]}.png"
         write_png(path, compose(panels))
         written += 1
-        if args.max_images is not None and written >= args.max_images:
-            break
     logger.info("wrote %d pictures to %s", written, args.output_dir)
     if written == 0:
         logger.error("no image of %s had a prediction", args.dataset)

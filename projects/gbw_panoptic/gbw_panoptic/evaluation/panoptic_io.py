@@ -25,6 +25,10 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
+# The process umask (read once: os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 class PanopticFormatError(ValueError):
     """A panoptic PNG or JSON entry that does not follow the COCO panoptic format."""
@@ -86,6 +90,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp_path)
+        # mkstemp creates the file readable by its owner only; give it the usual permissions.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
