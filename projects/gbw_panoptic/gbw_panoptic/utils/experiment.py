@@ -56,6 +56,7 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
         Arm("source_only_gbw", "synthetic/mit_b0_source_only_gbw.yaml", "source only + GBW", "source_only"),
         Arm("dacs", "synthetic/dacs.yaml", "DACS"),
         Arm("dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", "dacs"),
+        Arm("dacs_gbw_absolute", "synthetic/dacs_gbw_absolute.yaml", "DACS + GBW (absolute λ)", "dacs"),
         Arm("advent", "synthetic/advent.yaml", "AdvEnt"),
         Arm("advent_gbw", "synthetic/advent_gbw.yaml", "AdvEnt + GBW", "advent"),
         Arm("minent", "synthetic/minent.yaml", "MinEnt"),
@@ -89,10 +90,10 @@ PRESETS: Dict[str, Preset] = {
     ),
     # `make experiment`: enough seeds to tell a difference from noise.
     "experiment": Preset(
-        arms=("source_only", "source_only_gbw", "dacs", "dacs_gbw"),
+        arms=("source_only", "dacs", "dacs_gbw", "dacs_gbw_absolute"),
         seeds=(0, 1, 2),
         max_iter=300,
-        description="3 seeds of source-only and DACS, each without and with GBW",
+        description="3 seeds of source-only, DACS, DACS + GBW (relative λ) and DACS + GBW (absolute λ)",
     ),
     # CI smoke test: a few iterations per arm on a tiny benchmark; numbers are meaningless.
     "smoke": Preset(
