@@ -15,7 +15,7 @@ from gbw_panoptic.data.datasets import prepare_gta5, prepare_synthia
 from gbw_panoptic.data.datasets.builtin_meta import SYNTHIA_EVAL_TRAIN_IDS, THING_LABEL_IDS
 from gbw_panoptic.data.datasets.conversion import instance_ids_from_labels
 
-# SYNTHIA id -> Cityscapes train id, written out independently of the implementation (DESIGN §5).
+# SYNTHIA id -> Cityscapes train id, written out independently of the implementation.
 SYNTHIA_TO_TRAIN_ID = {
     3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
     10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18,

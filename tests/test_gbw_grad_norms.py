@@ -1,4 +1,4 @@
-"""Analytic per-class gradient norms of gbw_panoptic.gbw against autograd (DESIGN §2.1-2.3, §2.8)."""
+"""Analytic per-class gradient norms of gbw_panoptic.gbw against autograd."""
 from typing import List, Optional
 
 import pytest
@@ -70,7 +70,7 @@ def test_ce_norms_match_autograd(
 
 
 def test_ce_norms_are_channel_norm_of_closed_form_gradient() -> None:
-    """g_c^2 is the squared norm of G[:, c] with G = (softmax - onehot) / (N_y + 1) (DESIGN §2.2)."""
+    """g_c^2 is the squared norm of G[:, c] with G = (softmax - onehot) / (N_y + 1)."""
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 4, 5, 5, generator=generator)
     labels = torch.randint(0, 4, (1, 5, 5), generator=generator)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Plot GBW class weights against lambda, absolute and relative (DESIGN §2.7).
+"""Plot GBW class weights against lambda, absolute and relative.
 
 Builds one Cityscapes-like batch (logits of a half-trained model, labels drawn from the synthetic
 long-tailed class distribution of ``tools/bench_gbw.py``, which is shaped after Cityscapes but is

@@ -1,7 +1,7 @@
 """Config keys of gbw-panoptic, added to Detectron2's ``get_cfg()`` by :func:`add_gbw_panoptic_config`.
 
 One function per concern (GBW, model, input/data, UDA, solver); ``add_gbw_panoptic_config`` calls
-them all. Defaults follow the reference setting (EDAPS + GBW, DESIGN §2–4); the yaml configs under
+them all. Defaults follow the reference setting (EDAPS + GBW); the yaml configs under
 ``configs/`` override what differs per experiment.
 """
 from detectron2.config import CfgNode as CN
@@ -98,7 +98,7 @@ def add_model_config(cfg: CN) -> None:
 
 def add_data_config(cfg: CN) -> None:
     """``INPUT.*``, ``DATASETS.TARGET_*`` and ``DATALOADER.RCS.*``: data and targets."""
-    # Panoptic-DeepLab target recipe (DESIGN §3).
+    # Panoptic-DeepLab target recipe.
     cfg.INPUT.GAUSSIAN_SIGMA = 8
     cfg.INPUT.IGNORE_STUFF_IN_OFFSET = True
     cfg.INPUT.SMALL_INSTANCE_AREA = 0
@@ -126,7 +126,7 @@ def add_data_config(cfg: CN) -> None:
 
 
 def add_uda_config(cfg: CN) -> None:
-    """``UDA.*``: the adaptation strategy and its hyperparameters (DESIGN §4)."""
+    """``UDA.*``: the adaptation strategy and its hyperparameters."""
     cfg.UDA = CN()
     cfg.UDA.METHOD = "dacs"  # source_only | dacs | advent | minent
     # DACS self-training.

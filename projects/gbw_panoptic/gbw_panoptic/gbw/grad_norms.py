@@ -1,6 +1,6 @@
 """Per-class squared gradient norms of dense losses, computed analytically (no autograd).
 
-GBW (DESIGN §2.1-2.3, §2.8) needs, for every class c, the squared norm g_c^2 of the gradient of
+GBW needs, for every class c, the squared norm g_c^2 of the gradient of
 the sum of per-class mean losses ``sum_c L_c`` with respect to the network output. Both functions
 here evaluate that gradient in closed form in a few fused tensor passes, in float32 whatever the
 input precision, without a second backward pass and without host synchronisation apart from the
@@ -245,7 +245,7 @@ def ce_grad_sq_norms(
     """Squared per-class norms g_c^2 of the gradient of ``sum_c L_c`` (cross-entropy) w.r.t. logits.
 
     The gradient is ``G[i, k] = s_i * (softmax(z)[i, k] - [k == y_i])`` with
-    ``s_i = q_i / (N_{y_i} + 1)`` and 0 on ignored pixels (DESIGN §2.2).
+    ``s_i = q_i / (N_{y_i} + 1)`` and 0 on ignored pixels.
 
     Args:
         logits: float tensor [B, C, H, W] (any float dtype; computed in float32).
@@ -304,7 +304,7 @@ def regression_grad_sq_norms(
 
     ``loss_i = sum_k (pred[i, k] - target[i, k])^2`` (``"mse"``, center heatmap) or
     ``sum_k |pred[i, k] - target[i, k]|`` (``"l1"``, offsets); pixels are grouped by their class
-    in ``pixel_class`` (DESIGN §2.8). ``g_c^2 = sum_{i: class_i = c} sum_k G[i, k]^2`` with
+    in ``pixel_class``. ``g_c^2 = sum_{i: class_i = c} sum_k G[i, k]^2`` with
     ``G[i, k] = s_i * 2 (pred - target)`` (mse) or ``s_i * sign(pred - target)`` (l1).
 
     Args:

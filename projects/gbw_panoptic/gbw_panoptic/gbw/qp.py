@@ -1,4 +1,4 @@
-"""The GBW quadratic program: class weights from squared gradient norms (DESIGN §2.4, §2.7).
+"""The GBW quadratic program: class weights from squared gradient norms.
 
     w* = argmin_w  lam * ||w - 1||^2 - sum_c w_c g_c^2   s.t.  w >= 0,  sum_c w_c = K
 

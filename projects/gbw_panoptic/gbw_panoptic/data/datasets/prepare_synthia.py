@@ -38,7 +38,7 @@ Outputs (existing valid outputs are kept, so re-running only converts what is mi
   ROOT/class_stats.json                   per-image class pixel counts (rare class sampling)
   ROOT/class_frequencies.json             class frequency summary
 
-SYNTHIA class ids are mapped to Cityscapes label ids as in DESIGN.md section 5; thing instances come
+SYNTHIA class ids are mapped to Cityscapes label ids as in the mapping table of datasets/README.md; thing instances come
 from the instance channel, thing pixels without an instance id become crowd segments.
 """
 
