@@ -256,3 +256,6 @@ def test_missing_prediction_and_corrupt_png(tmp_path):
     pred_json_file.write_text(json.dumps({"annotations": []}))
     with pytest.raises(PanopticFormatError, match=r"no prediction for image 'a'"):
         pq_compute(gt_json_file, pred_json_file, num_workers=1, progress=False)
+    pred_json_file.write_text(json.dumps({"segments": []}))
+    with pytest.raises(PanopticFormatError, match=r"pred\.json has no \['annotations'\] list"):
+        pq_compute(gt_json_file, pred_json_file, num_workers=1, progress=False)

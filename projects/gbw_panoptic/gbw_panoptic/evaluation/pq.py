@@ -288,6 +288,15 @@ def _matched_annotations(
     return pairs
 
 
+def _load_json(path: str, keys: Sequence[str]) -> Dict[str, Any]:
+    with open(path) as f:
+        document = json.load(f)
+    missing = [key for key in keys if key not in document]
+    if missing:
+        raise PanopticFormatError(f"{path} has no {missing} list: not a COCO panoptic JSON")
+    return document
+
+
 def _stats_of_pair(
     pair: Tuple[Mapping[str, Any], Mapping[str, Any]],
     gt_folder: str,
@@ -347,10 +356,8 @@ def pq_compute(
     """
     gt_json_file = os.fspath(gt_json_file)
     pred_json_file = os.fspath(pred_json_file)
-    with open(gt_json_file) as f:
-        gt_json = json.load(f)
-    with open(pred_json_file) as f:
-        pred_json = json.load(f)
+    gt_json = _load_json(gt_json_file, ("annotations", "categories"))
+    pred_json = _load_json(pred_json_file, ("annotations",))
     gt_folder = os.fspath(gt_folder) if gt_folder is not None else gt_json_file.replace(".json", "")
     pred_folder = (
         os.fspath(pred_folder) if pred_folder is not None else pred_json_file.replace(".json", "")
