@@ -99,7 +99,7 @@ def test_semantic_metrics_equal_direct_counts(synthetic_datasets, tmp_path):
     assert results["mIoU"] == pytest.approx(np.nanmean(expected["IoU"]))
     assert results["mIoU19"] == results["mIoU"]
     assert results["mIoU16"] == pytest.approx(np.nanmean(expected["IoU"][subset16]))
-    assert results["mIoU19sum/16"] == pytest.approx(np.nansum(expected["IoU"]) / 16)
+    assert results["mIoU19sum_div16"] == pytest.approx(np.nansum(expected["IoU"]) / 16)
     assert results["mACC"] == pytest.approx(np.nanmean(expected["recall"]))
     assert results["pACC"] == pytest.approx(expected["pACC"])
     assert 0 < results["mIoU"] < 100
@@ -107,7 +107,7 @@ def test_semantic_metrics_equal_direct_counts(synthetic_datasets, tmp_path):
     report = json.loads((tmp_path / "sem_seg.json").read_text())
     assert report["summary"]["mIoU16"] == pytest.approx(results["mIoU16"])
     assert [row["name"] for row in report["per_class"]] == list(names)
-    assert "mIoU19sum/16" in (tmp_path / "sem_seg.md").read_text()
+    assert "mIoU19sum_div16" in (tmp_path / "sem_seg.md").read_text()
     assert (tmp_path / "sem_seg.csv").read_text().splitlines()[0].startswith("class_id,name,IoU,recall")
     matrix = np.load(tmp_path / "sem_seg_confusion_matrix.npy")
     assert matrix.shape == (NUM_CLASSES, NUM_CLASSES) and matrix.sum() > 0
@@ -157,7 +157,7 @@ def test_panoptic_metrics_equal_panopticapi(synthetic_datasets, tmp_path):
             per_class[contiguous[dataset_id]] = 100 * values["pq"]
     assert results["mPQ"] == pytest.approx(np.nanmean(per_class))
     assert results["mPQ16"] == pytest.approx(np.nanmean(per_class[metadata.evaluation_classes_16]))
-    assert results["mPQ19sum/16"] == pytest.approx(np.nansum(per_class) / 16)
+    assert results["mPQ19sum_div16"] == pytest.approx(np.nansum(per_class) / 16)
     for dataset_id, c in contiguous.items():
         name = metadata.stuff_classes[c]
         assert results[f"PQ-{name}"] == pytest.approx(per_class[c], nan_ok=True)
@@ -165,7 +165,7 @@ def test_panoptic_metrics_equal_panopticapi(synthetic_datasets, tmp_path):
     report = json.loads((tmp_path / "panoptic_seg.json").read_text())
     assert report["summary"]["PQ"] == pytest.approx(results["PQ"])
     assert {"TP", "FP", "FN"} <= set(report["per_class"][0])
-    assert "mPQ19sum/16" in (tmp_path / "panoptic_seg.md").read_text()
+    assert "mPQ19sum_div16" in (tmp_path / "panoptic_seg.md").read_text()
 
 
 def _appears(tmp_path: Path, dataset_id: int) -> bool:

@@ -4,7 +4,7 @@ Every evaluator reports its per-class metrics and their means over class subsets
 ``evaluation_classes`` (the 19 Cityscapes classes) and, for SYNTHIA-sourced runs, the 16 classes
 SYNTHIA has (``evaluation_classes_16``). Some SYNTHIA papers instead divide the *sum* of the 19
 per-class values by 16; that number is reported too, under a name that says so
-(``mIoU19sum/16``), never as ``mIoU16``.
+(``mIoU19sum_div16``), never as ``mIoU16``.
 """
 import csv
 import json
@@ -56,7 +56,7 @@ def subset_means(metric: str, per_class: np.ndarray, subsets: Mapping[str, Seque
 
     Args:
         metric: name stem, e.g. ``"IoU"`` gives ``mIoU`` (primary subset), ``mIoU19``, ``mIoU16``
-            and ``mIoU19sum/16`` (sum over the primary subset divided by the size of each smaller
+            and ``mIoU19sum_div16`` (sum over the primary subset divided by the size of each smaller
             subset, the convention of some SYNTHIA papers).
         per_class: values indexed by contiguous class id (float, NaN = not counted).
         subsets: as returned by :func:`class_subsets`, primary first.
@@ -72,7 +72,7 @@ def subset_means(metric: str, per_class: np.ndarray, subsets: Mapping[str, Seque
     primary = per_class[list(subsets[names[0]])]
     for name in names[1:]:
         if len(subsets[name]) < len(subsets[names[0]]):
-            means[f"m{metric}{names[0]}sum/{name}"] = float(np.nansum(primary)) / len(subsets[name])
+            means[f"m{metric}{names[0]}sum_div{name}"] = float(np.nansum(primary)) / len(subsets[name])
     return means
 
 
@@ -81,7 +81,7 @@ def subset_notes(metric: str, subsets: Mapping[str, Sequence[int]]) -> List[str]
     names = list(subsets)
     notes = [f"m{metric}{name}: mean over {name} classes {subsets[name]}" for name in names]
     notes += [
-        f"m{metric}{names[0]}sum/{name}: sum of the {names[0]} per-class values divided by {name} "
+        f"m{metric}{names[0]}sum_div{name}: sum of the {names[0]} per-class values divided by {name} "
         f"(a convention of some SYNTHIA papers; not a mean over the {name} classes)"
         for name in names[1:]
         if len(subsets[name]) < len(subsets[names[0]])
