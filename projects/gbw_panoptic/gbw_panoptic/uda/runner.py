@@ -41,10 +41,9 @@ class StudentForward(nn.Module):
         if task == "losses":
             return self.model(inputs, gbw_log_prefix=gbw_log_prefix)
         if task == "losses_and_features":
-            losses = self.model(inputs, gbw_log_prefix=gbw_log_prefix)
+            losses, features = self.model.losses_and_features(inputs, gbw_log_prefix=gbw_log_prefix)
             images = self.model.preprocess_image(inputs).tensor
-            features = self.model.extract_features(images)[feature_name]
-            return losses, features, images
+            return losses, features[feature_name], images
         if task == "dense":
             return self.model.predict_dense(inputs)
         raise ValueError(f"unknown student task {task!r}; expected 'losses', 'losses_and_features' or 'dense'")
