@@ -110,10 +110,14 @@ def test_compare_runs_table_and_recall_chart(synthetic_datasets, tmp_path):
 
 def test_visualize_predictions_folder(synthetic_datasets, tmp_path):
     visualize = _tool("visualize")
-    predictions = tmp_path / "inference"
-    _evaluation_folder(predictions, seed=1)
+    run = tmp_path / "run"
+    _evaluation_folder(run / "inference" / VAL, seed=1)
     out = tmp_path / "pictures"
-    assert visualize.main(["--dataset", VAL, "--predictions", str(predictions), "--output-dir", str(out)]) == 0
+    assert visualize.main(["--dataset", VAL, "--predictions", str(run / "inference" / VAL), "--output-dir", str(out)]) == 0
+    assert visualize.main(["--dataset", VAL, "--predictions", str(run), "--output-dir", str(tmp_path / "again"), "--max-images", "1"]) == 0
+    assert len(list((tmp_path / "again").glob("*.png"))) == 1
+    with pytest.raises(FileNotFoundError, match="expects the folder the panoptic evaluator wrote"):
+        visualize.main(["--dataset", VAL, "--predictions", str(tmp_path), "--output-dir", str(out)])
     pictures = sorted(out.glob("*.png"))
     assert len(pictures) == 6
     for picture in pictures:

@@ -104,15 +104,21 @@ def contiguous_segments(segments_info: List[Dict[str, Any]], metadata: Any) -> L
     return converted
 
 
-def predictions_folder_panels(folder: Path, dataset_dicts: List[Dict[str, Any]], metadata: Any) -> Iterator[Tuple[Dict[str, Any], Panels]]:
+def predictions_folder_panels(folder: Path, dataset_name: str, dataset_dicts: List[Dict[str, Any]], metadata: Any) -> Iterator[Tuple[Dict[str, Any], Panels]]:
     """Panels of the images that have a prediction in ``folder`` (written by GBWPanopticEvaluator)."""
     from detectron2.data.detection_utils import read_image
 
     from gbw_panoptic.evaluation.panoptic_io import read_panoptic_png
 
+    candidates = [folder, folder / "inference" / dataset_name]  # evaluation folder or run folder
+    found = [candidate for candidate in candidates if (candidate / "panoptic_predictions.json").is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"no panoptic_predictions.json in {' or '.join(str(c) for c in candidates)}: --predictions expects "
+            f"the folder the panoptic evaluator wrote (OUTPUT_DIR/inference/<dataset>) or the run folder"
+        )
+    folder = found[0]
     json_file = folder / "panoptic_predictions.json"
-    if not json_file.is_file():
-        raise FileNotFoundError(f"{json_file} does not exist: --predictions expects the folder the panoptic evaluator wrote")
     predictions = {annotation["image_id"]: annotation for annotation in json.loads(json_file.read_text())["annotations"]}
     for record in dataset_dicts:
         annotation = predictions.get(record["image_id"])
@@ -192,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dataset", required=True, help="registered dataset name, e.g. cityscapes_panoptic_val")
     parser.add_argument("--datasets-root", default=None, help="root of the datasets (default: $DETECTRON2_DATASETS or ./datasets)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--predictions", type=Path, help="folder written by the panoptic evaluator (panoptic_predictions.json)")
+    source.add_argument("--predictions", type=Path, help="folder written by the panoptic evaluator (panoptic_predictions.json) or the run folder holding it under inference/<dataset>")
     source.add_argument("--config-file", help="model config; give the checkpoint as MODEL.WEIGHTS in the overrides")
     parser.add_argument("--output-dir", type=Path, default=Path("visualizations"), help="where to write the PNGs")
     parser.add_argument("--max-images", type=int, default=None, help="draw at most this many images")
@@ -212,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"dataset {args.dataset!r} is not registered (is --datasets-root right?)")
     metadata = MetadataCatalog.get(args.dataset)
     if args.predictions is not None:
-        pictures = predictions_folder_panels(args.predictions, DatasetCatalog.get(args.dataset), metadata)
+        pictures = predictions_folder_panels(args.predictions, args.dataset, DatasetCatalog.get(args.dataset), metadata)
     else:
         pictures = model_panels(load_config(args.config_file, args.opts), args.dataset, metadata, dense=not args.no_dense)
 
