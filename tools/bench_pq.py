@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -186,7 +186,7 @@ def _max_difference(a: Dict[str, Any], b: Dict[str, Any]) -> float:
     return max(differences)
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=200, help="images in the generated set (default 200)")
     parser.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
