@@ -259,3 +259,18 @@ def test_missing_prediction_and_corrupt_png(tmp_path):
     pred_json_file.write_text(json.dumps({"segments": []}))
     with pytest.raises(PanopticFormatError, match=r"pred\.json has no \['annotations'\] list"):
         pq_compute(gt_json_file, pred_json_file, num_workers=1, progress=False)
+
+
+def test_bench_pq_runs_and_agrees_on_a_tiny_set(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pq", Path(__file__).resolve().parents[1] / "tools" / "bench_pq.py")
+    bench_pq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_pq)
+    argv = ["--num-images", "3", "--height", "96", "--width", "192", "--data-dir", str(tmp_path / "set"), "--output", str(tmp_path / "bench.json")]
+    assert bench_pq.main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["max_abs_difference"] <= 1e-9 and report["pq"]["panopticapi"]["n"] > 0
+    assert set(report["seconds"]) == {"panopticapi", "gbw_panoptic", "PNG decoding only"}
+    gt = json.loads((tmp_path / "set" / "gt.json").read_text())
+    assert any(s["iscrowd"] for a in gt["annotations"] for s in a["segments_info"])  # crowd regions are exercised
