@@ -3,6 +3,7 @@ import json
 import math
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -261,11 +262,12 @@ def test_missing_prediction_and_corrupt_png(tmp_path):
         pq_compute(gt_json_file, pred_json_file, num_workers=1, progress=False)
 
 
-def test_bench_pq_runs_and_agrees_on_a_tiny_set(tmp_path):
+def test_bench_pq_runs_and_agrees_on_a_tiny_set(tmp_path, monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_pq", Path(__file__).resolve().parents[1] / "tools" / "bench_pq.py")
     bench_pq = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_pq", bench_pq)  # its worker function must be picklable by name
     spec.loader.exec_module(bench_pq)
     argv = ["--num-images", "3", "--height", "96", "--width", "192", "--data-dir", str(tmp_path / "set"), "--output", str(tmp_path / "bench.json")]
     assert bench_pq.main(argv) == 0
