@@ -140,12 +140,13 @@ def test_offset_panel_colours_directions():
 
 
 @pytest.mark.slow
-def test_visualize_model_checkpoint(synthetic_datasets, tmp_path):
+@pytest.mark.parametrize("config, panels", [("mit_b0_source_only_gbw.yaml", 5), ("semantic_mit_b0_source_only_gbw.yaml", 3)])
+def test_visualize_model_checkpoint(synthetic_datasets, tmp_path, config, panels):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     visualize = _tool("visualize")
-    config_file = str(REPO_ROOT / "configs" / "synthetic" / "mit_b0_source_only_gbw.yaml")
+    config_file = str(REPO_ROOT / "configs" / "synthetic" / config)
     cfg = visualize.load_config(config_file, ["MODEL.WEIGHTS", "unused.pth"])
     DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model")
     out = tmp_path / "pictures"
@@ -154,4 +155,4 @@ def test_visualize_model_checkpoint(synthetic_datasets, tmp_path):
     assert visualize.main(argv) == 0
     pictures = sorted(out.glob("*.png"))
     assert len(pictures) == 2
-    assert _png_size(pictures[0]) == (visualize.TITLE_HEIGHT + 128, 5 * 256)
+    assert _png_size(pictures[0]) == (visualize.TITLE_HEIGHT + 128, panels * 256)
