@@ -5,7 +5,7 @@ import os
 import socket
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ NUM_CLASSES = 19
 VAL = "synthetic_target_panoptic_val"
 
 
-def model_outputs(dataset_dicts: List[dict], seed: int) -> List[dict]:
+def model_outputs(dataset_dicts: List[dict], seed: Optional[int]) -> List[dict]:
     """Outputs in Detectron2's contract derived from the ground truth of each image.
 
     seed None gives a perfect prediction; otherwise the maps are shifted by a few pixels, some
