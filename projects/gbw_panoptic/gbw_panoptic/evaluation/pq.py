@@ -23,7 +23,6 @@ and ``rq`` are NaN with ``n`` 0.
 import functools
 import json
 import logging
-import multiprocessing
 import os
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -32,6 +31,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..utils.parallel import process_pool
 from .panoptic_io import PanopticFormatError, read_panoptic_png
 
 __all__ = ["PQStats", "pq_compute", "pq_image_stats"]
@@ -328,7 +328,7 @@ def _image_stats_stream(
         return
     chunksize = max(1, min(8, len(pairs) // (4 * num_workers)))
     # One OpenCV thread per worker: the parallelism is across images.
-    with multiprocessing.Pool(processes=min(num_workers, len(pairs)), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+    with process_pool(min(num_workers, len(pairs)), preload=[__name__], initializer=cv2.setNumThreads, initargs=(1,)) as pool:
         yield from pool.imap(compute, pairs, chunksize=chunksize)
 
 

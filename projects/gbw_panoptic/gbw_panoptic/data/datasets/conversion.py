@@ -26,7 +26,6 @@ import functools
 import glob
 import io
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from PIL import Image
 from tabulate import tabulate
 from tqdm import tqdm
 
+from ...utils.parallel import process_pool
 from .builtin_meta import CLASS_NAMES, LABEL_DIVISOR, NUM_CLASSES, label_id_to_train_id_lut
 
 __all__ = [
@@ -436,8 +436,7 @@ def run_conversion(
         _init_worker(convert)
         collect(map(_convert_one, todo))
     else:
-        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with context.Pool(workers, initializer=_init_worker, initargs=(convert,)) as pool:
+        with process_pool(workers, preload=[__name__], initializer=_init_worker, initargs=(convert,)) as pool:
             collect(pool.imap_unordered(_convert_one, todo, chunksize=4))
 
     ordered = [records[image_id] for image_id in sorted(records)]

@@ -22,9 +22,7 @@ seeded with ``(seed, domain, split, index)``: the output does not depend on the 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -36,6 +34,7 @@ from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from tqdm import tqdm
 
+from ...utils.parallel import process_pool
 from .builtin_meta import SYNTHIA_TO_LABEL_ID
 from .conversion import (
     ConversionReport,
@@ -455,8 +454,7 @@ def generate_synthetic(
         for task in tqdm(tasks, **progress):
             _write_image(task)
     else:
-        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with context.Pool(workers) as pool:
+        with process_pool(workers, preload=[__name__]) as pool:
             for _ in tqdm(pool.imap_unordered(_write_image, tasks, chunksize=8), **progress):
                 pass
     return {"source": source_dir, "target": target_dir}
