@@ -40,3 +40,9 @@ def test_smoke_experiment_writes_full_report_and_skips_finished_runs(tmp_path):
     logs = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/train_stdout.log")}
     run_experiment("smoke", out, datasets, jobs=2)
     assert {p: p.stat().st_mtime_ns for p in logs} == logs
+
+
+def test_unknown_arm_is_rejected_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown arm.*nope"):
+        run_experiment("smoke", tmp_path / "out", tmp_path / "datasets", arms=["dacs", "nope"])
+    assert not (tmp_path / "datasets").exists()

@@ -452,6 +452,14 @@ def run_experiment(
         overrides["max_iter"] = max_iter
     if overrides:
         preset = replace(preset, **overrides)
+        unknown = [name for name in preset.arms if name not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {', '.join(unknown)}; known arms: {', '.join(ARMS)}")
+        labels = ", ".join(ARMS[name].label for name in preset.arms)
+        preset = replace(
+            preset,
+            description=f"{len(preset.seeds)} seed(s) of {labels}, {preset.max_iter} iterations (preset {preset_name!r} modified)",
+        )
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     prepare_benchmark(preset, datasets_root, workers=max(jobs, 1))
