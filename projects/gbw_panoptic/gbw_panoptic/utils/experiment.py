@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -274,8 +275,10 @@ def plot_recall_deltas(
     fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / max(len(deltas), 1)
     for index, (label, per_seed) in enumerate(deltas.items()):
-        mean = np.nanmean(per_seed, axis=0)[order]
-        std = np.nanstd(per_seed, axis=0, ddof=1)[order] if per_seed.shape[0] > 1 else None
+        with warnings.catch_warnings():  # classes absent from the val split are all-NaN columns
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(per_seed, axis=0)[order]
+            std = np.nanstd(per_seed, axis=0, ddof=1)[order] if per_seed.shape[0] > 1 else None
         xs = np.arange(len(order)) + (index - (len(deltas) - 1) / 2) * width
         ax.bar(xs, np.nan_to_num(mean), width, yerr=std, label=label, capsize=2)
     ax.axhline(0, color="black", linewidth=0.8)
