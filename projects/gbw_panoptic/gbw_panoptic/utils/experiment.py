@@ -29,6 +29,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..evaluation.panoptic_io import atomic_write, write_json
+
 __all__ = ["Arm", "Preset", "ARMS", "PRESETS", "RunSpec", "run_experiment"]
 
 logger = logging.getLogger("gbw_panoptic.experiment")
@@ -192,9 +194,7 @@ def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int) -> float
             f"training run {run.arm.name} seed {run.seed} failed (exit {result.returncode}); see {log_path}"
         )
     marker = run.output_dir / "experiment_run.json"
-    tmp = marker.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"command": run.command, "seconds": elapsed}, indent=2))
-    os.replace(tmp, marker)
+    write_json(marker, {"command": run.command, "seconds": elapsed})
     logger.info("%s seed %d: done in %.0f s", run.arm.name, run.seed, elapsed)
     return elapsed
 
@@ -289,10 +289,8 @@ def plot_recall_deltas(
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp_path: fig.savefig(tmp_path, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _tool(name: str, *args: str, datasets_root: Path) -> None:
@@ -418,15 +416,13 @@ def write_report(
             lines += [f"{arm.label}: ![{png.stem}]({png.relative_to(out)})", ""]
 
     report = out / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, report)
+    atomic_write(report, lambda tmp_path: Path(tmp_path).write_text("\n".join(lines)))
     summary = {
         "preset": preset_name,
         "seconds": seconds,
         "runs": {f"{arm}/seed{seed}": values for (arm, seed), values in metrics.items()},
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "results.json", summary)
     return report
 
 
