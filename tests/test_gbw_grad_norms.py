@@ -200,3 +200,79 @@ def test_ce_norms_match_autograd_on_random_shapes(
         )
     result = ce_grad_sq_norms(logits, labels, mode=mode)
     torch.testing.assert_close(result.double(), expected, rtol=1e-4, atol=1e-9)
+
+
+def _autograd_channel_norms(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Channel-mode g^2 in float64 by autograd, for logits [B, C, H, W] of any dtype."""
+    logits = logits.double().requires_grad_()
+    safe = torch.where(labels == IGNORE, 0, labels)
+    pixel_ce = -torch.log_softmax(logits, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    per_class = _per_class_mean_losses(pixel_ce, labels, logits.shape[1], None)
+    return torch.autograd.grad(sum(per_class), logits)[0].square().sum(dim=(0, 2, 3))
+
+
+@pytest.mark.parametrize("block_elements", [None, 40])
+def test_ce_norms_extreme_logits(block_elements: Optional[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits whose exponentials overflow or underflow float32 (the CPU then subtracts each pixel's
+    maximum) next to ordinary ones, in one block and in blocks of one row."""
+    if block_elements is not None:
+        monkeypatch.setattr(grad_norms, "CPU_BLOCK_ELEMENTS", block_elements)
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 4, 6, 5, generator=generator)
+    logits[0, :, 1] += 300.0  # exp overflows
+    logits[0, :, 3] -= 300.0  # exp underflows
+    logits[0, 2, 4] = 60.0  # its square overflows
+    labels = torch.randint(0, 4, (1, 6, 5), generator=generator)
+    expected = _autograd_channel_norms(logits, labels)
+    torch.testing.assert_close(ce_grad_sq_norms(logits, labels).double(), expected, rtol=1e-4, atol=0.0)
+
+
+def test_ce_norms_keep_the_residuals_of_confident_pixels() -> None:
+    """With p(label) = 1 - 1e-7, softmax - 1 in float32 is all rounding error; the norms are
+    formed from the sum of the other classes' exponentials and keep float32 relative accuracy."""
+    generator = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 5, (2, 8, 8), generator=generator)
+    logits = 0.1 * torch.randn(2, 5, 8, 8, generator=generator)
+    logits.scatter_add_(1, labels.unsqueeze(1), torch.full((2, 1, 8, 8), 18.0))
+    result = ce_grad_sq_norms(logits, labels)
+    assert result.min() > 0
+    torch.testing.assert_close(result.double(), _autograd_channel_norms(logits, labels), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+@pytest.mark.parametrize("use_pixel_weights", [False, True])
+def test_group_pixels_same_for_every_ignore_value(dtype: torch.dtype, use_pixel_weights: bool) -> None:
+    """Labels with ignore value 255 (counted by a histogram) and -1 (the general path) group alike."""
+    generator = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 6, (2, 5, 7), generator=generator)
+    ignored = torch.rand(2, 5, 7, generator=generator) < 0.3
+    pixel_weights = torch.rand(2, 5, 7, generator=generator).round() if use_pixel_weights else None
+    histogram = grad_norms.group_pixels(torch.where(ignored, 255, labels).to(dtype), 6, 255, pixel_weights)
+    general = grad_norms.group_pixels(torch.where(ignored, -1, labels), 6, -1, pixel_weights)
+    torch.testing.assert_close(histogram.counts, general.counts)
+    torch.testing.assert_close(histogram.scale, general.scale)
+    covered = histogram.scale > 0
+    assert torch.equal(histogram.safe_class_map[covered], labels[covered])
+    for groups in (histogram, general):
+        assert groups.safe_class_map.dtype == torch.int64
+        assert 0 <= int(groups.safe_class_map.min()) and int(groups.safe_class_map.max()) < 6
+
+
+@pytest.mark.parametrize("bad_label", [6, 200, 70_000, -5])
+def test_group_pixels_name_stray_labels(bad_label: int) -> None:
+    labels = torch.zeros(1, 3, 3, dtype=torch.long)
+    labels[0, 0, 0] = 255
+    labels[0, 2, 1] = bad_label
+    with pytest.raises(ValueError, match=rf"pixel_class contains the value {bad_label}; expected"):
+        grad_norms.group_pixels(labels, 6, 255, name="pixel_class")
+
+
+def test_loss_norms_keep_the_residuals_of_confident_pixels() -> None:
+    """The norms computed inside the loss (from its log-softmax) are as exact as the standalone ones."""
+    generator = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 5, (2, 8, 8), generator=generator)
+    logits = 0.1 * torch.randn(2, 5, 8, 8, generator=generator)
+    logits.scatter_add_(1, labels.unsqueeze(1), torch.full((2, 1, 8, 8), 18.0))
+    groups = grad_norms.group_pixels(labels, 5)
+    _, sq_norms = grad_norms.cross_entropy_with_grad_sq_norms(logits, groups)
+    torch.testing.assert_close(sq_norms.double(), _autograd_channel_norms(logits, labels), rtol=1e-5, atol=0.0)

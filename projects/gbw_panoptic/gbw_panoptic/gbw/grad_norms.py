@@ -11,7 +11,7 @@ when pixel weights are given, with a non-zero weight) and q_i the pixel weight (
 
     L_c = 1 / (N_c + 1) * sum_{i: y_i = c} q_i * loss_i
 """
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -39,17 +39,13 @@ def _safe_class_map(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Validate a class map and return ``(safe, ignored)``: int64 with ``ignore_index`` replaced by
     0, and the bool mask of ignored entries. Reads back two values (min and max) from the device."""
-    if class_map.dtype.is_floating_point or class_map.dtype == torch.bool or class_map.is_complex():
-        raise ValueError(f"{name} must be an integer tensor of class ids, got dtype {class_map.dtype}")
+    _check_dtype(class_map, name)
     ignored = class_map == ignore_index
     safe = torch.where(ignored, 0, class_map.long())
     if safe.numel() > 0:
         low, high = torch.stack(torch.aminmax(safe)).tolist()
         if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"{name} contains the value {low if low < 0 else high}; expected class ids in "
-                f"[0, {num_classes}) or the ignore value {ignore_index}"
-            )
+            raise _invalid_class_error(name, low if low < 0 else high, num_classes, ignore_index)
     return safe, ignored
 
 
@@ -84,9 +80,60 @@ def check_finite_norms(sq_norms: torch.Tensor, *tensors: Tuple[str, Optional[tor
 class PixelGroups(NamedTuple):
     """Pixels of a loss call grouped by class (see :func:`group_pixels`)."""
 
-    safe_class_map: torch.Tensor  # int64 [B, H, W], ignore_index replaced by 0
+    safe_class_map: torch.Tensor  # int64 [B, H, W], ignored pixels given some class in [0, C)
     counts: torch.Tensor  # float32 [C], N_c: covered pixels per class
     scale: torch.Tensor  # float32 [B, H, W], q_i / (N_{y_i} + 1), 0 where not covered
+
+
+# Largest label value for which :func:`group_pixels` counts with a histogram of the raw labels.
+HISTOGRAM_MAX_LABEL = 1 << 16
+
+
+def _check_dtype(class_map: torch.Tensor, name: str) -> None:
+    if class_map.dtype.is_floating_point or class_map.dtype == torch.bool or class_map.is_complex():
+        raise ValueError(f"{name} must be an integer tensor of class ids, got dtype {class_map.dtype}")
+
+
+def _invalid_class_error(name: str, value: int, num_classes: int, ignore_index: int) -> ValueError:
+    return ValueError(
+        f"{name} contains the value {value}; expected class ids in [0, {num_classes}) or the ignore "
+        f"value {ignore_index}"
+    )
+
+
+def _group_pixels_by_histogram(
+    class_map: torch.Tensor,
+    num_classes: int,
+    ignore_index: int,
+    pixel_weights: Optional[torch.Tensor],
+    name: str,
+) -> PixelGroups:
+    """:func:`group_pixels` for non-negative labels: one histogram of the raw labels both
+    validates them and counts the pixels, and a lookup table indexed by label gives the scale."""
+    flat = class_map.flatten().long()
+    histogram = torch.bincount(flat, minlength=num_classes)
+    bins = histogram.numel()
+    stray = histogram[num_classes:].clone()
+    if num_classes <= ignore_index < bins:
+        stray[ignore_index - num_classes] = 0
+    if bool(stray.any()):
+        raise _invalid_class_error(name, num_classes + int(stray.nonzero()[0]), num_classes, ignore_index)
+    if pixel_weights is None:
+        counts = histogram[:num_classes].float()
+    else:
+        weighted = (pixel_weights != 0).flatten().float()
+        counts = torch.bincount(flat, weights=weighted, minlength=num_classes)[:num_classes].float()
+    if 0 <= ignore_index < num_classes:
+        counts[ignore_index] = 0.0
+    table = torch.zeros(bins, dtype=torch.float32, device=class_map.device)
+    table[:num_classes] = 1.0 / (counts + 1.0)
+    if 0 <= ignore_index < bins:
+        table[ignore_index] = 0.0
+    scale = table.index_select(0, flat).view(class_map.shape)
+    if pixel_weights is not None:
+        scale = scale * pixel_weights.float()
+    safe = flat.clamp(0, num_classes - 1).view(class_map.shape)
+    return PixelGroups(safe, counts, scale)
 
 
 def group_pixels(
@@ -105,7 +152,16 @@ def group_pixels(
         num_classes: number of classes C.
         pixel_weights: float tensor [B, H, W] or None (all ones).
         name: name of ``class_map`` in error messages.
+
+    Raises:
+        ValueError: ``class_map`` is not an integer tensor or holds a value outside
+            ``[0, C) ∪ {ignore_index}`` (named in the message).
     """
+    _check_dtype(class_map, name)
+    if class_map.numel() > 0:
+        low, high = torch.stack(torch.aminmax(class_map.flatten())).tolist()
+        if low >= 0 and high <= max(HISTOGRAM_MAX_LABEL, num_classes - 1):
+            return _group_pixels_by_histogram(class_map, num_classes, ignore_index, pixel_weights, name)
     safe, ignored = _safe_class_map(class_map, num_classes, ignore_index, name)
     if pixel_weights is not None:
         ignored = ignored | (pixel_weights == 0)
@@ -150,41 +206,102 @@ def check_shapes(
         _check_dense(pixel_weights[1], pixel_weights[0], (batch, height, width), what)
 
 
-def _pixel_blocks(logits: torch.Tensor) -> List[Tuple[slice, slice]]:
-    """``(images, rows)`` slices that cover the [B, H] of ``logits`` [B, C, H, W]: on the CPU single
-    images in blocks of rows of about :data:`CPU_BLOCK_ELEMENTS` logits, which stay in cache and
-    spare allocating (and page-faulting) a float32 copy of all logits; elsewhere one block."""
+def _pixel_blocks(
+    logits: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(logits [C, P], safe_class_map [P], scale [P])`` views that cover the pixels of
+    ``logits`` [B, C, H, W] image by image: on the CPU in blocks of whole rows of about
+    :data:`CPU_BLOCK_ELEMENTS` logits, which stay in cache and spare allocating (and
+    page-faulting) a float32 copy of all logits; elsewhere one block per image."""
     batch, num_classes, height, width = logits.shape
-    if logits.device.type != "cpu":
-        return [(slice(None), slice(None))]
-    rows = max(1, CPU_BLOCK_ELEMENTS // (num_classes * width))
-    return [(slice(b, b + 1), slice(top, top + rows)) for b in range(batch) for top in range(0, height, rows)]
+    pixels = height * width
+    if logits.device.type == "cpu":
+        pixels = max(1, CPU_BLOCK_ELEMENTS // (num_classes * width)) * width
+    for image in range(batch):
+        yield from zip(
+            logits[image].flatten(1).split(pixels, dim=1),
+            safe_class_map[image].flatten().split(pixels),
+            scale[image].flatten().split(pixels),
+        )
 
 
-def _softmax_copy(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 1 of ``logits`` [B, C, H, W] into a new contiguous float32 tensor, computed
-    in place on the copy (on the CPU several times faster than ``torch.softmax`` over the strided
-    channel dim, and no second allocation)."""
-    probs = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
-    probs.sub_(probs.amax(dim=1, keepdim=True)).exp_()
-    return probs.div_(probs.sum(dim=1, keepdim=True))
+# Range of the per-pixel sums of exp(logits) within which the CPU skips subtracting the per-pixel
+# maximum: then no logit exceeds 40 (its squared exponential stays finite in float32) and every pixel
+# has a logit above -20 - ln(C), so the squared exponentials that underflow weigh less than
+# C^2 * 3e-21 of their pixel's (1e-15 for a thousand classes).
+UNSHIFTED_EXP_SUM_RANGE = (2.0611536e-09, 2.3538527e17)  # (exp(-20), exp(40))
+
+
+def _exp_logits(logits: torch.Tensor, out: torch.Tensor, shift: bool) -> torch.Tensor:
+    """``exp(logits - shift_i)`` into ``out`` (float32, shape of ``logits`` [C, P]), with
+    ``shift_i`` the per-pixel maximum over C when ``shift`` and 0 otherwise."""
+    if logits.dtype != out.dtype:
+        logits = out.copy_(logits)
+    if shift:
+        return torch.sub(logits, logits.amax(dim=0), out=out).exp_()
+    return torch.exp(logits, out=out)
+
+
+def _block_sq_norms(
+    logits: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str, out: torch.Tensor
+) -> torch.Tensor:
+    """Squared per-class norms (mode as in :func:`ce_grad_sq_norms`) of the gradient of one block.
+
+    With ``e = exp(z)`` (up to a per-pixel factor), ``S_i = sum_k e_ik`` and ``R_i = sum_{k != y_i}
+    e_ik``, the gradient row of pixel i is ``s_i / S_i * e_ik`` off the label and
+    ``-s_i * R_i / S_i`` on it: the label entry is formed from R, a sum without the label term,
+    so no ``p - 1`` cancellation loses the small residuals of confident pixels.
+
+    Args:
+        logits: float tensor [C, P] (pixels flattened).
+        safe_class_map: int64 [P], labels with ignored pixels set to any class.
+        scale: float32 [P], ``s_i`` (0 on pixels the loss does not cover).
+        mode: ``"channel"`` or ``"class"``.
+        out: float32 scratch tensor of the shape of ``logits``; overwritten.
+
+    Returns:
+        float32 [C].
+    """
+    # On the CPU a cheap check on S replaces the pass that subtracts the per-pixel maximum; a block
+    # outside the safe range (or with non-finite logits) is recomputed with the shift.
+    exp_logits = _exp_logits(logits, out, shift=logits.device.type != "cpu")
+    total = exp_logits.sum(dim=0)
+    if exp_logits.device.type == "cpu":
+        low, high = torch.aminmax(total)
+        if not (UNSHIFTED_EXP_SUM_RANGE[0] <= float(low) and float(high) <= UNSHIFTED_EXP_SUM_RANGE[1]):
+            exp_logits = _exp_logits(logits, out, shift=True)
+            total = exp_logits.sum(dim=0)
+    label_index = safe_class_map.unsqueeze(0)
+    exp_logits.scatter_(0, label_index, 0.0)
+    factor = scale / total  # s_i / S_i
+    label_sq = exp_logits.sum(dim=0).mul_(factor).square_()  # s_i^2 (1 - p_{i, y_i})^2
+    exp_logits.square_()
+    factor.square_()
+    if mode == "channel":
+        return torch.mv(exp_logits, factor).index_add_(0, safe_class_map, label_sq)
+    pixel_sq = exp_logits.sum(dim=0).mul_(factor).add_(label_sq)
+    sq_norms = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    return sq_norms.index_add_(0, safe_class_map, pixel_sq)
 
 
 def _residual_sq_norms(
-    probs: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str
+    log_probs: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str
 ) -> torch.Tensor:
-    """Turn ``probs`` (float32 [B, C, H, W], softmax) in place into the gradient of
-    ``sum_c L_c``, ``scale_i * (probs_i - onehot(y_i))``, and return its squared per-class norms."""
+    """Turn ``log_probs`` (float32 [B, C, H, W], log-softmax) in place into the gradient of
+    ``sum_c L_c``, ``scale_i * (softmax_i - onehot(y_i))``, and return its squared per-class norms.
+
+    The label entry ``p_y - 1`` is formed as ``-sum_{k != y} p_k``, which keeps float32 relative
+    precision for confident pixels, where ``p_y - 1`` would be rounding error."""
     label_index = safe_class_map.unsqueeze(1)
-    # Subtract the one-hot target; uncovered pixels are zeroed by the scale just after.
-    probs.scatter_add_(1, label_index, probs.new_full(label_index.shape, -1.0))
-    probs.mul_(scale.unsqueeze(1))
+    residual = log_probs.exp_().scatter_(1, label_index, 0.0)
+    residual.scatter_(1, label_index, residual.sum(dim=1, keepdim=True).neg_())
+    residual.mul_(scale.unsqueeze(1))
     if mode == "channel":
         # Norms along the contiguous pixel axis, then over the batch: much faster on CPU than
         # one reduction over the strided dims (0, 2, 3).
-        return torch.linalg.vector_norm(probs.flatten(2), dim=2).square().sum(dim=0)
-    pixel_sq = torch.linalg.vector_norm(probs, dim=1).square()
-    sq_norms = torch.zeros(probs.shape[1], dtype=torch.float32, device=probs.device)
+        return torch.linalg.vector_norm(residual.flatten(2), dim=2).square().sum(dim=0)
+    pixel_sq = torch.linalg.vector_norm(residual, dim=1).square()
+    sq_norms = torch.zeros(residual.shape[1], dtype=torch.float32, device=residual.device)
     return sq_norms.scatter_add_(0, safe_class_map.flatten(), pixel_sq.flatten())
 
 
@@ -198,10 +315,8 @@ class _CrossEntropyWithGradNorms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str):
-        label_index = safe_class_map.unsqueeze(1)
         residual = torch.log_softmax(logits, dim=1)
-        pixel_losses = torch.where(scale > 0, -residual.gather(1, label_index).squeeze(1), 0.0)
-        residual.exp_()
+        pixel_losses = torch.where(scale > 0, -residual.gather(1, safe_class_map.unsqueeze(1)).squeeze(1), 0.0)
         sq_norms = _residual_sq_norms(residual, safe_class_map, scale, mode)
         ctx.save_for_backward(residual, scale)
         ctx.mark_non_differentiable(sq_norms)
@@ -266,9 +381,11 @@ def ce_grad_sq_norms(
     groups = group_pixels(labels, logits.shape[1], ignore_index, pixel_weights, "labels")
     sq_norms = torch.zeros(logits.shape[1], dtype=torch.float32, device=logits.device)
     with torch.no_grad():
-        for images, rows in _pixel_blocks(logits):
-            probs = _softmax_copy(logits[images, :, rows].detach())
-            sq_norms += _residual_sq_norms(probs, groups.safe_class_map[images, rows], groups.scale[images, rows], mode)
+        blocks = list(_pixel_blocks(logits.detach(), groups.safe_class_map, groups.scale))
+        scratch = torch.empty(blocks[0][0].numel(), dtype=torch.float32, device=logits.device)
+        for block_logits, block_classes, block_scale in blocks:
+            out = scratch[: block_logits.numel()].view(block_logits.shape)
+            sq_norms += _block_sq_norms(block_logits, block_classes, block_scale, mode, out)
     return check_finite_norms(sq_norms, ("logits", logits), ("pixel_weights", pixel_weights))
 
 
