@@ -3,15 +3,16 @@
 GBW needs, for every class c, the squared norm g_c^2 of the gradient of
 the sum of per-class mean losses ``sum_c L_c`` with respect to the network output. Both functions
 here evaluate that gradient in closed form in a few fused tensor passes, in float32 whatever the
-input precision, without a second backward pass and without host synchronisation apart from the
-input checks (they read back the label range and whether the norms are finite).
+input precision, without a second backward pass and, on a GPU, without host synchronisation apart
+from the input checks (they read back the label range and whether the norms are finite; on the CPU,
+where reading a value back costs nothing, a few more checks choose the faster path).
 
 Per-class mean loss, with N_c the number of pixels of class c that the loss covers (labelled and,
 when pixel weights are given, with a non-zero weight) and q_i the pixel weight (1 when absent)::
 
     L_c = 1 / (N_c + 1) * sum_{i: y_i = c} q_i * loss_i
 """
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -158,7 +159,9 @@ def group_pixels(
             ``[0, C) ∪ {ignore_index}`` (named in the message).
     """
     _check_dtype(class_map, name)
-    if class_map.numel() > 0:
+    if class_map.device.type == "cpu" and class_map.numel() > 0:
+        # On the CPU a histogram is the fastest way to validate and count; elsewhere (where
+        # bincount reads its size back from the device) the general path reads back only min/max.
         low, high = torch.stack(torch.aminmax(class_map.flatten())).tolist()
         if low >= 0 and high <= max(HISTOGRAM_MAX_LABEL, num_classes - 1):
             return _group_pixels_by_histogram(class_map, num_classes, ignore_index, pixel_weights, name)
