@@ -11,9 +11,11 @@ The matching rules are panopticapi's, to the letter:
 - unmatched non-crowd GT segments are false negatives;
 - a category enters the averages only when it has at least one TP, FP or FN.
 
-What differs is the speed: each image takes one pass over its pixels to find the runs of equal
-(GT id, predicted id) pairs, then one weighted ``bincount`` over the runs gives the whole GT x
-prediction intersection matrix; images are processed by parallel worker processes and streamed
+What differs is the speed: each PNG is read as runs of equal ids (for the PNGs that OpenCV writes,
+straight from the filtered bytes, without decoding the pixels; see
+:func:`~gbw_panoptic.evaluation.panoptic_io.read_panoptic_runs`), the runs of the two images merge
+into runs of equal (GT id, predicted id) pairs, then one weighted ``bincount`` over the runs gives
+the whole GT x prediction intersection matrix; images are processed by parallel worker processes and streamed
 through in order (the accumulation order, and so the result, does not depend on the number of workers), and invalid
 predictions raise :class:`~gbw_panoptic.evaluation.panoptic_io.PanopticFormatError` naming the image,
 the file and the segment. The one deliberate difference on valid input: where panopticapi divides
@@ -32,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..utils.parallel import process_pool
-from .panoptic_io import PanopticFormatError, read_panoptic_png
+from .panoptic_io import PanopticFormatError, PanopticRuns, read_panoptic_runs
 
 __all__ = ["PQStats", "pq_compute", "pq_image_stats"]
 
@@ -120,22 +122,20 @@ def _segments(annotation: Mapping[str, Any], role: str, png_path: str) -> List[M
     return segments
 
 
-def _pixel_runs(gt_ids: np.ndarray, pred_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pixel_runs(gt: PanopticRuns, pred: PanopticRuns) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of equal (GT id, predicted id) pairs along the flattened images.
 
     Panoptic maps are piecewise constant, so a 1024x2048 image has some 10^4 runs instead of 2·10^6
-    pixels; everything after this one pass works on runs. Returns (GT id, predicted id, length)
-    per run.
+    pixels; everything after this merge of the two images' runs works on runs. Returns (GT id,
+    predicted id, length) per run.
     """
-    gt_flat = gt_ids.ravel()
-    pred_flat = pred_ids.ravel()
-    change = np.empty(gt_flat.size, dtype=bool)
-    change[:1] = True
-    np.not_equal(gt_flat[1:], gt_flat[:-1], out=change[1:])
-    change[1:] |= pred_flat[1:] != pred_flat[:-1]
-    starts = np.flatnonzero(change)
-    lengths = np.diff(starts, append=gt_flat.size)
-    return gt_flat[starts], pred_flat[starts], lengths
+    both = np.sort(np.concatenate([gt.starts, pred.starts]), kind="stable")  # merges two sorted runs
+    new = np.ones(len(both), dtype=bool)
+    new[1:] = both[1:] != both[:-1]
+    starts = both[new]
+    gt_ids = gt.ids[np.searchsorted(gt.starts, starts, side="right") - 1]
+    pred_ids = pred.ids[np.searchsorted(pred.starts, starts, side="right") - 1]
+    return gt_ids, pred_ids, np.diff(starts, append=gt.shape[0] * gt.shape[1])
 
 
 def _compact_index(ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
@@ -171,12 +171,12 @@ def pq_image_stats(
     image_id = gt_annotation["image_id"]
     gt_path = os.path.join(gt_folder, gt_annotation["file_name"])
     pred_path = os.path.join(pred_folder, pred_annotation["file_name"])
-    gt_ids = read_panoptic_png(gt_path)
-    pred_ids = read_panoptic_png(pred_path)
-    if gt_ids.shape != pred_ids.shape:
+    gt_runs = read_panoptic_runs(gt_path)
+    pred_runs = read_panoptic_runs(pred_path)
+    if gt_runs.shape != pred_runs.shape:
         raise PanopticFormatError(
-            f"image {image_id!r}: prediction {pred_path} is {pred_ids.shape[0]}x{pred_ids.shape[1]} "
-            f"(HxW) but the ground truth {gt_path} is {gt_ids.shape[0]}x{gt_ids.shape[1]}"
+            f"image {image_id!r}: prediction {pred_path} is {pred_runs.shape[0]}x{pred_runs.shape[1]} "
+            f"(HxW) but the ground truth {gt_path} is {gt_runs.shape[0]}x{gt_runs.shape[1]}"
         )
     gt_segments = _segments(gt_annotation, "ground-truth", gt_path)
     pred_segments = _segments(pred_annotation, "predicted", pred_path)
@@ -199,7 +199,7 @@ def pq_image_stats(
 
     # Intersection counts. Rows: GT segments, VOID, ids missing from the GT JSON. Columns:
     # predicted segments, VOID, ids missing from the predicted JSON.
-    run_gt, run_pred, run_length = _pixel_runs(gt_ids, pred_ids)
+    run_gt, run_pred, run_length = _pixel_runs(gt_runs, pred_runs)
     pred_index = _compact_index(run_pred, pred_segment_ids)
     num_columns = num_pred + 2
     pair_index = _compact_index(run_gt, gt_segment_ids) * num_columns + pred_index
