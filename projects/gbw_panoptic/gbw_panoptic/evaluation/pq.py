@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..utils.parallel import process_pool
+from ..utils.parallel import keep_freed_memory, process_pool
 from .panoptic_io import PanopticFormatError, PanopticRuns, read_panoptic_runs
 
 __all__ = ["PQStats", "pq_compute", "pq_image_stats"]
@@ -312,6 +312,13 @@ def _default_num_workers() -> int:
     return os.cpu_count() or 1
 
 
+def init_worker() -> None:
+    """Set up a worker process of :func:`pq_compute`: one OpenCV thread (the parallelism is across
+    images) and freed memory kept for the next image's buffers (:func:`keep_freed_memory`)."""
+    cv2.setNumThreads(1)
+    keep_freed_memory()
+
+
 def _image_stats_stream(
     pairs: Sequence[Tuple[Mapping[str, Any], Mapping[str, Any]]],
     gt_folder: str,
@@ -327,8 +334,7 @@ def _image_stats_stream(
         yield from map(compute, pairs)
         return
     chunksize = max(1, min(8, len(pairs) // (4 * num_workers)))
-    # One OpenCV thread per worker: the parallelism is across images.
-    with process_pool(min(num_workers, len(pairs)), preload=[__name__], initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+    with process_pool(min(num_workers, len(pairs)), preload=[__name__], initializer=init_worker) as pool:
         yield from pool.imap(compute, pairs, chunksize=chunksize)
 
 
