@@ -276,6 +276,17 @@ def test_bench_pq_runs_and_agrees_on_a_tiny_set(tmp_path, monkeypatch):
     assert set(report["seconds"]) == {"panopticapi", "gbw_panoptic", "PNG decoding only"}
     gt = json.loads((tmp_path / "set" / "gt.json").read_text())
     assert any(s["iscrowd"] for a in gt["annotations"] for s in a["segments_info"])  # crowd regions are exercised
+    # Ground truth written by Pillow (the headline) and by OpenCV: the same ids, different row filters.
+    assert report["gt_writer"] == "pillow" and set(report["by_gt_writer"]) == {"pillow", "opencv"}
+    assert report["by_gt_writer"]["pillow"]["seconds"] == report["seconds"]
+    name = gt["annotations"][0]["file_name"]
+    pillow_png, opencv_png = (tmp_path / "set" / f"gt_{writer}" / name for writer in ("pillow", "opencv"))
+    assert np.array_equal(read_panoptic_png(pillow_png), read_panoptic_png(opencv_png))
+    assert pillow_png.read_bytes() != opencv_png.read_bytes()
+    argv += ["--gt-writer", "opencv", "--output", str(tmp_path / "opencv.json")]
+    assert bench_pq.main(argv) == 0
+    report = json.loads((tmp_path / "opencv.json").read_text())
+    assert report["gt_writer"] == "opencv" and set(report["by_gt_writer"]) == {"opencv"}
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings")
