@@ -309,5 +309,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,7 @@ import pyspng
 __all__ = [
     "PanopticFormatError",
     "PanopticRuns",
+    "first_of_runs",
     "rgb_to_id",
     "id_to_rgb",
     "read_panoptic_png",
@@ -71,6 +72,15 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
 
 
+def first_of_runs(values: np.ndarray) -> np.ndarray:
+    """bool (N,): True where an entry of the 1-D ``values`` starts a run of equal values (the
+    first entry, and every entry that differs from the one before it)."""
+    first = np.empty(len(values), dtype=bool)
+    first[:1] = True
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    return first
+
+
 class PanopticRuns(NamedTuple):
     """A segment id map (HxW) as runs of equal ids along its pixels in row-major order.
 
@@ -88,10 +98,7 @@ class PanopticRuns(NamedTuple):
     def from_ids(cls, ids: np.ndarray) -> "PanopticRuns":
         """The runs of an id map (uint32, HxW)."""
         flat = ids.ravel()
-        change = np.empty(flat.size, dtype=bool)
-        change[:1] = True
-        np.not_equal(flat[1:], flat[:-1], out=change[1:])
-        starts = np.flatnonzero(change)
+        starts = np.flatnonzero(first_of_runs(flat))
         return cls((int(ids.shape[0]), int(ids.shape[1])), starts, flat[starts])
 
     def lengths(self) -> np.ndarray:
@@ -228,8 +235,7 @@ def _runs_of_sub_rows(rows: np.ndarray, width: int, channels: int) -> PanopticRu
     last_of_pixel[:-1] = pixels[1:] != pixels[:-1]
     sums, pixels = sums[last_of_pixel], pixels[last_of_pixel]
     ids = ((sums & 0xFF) | ((sums >> 13) & 0xFF00) | ((sums >> 26) & 0xFF0000)).astype(np.uint32)
-    new = np.ones(len(ids), dtype=bool)
-    new[1:] = ids[1:] != ids[:-1]
+    new = first_of_runs(ids)
     return PanopticRuns((height, width), pixels[new], ids[new])
 
 

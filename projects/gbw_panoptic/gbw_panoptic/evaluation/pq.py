@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..utils.parallel import keep_freed_memory, process_pool
-from .panoptic_io import PanopticFormatError, PanopticRuns, read_panoptic_runs
+from .panoptic_io import PanopticFormatError, PanopticRuns, first_of_runs, read_panoptic_runs
 
 __all__ = ["PQStats", "pq_compute", "pq_image_stats"]
 
@@ -130,9 +130,7 @@ def _pixel_runs(gt: PanopticRuns, pred: PanopticRuns) -> Tuple[np.ndarray, np.nd
     predicted id, length) per run.
     """
     both = np.sort(np.concatenate([gt.starts, pred.starts]), kind="stable")  # merges two sorted runs
-    new = np.ones(len(both), dtype=bool)
-    new[1:] = both[1:] != both[:-1]
-    starts = both[new]
+    starts = both[first_of_runs(both)]
     gt_ids = gt.ids[np.searchsorted(gt.starts, starts, side="right") - 1]
     pred_ids = pred.ids[np.searchsorted(pred.starts, starts, side="right") - 1]
     return gt_ids, pred_ids, np.diff(starts, append=gt.shape[0] * gt.shape[1])
