@@ -2,8 +2,8 @@
 
 The PNGs are written by OpenCV, by Pillow (as cityscapesScripts and panopticapi write ground
 truth) and chunk by chunk here (zlib + CRC-32), with every row filter type, interlacing and broken
-data, so that both fast paths (runs from Sub-filtered bytes, libspng) and the OpenCV fallback are
-exercised.
+data, so that both the runs read from the filtered bytes (C extension ``_png_runs``) and the
+OpenCV fallback are exercised.
 """
 import struct
 import zlib
@@ -13,9 +13,11 @@ from typing import Optional, Sequence, Union
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from gbw_panoptic.evaluation import panoptic_io
+from gbw_panoptic.evaluation import _png_runs, panoptic_io
 from gbw_panoptic.evaluation.panoptic_io import (
     PanopticFormatError,
     PanopticRuns,
@@ -65,7 +67,6 @@ def _write_png(
 ) -> Path:
     """Write an 8-bit RGB / RGBA PNG (HxWx3 or HxWx4 uint8, R first) chunk by chunk."""
     height, width, channels = pixels.shape
-    color_type = {3: 2, 4: 6}[channels]
     if interlace:
         scanlines = b""
         for row0, column0, row_step, column_step in ADAM7:
@@ -75,6 +76,21 @@ def _write_png(
                 scanlines += _filter_rows(sub_image, pass_filters)
     else:
         scanlines = _filter_rows(pixels, [filters] * height if isinstance(filters, int) else filters)
+    return _write_scanlines(path, scanlines, height, width, channels, interlace, idat_chunks, ancillary)
+
+
+def _write_scanlines(
+    path: Path,
+    scanlines: bytes,
+    height: int,
+    width: int,
+    channels: int,
+    interlace: bool = False,
+    idat_chunks: int = 1,
+    ancillary: bool = False,
+) -> Path:
+    """Write a PNG of 8-bit RGB / RGBA pixels from its filtered scanlines, chunk by chunk."""
+    color_type = {3: 2, 4: 6}[channels]
     stream = zlib.compress(scanlines, 9)
     cuts = np.linspace(0, len(stream), idat_chunks + 1).astype(int)
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, int(interlace))
@@ -138,7 +154,46 @@ def test_every_filter_type_decodes_exactly(tmp_path, channels, height, width, fi
     pixels = _panoptic_pixels(rng, height, width, channels)
     row_filters = rng.integers(0, 5, size=height).tolist() if filters == "mixed" else [filters] * height
     path = _write_png(tmp_path / "x.png", pixels, row_filters)
-    _assert_reads_exactly(path, expect_runs=set(row_filters) == {SUB})
+    _assert_reads_exactly(path, expect_runs=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    height=st.integers(1, 12),
+    width=st.integers(1, 40),
+    channels=st.sampled_from([3, 4]),
+    density=st.sampled_from([0.0, 0.02, 0.2, 1.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_filtered_bytes_decode_exactly(tmp_path_factory, height, width, channels, density, seed):
+    """Arbitrary scanlines (random filter types, sparse random filtered bytes): every prediction of
+    every filter, including Average's slow approach to the colour above, as libpng rebuilds it."""
+    rng = np.random.default_rng(seed)
+    filtered = rng.integers(0, 256, size=(height, width * channels), dtype=np.uint8)
+    filtered[rng.random(filtered.shape) >= density] = 0
+    filtered[rng.random(height) < 0.3, :channels] = rng.integers(0, 256, size=channels, dtype=np.uint8)
+    filter_types = rng.integers(0, 5, size=(height, 1), dtype=np.uint8)
+    scanlines = np.concatenate([filter_types, filtered], axis=1).tobytes()
+    path = _write_scanlines(tmp_path_factory.mktemp("png") / "x.png", scanlines, height, width, channels)
+    _assert_reads_exactly(path, expect_runs=True)
+
+
+def test_unknown_filter_type_raises_naming_the_file(tmp_path):
+    scanlines = bytes([SUB] + [0] * 12 + [5] + [0] * 12)
+    path = _write_scanlines(tmp_path / "filter5.png", scanlines, 2, 4, 3)
+    with pytest.raises(ValueError, match="scanline 1 has filter type 5"):
+        _png_runs.runs_of_rows(zlib.decompress(zlib.compress(scanlines)), 2, 4, 3)
+    for read in (read_panoptic_png, read_panoptic_runs):
+        with pytest.raises(PanopticFormatError, match=r"cannot decode panoptic PNG .*filter5\.png"):
+            read(path)
+
+
+@pytest.mark.parametrize("size", [0, 38, 40])
+def test_runs_of_rows_checks_the_size(size):
+    with pytest.raises(ValueError, match=f"{size} bytes do not hold 3 scanlines of 4 pixels with 3 channels"):
+        _png_runs.runs_of_rows(bytes(size), 3, 4, 3)
+    with pytest.raises(ValueError, match="channels"):
+        _png_runs.runs_of_rows(bytes(15), 3, 4, 2)
 
 
 @pytest.mark.parametrize("channels", [3, 4])
@@ -146,7 +201,7 @@ def test_several_idat_chunks_and_ancillary_chunks(tmp_path, channels):
     pixels = _panoptic_pixels(np.random.default_rng(1), 23, 41, channels)
     for filters in (SUB, PAETH):
         path = _write_png(tmp_path / "x.png", pixels, filters, idat_chunks=5, ancillary=True)
-        _assert_reads_exactly(path, expect_runs=filters == SUB)
+        _assert_reads_exactly(path, expect_runs=True)
 
 
 @pytest.mark.parametrize("channels", [3, 4])
@@ -158,7 +213,7 @@ def test_files_written_by_opencv_and_pillow(tmp_path, channels, height, width):
     assert cv2.imwrite(str(tmp_path / "cv2.png"), cv2.cvtColor(pixels, code))
     _assert_reads_exactly(tmp_path / "cv2.png", expect_runs=True)  # libpng writes Sub rows
     Image.fromarray(pixels).save(tmp_path / "pil.png")
-    _assert_reads_exactly(tmp_path / "pil.png")
+    _assert_reads_exactly(tmp_path / "pil.png", expect_runs=True)
     # The ids of the pixels, alpha left out.
     rgb = pixels[..., :3].astype(np.uint32)
     assert np.array_equal(read_panoptic_png(tmp_path / "pil.png"), rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16))
@@ -178,14 +233,13 @@ def test_write_panoptic_png_round_trip_through_runs(tmp_path):
 
 
 @pytest.mark.parametrize("channels", [3, 4])
-def test_widest_run_image_and_wider(tmp_path, channels):
-    """Rows whose Sub bytes are all 255 (the largest per-row sums) up to the widest run image."""
-    width = panoptic_io._MAX_RUN_WIDTH
-    descending = (-np.arange(width + 1)) % 256
+def test_wide_images_with_large_sums(tmp_path, channels):
+    """Rows whose filtered bytes are all 255 (each pixel its own run), 9000 pixels wide."""
+    descending = (-np.arange(9000)) % 256
     pixels = np.repeat(descending[None, :, None], channels, axis=2).astype(np.uint8)
-    pixels = np.concatenate([pixels, 255 - pixels])
-    _assert_reads_exactly(_write_png(tmp_path / "widest.png", pixels[:, :width]), expect_runs=True)
-    _assert_reads_exactly(_write_png(tmp_path / "wider.png", pixels), expect_runs=False)
+    pixels = np.concatenate([pixels, 255 - pixels, pixels])
+    for filters in (SUB, [SUB, AVERAGE, PAETH]):
+        _assert_reads_exactly(_write_png(tmp_path / "wide.png", pixels, filters), expect_runs=True)
 
 
 def test_bad_crc_on_an_ancillary_chunk_is_left_to_opencv(tmp_path):

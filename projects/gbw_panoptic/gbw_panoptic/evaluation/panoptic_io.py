@@ -4,11 +4,11 @@ A COCO panoptic PNG stores one segment id per pixel as an RGB colour, ``id = R +
 id 0 is VOID (unlabelled). Every write here is atomic: the data goes to a temporary file in the
 destination folder, which then replaces the destination with :func:`os.replace`.
 
-Reading is exact (the ids OpenCV and Pillow decode, bit for bit) and fast: the PNGs that libpng
-and OpenCV write (every row Sub filtered, as :func:`write_panoptic_png` writes them) are turned
-into runs of equal ids straight from their inflated bytes (libdeflate); other non-interlaced 8-bit
-RGB(A) PNGs (Pillow's, as cityscapesScripts writes ground truth) are decoded by libspng; anything
-else (interlaced, palette, grey, 16-bit, corrupt files) goes to OpenCV.
+Reading is exact (the ids OpenCV and Pillow decode, bit for bit) and fast: a non-interlaced 8-bit
+RGB(A) PNG (what OpenCV, libpng and Pillow write, with any row filters) is inflated by libdeflate
+and turned into runs of equal ids straight from its filtered bytes by the C extension
+``_png_runs``, without rebuilding the pixels; anything else (interlaced, palette, grey, 16-bit,
+corrupt files) goes to OpenCV.
 """
 import json
 import os
@@ -20,7 +20,14 @@ from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 import cv2
 import deflate
 import numpy as np
-import pyspng
+
+try:
+    from . import _png_runs
+except ImportError as error:  # a source tree that was never installed
+    raise ImportError(
+        "the C extension gbw_panoptic.evaluation._png_runs is not built: run `pip install -e .` in "
+        "the repository root (needs a C compiler and the Python headers)"
+    ) from error
 
 __all__ = [
     "PanopticFormatError",
@@ -43,11 +50,8 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# IHDR colour types of 8-bit truecolour PNGs, and the row filter type Sub.
+# IHDR colour types of 8-bit truecolour PNGs.
 _RGB8, _RGBA8 = 2, 6
-_FILTER_SUB = 1
-# Widest image whose per-row channel sums (at most 255 * width) fit in 21 bits.
-_MAX_RUN_WIDTH = (2**21 - 1) // 255
 
 
 class PanopticFormatError(ValueError):
@@ -172,19 +176,10 @@ def _parse_png(data: bytes) -> Optional[_PngImage]:
     return None  # truncated before IEND
 
 
-def _nonzero_bytes(data: np.ndarray) -> np.ndarray:
-    """Indices (int64, sorted) of the non-zero entries of a mostly zero uint8 array."""
-    aligned = len(data) // 8 * 8
-    words = np.flatnonzero(data[:aligned].view(np.uint64) != 0)
-    within = np.flatnonzero(data[:aligned].reshape(-1, 8)[words])
-    indices = words[within >> 3] * 8 + (within & 7)
-    tail = np.flatnonzero(data[aligned:])
-    return np.concatenate([indices, tail + aligned]) if len(tail) else indices
-
-
-def _inflate_rows(png: _PngImage) -> Optional[np.ndarray]:
-    """The filtered scanlines (uint8, H x (1 + C·W), writable) of an 8-bit, non-interlaced RGB(A)
-    PNG, or None when its zlib stream is broken (bad data or Adler-32, or not exactly H scanlines)."""
+def _inflate_rows(png: _PngImage) -> Optional[bytes]:
+    """The filtered scanlines (H x (1 + C·W) bytes, filter type byte first) of an 8-bit,
+    non-interlaced RGB(A) PNG, or None when its zlib stream is broken (bad data or Adler-32, or not
+    exactly H scanlines)."""
     size = png.height * (1 + png.channels * png.width)
     if size > 1032 * len(png.idat) + 64:  # beyond deflate's largest ratio: a broken header
         return None
@@ -192,51 +187,25 @@ def _inflate_rows(png: _PngImage) -> Optional[np.ndarray]:
         raw = deflate.zlib_decompress(png.idat, size)
     except deflate.DeflateError:
         return None
-    if len(raw) != size:
-        return None
-    return np.frombuffer(raw, dtype=np.uint8).reshape(png.height, -1)
+    return raw if len(raw) == size else None
 
 
-def _runs_of_sub_rows(rows: np.ndarray, width: int, channels: int) -> PanopticRuns:
-    """The runs of an image whose scanlines (as :func:`_inflate_rows`) all use the Sub filter.
+def _runs_of_rows(png: _PngImage, rows: bytes) -> Optional[PanopticRuns]:
+    """The runs of an 8-bit, non-interlaced RGB(A) PNG from its filtered scanlines (as
+    :func:`_inflate_rows`), or None when a scanline has an unknown filter type.
 
-    Sub stores each byte minus the byte of the same channel one pixel to the left (mod 256), so a
-    pixel starts a new run exactly where one of its filtered R, G, B bytes is non-zero, and the
-    colour of a run is the per-channel sum (mod 256) of the filtered bytes since the start of its
-    row: the runs come out of the few non-zero bytes without reconstructing the pixels. Needs
-    ``width <= _MAX_RUN_WIDTH``. Overwrites the filter type bytes.
+    The rows are rebuilt as runs by the C extension ``_png_runs``: between pixels with a non-zero
+    filtered byte and the places where the row above changes colour, every PNG row filter predicts
+    the same colour again after a few pixels, so the work grows with the number of runs, not of
+    pixels.
     """
-    height, stride = rows.shape
-    rows[:, 0] = 0
-    data = rows.reshape(-1)
-    position = _nonzero_bytes(data)
-    row, offset = np.divmod(position, stride)
-    column, channel = np.divmod(offset - 1, channels)
-    if channels == 4:  # alpha is not part of the id
-        colour = channel < 3
-        position, row, column, channel = position[colour], row[colour], column[colour], channel[colour]
-    pixel = row * width + column
-    # The three channels of a byte packed 21 bits apart: the sums of one row stay below 2^21.
-    delta = data[position].astype(np.int64) << (21 * channel)
-    # Insert each row's first pixel (its own run start when the row begins with a new id).
-    row_starts = np.arange(height, dtype=np.int64) * width
-    at = np.searchsorted(pixel, row_starts) + np.arange(height)
-    is_byte = np.ones(len(pixel) + height, dtype=bool)
-    is_byte[at] = False
-    pixels = np.empty(len(is_byte), dtype=np.int64)
-    pixels[is_byte] = pixel
-    pixels[at] = row_starts
-    deltas = np.zeros(len(is_byte), dtype=np.int64)
-    deltas[is_byte] = delta
-    # Sums since the row start (int64 wraps around, the differences are exact).
-    sums = np.cumsum(deltas)
-    sums -= sums[at][np.cumsum(~is_byte) - 1]
-    last_of_pixel = np.ones(len(pixels), dtype=bool)
-    last_of_pixel[:-1] = pixels[1:] != pixels[:-1]
-    sums, pixels = sums[last_of_pixel], pixels[last_of_pixel]
-    ids = ((sums & 0xFF) | ((sums >> 13) & 0xFF00) | ((sums >> 26) & 0xFF0000)).astype(np.uint32)
-    new = first_of_runs(ids)
-    return PanopticRuns((height, width), pixels[new], ids[new])
+    try:
+        starts, ids = _png_runs.runs_of_rows(rows, png.height, png.width, png.channels)
+    except ValueError:
+        return None
+    return PanopticRuns(
+        (png.height, png.width), np.frombuffer(starts, dtype=np.int64), np.frombuffer(ids, dtype=np.uint32)
+    )
 
 
 def _ids_of_rgba(rgba: np.ndarray) -> np.ndarray:
@@ -269,11 +238,11 @@ def _decode_with_opencv(path: str, data: bytes) -> np.ndarray:
 
 
 def _read_panoptic(path: PathLike) -> Union[np.ndarray, PanopticRuns]:
-    """The ids (uint32, HxW) or the runs of the panoptic PNG ``path``, whichever comes faster.
+    """The runs, or for files OpenCV decodes the ids (uint32, HxW), of the panoptic PNG ``path``.
 
     A well-formed 8-bit, non-interlaced RGB(A) PNG whose zlib stream inflates (libdeflate checks
-    it) gives runs when all its rows are Sub filtered, else ids decoded by libspng; every other file
-    (interlaced, palette, grey, 16-bit, broken) goes to OpenCV, which also names the errors.
+    it) and whose rows have valid filter types gives runs; every other file (interlaced, palette,
+    grey, 16-bit, broken) goes to OpenCV, which also names the errors.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -284,15 +253,8 @@ def _read_panoptic(path: PathLike) -> Union[np.ndarray, PanopticRuns]:
     if png is None or png.bit_depth != 8 or png.color_type not in (_RGB8, _RGBA8) or png.interlace:
         return _decode_with_opencv(path, data)
     rows = _inflate_rows(png)
-    if rows is None:
-        return _decode_with_opencv(path, data)
-    if png.width <= _MAX_RUN_WIDTH and np.all(rows[:, 0] == _FILTER_SUB):
-        return _runs_of_sub_rows(rows, png.width, png.channels)
-    try:
-        image = pyspng.load(data)
-    except RuntimeError:
-        return _decode_with_opencv(path, data)
-    return _ids_of_rgba(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA) if image.shape[2] == 3 else image)
+    runs = None if rows is None else _runs_of_rows(png, rows)
+    return _decode_with_opencv(path, data) if runs is None else runs
 
 
 def read_panoptic_png(path: PathLike) -> np.ndarray:
@@ -308,8 +270,8 @@ def read_panoptic_png(path: PathLike) -> np.ndarray:
 def read_panoptic_runs(path: PathLike) -> PanopticRuns:
     """The runs of the segment ids stored in the panoptic PNG ``path``; errors as :func:`read_panoptic_png`.
 
-    Faster than :func:`read_panoptic_png` on the PNGs that libpng and OpenCV write (all rows Sub
-    filtered): their runs are read from the filtered bytes, without decoding the pixels.
+    Faster than :func:`read_panoptic_png`: the runs of a non-interlaced 8-bit RGB(A) PNG are read
+    from its filtered bytes, and no id map is built.
     """
     decoded = _read_panoptic(path)
     return decoded if isinstance(decoded, PanopticRuns) else PanopticRuns.from_ids(decoded)
