@@ -249,8 +249,12 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_png_runs",
-                                    "Runs of equal colours of PNGs from their filtered scanlines.",
-                                    -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_png_runs",
+    .m_doc = "Runs of equal colours of PNGs from their filtered scanlines.",
+    .m_size = -1,
+    .m_methods = methods,
+};
 
 PyMODINIT_FUNC PyInit__png_runs(void) { return PyModule_Create(&module); }
