@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from gbw_panoptic.data import RareClassSampler, load_class_pixel_counts, rcs_class_probabilities
-from gbw_panoptic.data import rcs as rcs_module
 
 # 6 images x 4 classes: class 0 is everywhere (frequent), class 3 is rare and only in image 5,
 # class 2 has many pixels in image 3 but few (below MIN_PIXELS) in image 4.
@@ -61,8 +60,8 @@ def test_class_probabilities_reject_bad_input():
 @pytest.mark.parametrize("temperature", [0.05, 0.3])
 def test_sampling_frequencies_follow_formula(temperature):
     draws = 40000
-    sampler = RareClassSampler(CLASS_PIXELS, temperature, MIN_PIXELS, seed=123)
-    indices = np.fromiter(itertools.islice(iter(sampler), draws), dtype=np.int64)
+    sampler = RareClassSampler(CLASS_PIXELS, temperature, MIN_PIXELS)
+    indices = np.fromiter(itertools.islice(sampler.indices(123, 0), draws), dtype=np.int64)
     observed = np.bincount(indices, minlength=len(CLASS_PIXELS)) / draws
     expected = expected_image_probabilities(CLASS_PIXELS, temperature, MIN_PIXELS)
     # Image 4 only has class 2 below MIN_PIXELS, and image 3 qualifies, so image 4 is never drawn
@@ -75,33 +74,32 @@ def test_sampling_frequencies_follow_formula(temperature):
 
 def test_min_pixels_falls_back_to_any_image_with_the_class():
     class_pixels = np.array([[1000, 0], [990, 10], [1000, 0]])
-    sampler = RareClassSampler(class_pixels, 0.01, min_pixels=3000, seed=0)
+    sampler = RareClassSampler(class_pixels, 0.01, min_pixels=3000)
     images_of_class_1 = sampler.images_of_class[list(sampler.classes).index(1)]
     assert images_of_class_1.tolist() == [1]
-    draws = list(itertools.islice(iter(sampler), 500))
+    draws = list(itertools.islice(sampler.indices(0, 0), 500))
     assert draws.count(1) > 400  # class 1 is by far the rarest
 
 
 def test_sampler_is_deterministic_under_seed():
-    first = list(itertools.islice(iter(RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, seed=7)), 3000))
-    again = list(itertools.islice(iter(RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, seed=7)), 3000))
-    other = list(itertools.islice(iter(RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, seed=8)), 3000))
+    sampler = RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, chunk_size=256)
+    first = list(itertools.islice(sampler.indices(7, 0), 3000))
+    again = list(itertools.islice(RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, chunk_size=256).indices(7, 0), 3000))
+    other = list(itertools.islice(sampler.indices(8, 0), 3000))
     assert first == again and first != other
 
 
-def test_sampler_shards_one_stream_across_processes(monkeypatch):
-    full = list(itertools.islice(iter(RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, seed=3)), 600))
-    monkeypatch.setattr(rcs_module.comm, "get_world_size", lambda: 3)
-    shards = []
-    for rank in range(3):
-        monkeypatch.setattr(rcs_module.comm, "get_rank", lambda rank=rank: rank)
-        shards.append(list(itertools.islice(iter(RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, seed=3)), 200)))
-    assert [shards[i % 3][i // 3] for i in range(600)] == full
+@pytest.mark.parametrize("start", [1, 255, 256, 700, 2999])
+def test_sampler_reads_from_any_position(start):
+    """Starting at a position (within a chunk or on its border) gives the tail of the stream."""
+    sampler = RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, chunk_size=256)
+    full = list(itertools.islice(sampler.indices(3, 0), 3000))
+    assert list(itertools.islice(sampler.indices(3, start), 3000 - start)) == full[start:]
 
 
 def test_sampler_rejects_empty_statistics():
     with pytest.raises(ValueError, match="non-empty"):
-        RareClassSampler(np.zeros((0, 19)), 0.01, 3000, seed=0)
+        RareClassSampler(np.zeros((0, 19)), 0.01, 3000)
 
 
 def test_load_class_pixel_counts_aligns_with_dataset(tmp_path):

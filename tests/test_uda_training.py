@@ -151,8 +151,9 @@ def test_feature_distance_against_initial_weights(synthetic_datasets, repo_root,
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(synthetic_datasets, repo_root, tmp_path):
-    def train(output_dir, resume, kill_before=None):
-        cfg = setup(_args(repo_root, output_dir, extra=["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3"]))
+    def train(output_dir, resume, kill_before=None, seed="7"):
+        extra = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SEED", seed]
+        cfg = setup(_args(repo_root, output_dir, extra=extra))
         trainer = UDATrainer(cfg)
         if kill_before is not None:
             trainer.register_hooks([_KillBeforeIteration(kill_before)])
@@ -164,8 +165,14 @@ def test_killed_and_resumed_run_equals_uninterrupted(synthetic_datasets, repo_ro
     with pytest.raises(_Killed):
         train(tmp_path / "resumed", resume=False, kill_before=4)
     assert (tmp_path / "resumed" / "last_checkpoint").read_text() == "model_0000002.pth"
-    resumed = train(tmp_path / "resumed", resume=True)
+    # Resumed with another SEED: the data streams' seeds and every generator come from the
+    # checkpoint, and the loaders start at step 3 without replaying steps 0-2.
+    resumed = train(tmp_path / "resumed", resume=True, seed="-1")
     assert resumed.start_iter == 3
+    assert [stream.start_step for stream in resumed.data_loader.streams] == [3, 3]
+    assert [stream.seed for stream in resumed.data_loader.streams] == [
+        stream.seed for stream in straight.data_loader.streams
+    ]
 
     for name, modules in (("student", (straight.model, resumed.model)), ("method", (straight.method, resumed.method))):
         expected, actual = (m.state_dict() for m in modules)

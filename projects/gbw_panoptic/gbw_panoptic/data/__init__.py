@@ -15,15 +15,20 @@ from .build import (
 from .mapper import GBWPanopticDatasetMapper, build_augmentations, build_target_generator
 from .panoptic_target import PanopticTargetGenerator, from_detectron2_layout
 from .rcs import RareClassSampler, load_class_pixel_counts, rcs_class_probabilities
+from .stream import IndexStream, ShuffledIndexStream, TrainStream, build_stream_loader
 
 __all__ = [
     "GBWPanopticDatasetMapper",
+    "IndexStream",
     "PanopticTargetGenerator",
     "RareClassSampler",
+    "ShuffledIndexStream",
+    "TrainStream",
     "UDATrainLoader",
     "build_augmentations",
     "build_rcs_sampler",
     "build_source_train_loader",
+    "build_stream_loader",
     "build_target_generator",
     "build_target_train_loader",
     "build_test_loader",

@@ -15,15 +15,13 @@ The per-image class pixel counts come from the class statistics file written by 
 
     {"classes": [C class names], "images": {image_id: [C pixel counts, indexed by train id]}}
 """
-import itertools
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data.sampler import Sampler
 
-from detectron2.utils import comm
+from .stream import index_block_seed
 
 __all__ = ["RareClassSampler", "rcs_class_probabilities", "load_class_pixel_counts"]
 
@@ -89,12 +87,13 @@ def load_class_pixel_counts(
     return counts
 
 
-class RareClassSampler(Sampler):
-    """Infinite stream of dataset indices drawn by rare class sampling.
+class RareClassSampler:
+    """Infinite stream of dataset indices drawn by rare class sampling (an
+    :class:`~gbw_panoptic.data.stream.IndexStream`).
 
-    Like Detectron2's ``TrainingSampler``: one seeded stream shared by all processes, of which
-    process ``rank`` keeps the elements ``rank, rank + world_size, ...``, so that the processes
-    draw different images and the whole stream is reproducible from the seed.
+    The draws come in chunks of ``chunk_size``, each from a generator seeded by the stream's seed
+    and the chunk number, so the stream can be read from any position without drawing the earlier
+    chunks.
     """
 
     def __init__(
@@ -102,7 +101,6 @@ class RareClassSampler(Sampler):
         class_pixels: np.ndarray,
         temperature: float,
         min_pixels: int,
-        seed: Optional[int] = None,
         chunk_size: int = 1024,
     ):
         """
@@ -111,9 +109,7 @@ class RareClassSampler(Sampler):
             temperature: RCS temperature T.
             min_pixels: an image is drawn for class c only if it has at least this many pixels
                 of c (unless no image has, then any image containing c qualifies).
-            seed: seed of the stream; must be the same on all processes. None: a random seed
-                shared by all processes.
-            chunk_size: indices drawn per vectorised step (does not change the stream's law).
+            chunk_size: indices drawn per vectorised step.
         """
         class_pixels = np.asarray(class_pixels, dtype=np.int64)
         if class_pixels.ndim != 2 or class_pixels.shape[0] == 0:
@@ -127,22 +123,18 @@ class RareClassSampler(Sampler):
             if len(images) == 0:
                 images = np.flatnonzero(class_pixels[:, c] > 0)
             self.images_of_class.append(images)
-        self._seed = int(comm.shared_random_seed() if seed is None else seed)
         self._chunk_size = chunk_size
-        self._rank = comm.get_rank()
-        self._world_size = comm.get_world_size()
 
-    def __iter__(self):
-        yield from itertools.islice(self._infinite_indices(), self._rank, None, self._world_size)
-
-    def _infinite_indices(self):
-        generator = torch.Generator()
-        generator.manual_seed(self._seed)
+    def indices(self, seed: int, start: int) -> Iterator[int]:
+        """The indices at positions ``start, start + 1, ...`` of the stream of ``seed``."""
         class_probabilities = torch.as_tensor(self.class_probabilities)
         num_images = torch.as_tensor([len(images) for images in self.images_of_class])
+        chunk, offset = divmod(start, self._chunk_size)
         while True:
+            generator = torch.Generator().manual_seed(index_block_seed(seed, chunk))
             picked = torch.multinomial(class_probabilities, self._chunk_size, replacement=True, generator=generator)
             uniform = torch.rand(self._chunk_size, generator=generator, dtype=torch.float64)
             position = (uniform * num_images[picked]).long().clamp_max(num_images[picked] - 1)
-            for class_index, image_position in zip(picked.tolist(), position.tolist()):
+            for class_index, image_position in zip(picked[offset:].tolist(), position[offset:].tolist()):
                 yield int(self.images_of_class[class_index][image_position])
+            chunk, offset = chunk + 1, 0

@@ -7,16 +7,16 @@ continues exactly as the uninterrupted one would have.
 """
 import contextlib
 import os
-import random
 import tempfile
-from typing import Any, Dict, Iterator
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
 from detectron2.utils import comm
+
+from ..utils.rng import get_rng_state, preserved_rng_state, set_rng_state
 
 __all__ = [
     "AtomicCheckpointer",
@@ -68,38 +68,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
             f.write(last_filename_basename)
-
-
-def get_rng_state() -> Dict[str, Any]:
-    """The states of Python's, NumPy's, torch's CPU and (if present) CUDA generators of this process,
-    as tensors and plain Python values (loadable by ``torch.load(weights_only=True)``)."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore the generator states returned by :func:`get_rng_state`."""
-    random.setstate(state["python"])
-    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def preserved_rng_state() -> Iterator[None]:
-    """Run a block (e.g. an evaluation) without changing any generator state of this process."""
-    state = get_rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
 
 
 class PeriodicCheckpointerWithRNG(hooks.PeriodicCheckpointer):

@@ -12,7 +12,7 @@ import os
 import time
 import weakref
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, get_event_storage
 
-from ..data import build_source_train_loader, build_test_loader, build_uda_train_loader
+from ..data import UDATrainLoader, build_test_loader, build_uda_train_loader
 from .checkpoint import AtomicCheckpointer, PeriodicCheckpointerWithRNG, preserved_rng_state, set_rng_state
 from .method import UDAMethod, build_uda_method
 from .optim import build_lr_scheduler, build_optimizer
@@ -35,8 +35,6 @@ from .validate import check_uda_config
 __all__ = ["UDATrainer"]
 
 logger = logging.getLogger(__name__)
-
-Batches = Tuple[List[dict], List[dict]]
 
 
 def _clip_gradients(parameters: List[nn.Parameter], clip_cfg: CfgNode) -> None:
@@ -115,11 +113,9 @@ class UDATrainer(TrainerBase):
         return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode, uses_target: bool = True):
+    def build_train_loader(cls, cfg: CfgNode, uses_target: bool = True) -> UDATrainLoader:
         """Iterable of ``(source_batch, target_batch)``; target batches are empty lists when unused."""
-        if uses_target:
-            return build_uda_train_loader(cfg)
-        return _SourceOnlyLoader(build_source_train_loader(cfg))
+        return build_uda_train_loader(cfg, uses_target)
 
     @classmethod
     def test(cls, cfg: CfgNode, model: nn.Module) -> "OrderedDict[str, dict]":
@@ -173,13 +169,10 @@ class UDATrainer(TrainerBase):
 
     def train(self) -> Optional["OrderedDict[str, dict]"]:
         """Run iterations ``start_iter .. SOLVER.MAX_ITER - 1``; returns the last evaluation results."""
+        # The data of a step depend only on the streams' seeds and the step: a resumed run starts
+        # its loaders where the interrupted one stopped, with what it would have drawn next.
+        self.data_loader.seek(self.start_iter)
         self._data_loader_iter = iter(self.data_loader)
-        if self.start_iter > 0:
-            # Replay the batches already trained on, so that the data (order and augmentation) after
-            # the resume point is what the uninterrupted run saw.
-            logger.info(f"Resuming: skipping the {self.start_iter} batches already trained on")
-            for _ in range(self.start_iter):
-                next(self._data_loader_iter)
         if self._resume_rng_states:
             if len(self._resume_rng_states) == comm.get_world_size():
                 set_rng_state(self._resume_rng_states[comm.get_rank()])
@@ -231,6 +224,7 @@ class UDATrainer(TrainerBase):
         ret["method_optimizers"] = {name: opt.state_dict() for name, opt in self.method.optimizers().items()}
         ret["method_schedulers"] = {name: s.state_dict() for name, s in self.method.schedulers().items()}
         ret["rng_states"] = self.rng_states
+        ret["data_stream_seeds"] = [stream.seed for stream in self.data_loader.streams]
         return ret
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -243,14 +237,14 @@ class UDATrainer(TrainerBase):
         for name, scheduler in self.method.schedulers().items():
             scheduler.load_state_dict(state_dict["method_schedulers"][name])
         self._resume_rng_states = state_dict.get("rng_states", [])
+        streams = self.data_loader.streams
+        seeds = state_dict.get("data_stream_seeds", [])
+        if len(seeds) == len(streams):
+            for stream, seed in zip(streams, seeds):
+                stream.seed = int(seed)
+        else:
+            logger.warning(
+                f"The checkpoint holds the seeds of {len(seeds)} data streams, this run has {len(streams)}; "
+                "the data after the resume point differ from those of the interrupted run"
+            )
 
-
-class _SourceOnlyLoader:
-    """``(source_batch, [])`` pairs from a source loader, for methods that use no target images."""
-
-    def __init__(self, source_loader):
-        self.source_loader = source_loader
-
-    def __iter__(self) -> Iterator[Batches]:
-        for source_batch in self.source_loader:
-            yield source_batch, []
