@@ -63,16 +63,28 @@ def test_worker_processes_give_the_same_batches_in_the_same_order():
     assert _batches(num_workers=3, start_step=2, steps=3) == batches[2:]
 
 
+def _global_draws():
+    return np.random.rand(), torch.rand(()).item(), random.random()
+
+
+def _seed_globals():
+    np.random.seed(0)
+    torch.manual_seed(0)
+    random.seed(0)
+
+
 def test_mapping_leaves_the_global_generators_alone():
-    np.random.seed(0)
-    torch.manual_seed(0)
-    random.seed(0)
-    expected = (np.random.rand(), torch.rand(()).item(), random.random())
-    np.random.seed(0)
-    torch.manual_seed(0)
-    random.seed(0)
-    _batches(steps=2)
-    assert (np.random.rand(), torch.rand(()).item(), random.random()) == expected
+    """What the training step draws between batches is what it would draw without the loader."""
+    _seed_globals()
+    expected = [_global_draws() for _ in range(3)]
+    stream = TrainStream(DATASET, _DrawingMapper(), ShuffledIndexStream(len(DATASET)), 3, 11)
+    _seed_globals()
+    batches = iter(build_stream_loader(stream, 0))
+    draws = []
+    for _ in range(3):
+        next(batches)
+        draws.append(_global_draws())
+    assert draws == expected
 
 
 def test_processes_split_each_step(monkeypatch):

@@ -110,7 +110,9 @@ class TrainStream(IterableDataset):
             if (step - self.start_step) % num_workers != worker_id or offset // self.batch_size != self.rank:
                 continue
             with seeded_rng(derived_seed(self.seed, _AUGMENTATION, position)):
-                yield self.mapper(self.dataset_dicts[index])
+                sample = self.mapper(self.dataset_dicts[index])
+            # Outside the block: the consumer runs between two samples with its own generator states.
+            yield sample
 
 
 def _list_batch(batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
