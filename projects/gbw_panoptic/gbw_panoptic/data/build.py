@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 
 from .mapper import GBWPanopticDatasetMapper
@@ -76,7 +77,8 @@ def _train_loader(
     """``seed`` None: a random seed shared by all processes (reproducible once Detectron2's
     ``default_setup`` has seeded NumPy with ``cfg.SEED``)."""
     seed = int(comm.shared_random_seed() if seed is None else seed)
-    stream = TrainStream(dicts, mapper, index_stream, total_batch_size, seed)
+    # Serialized into one buffer, so that worker processes do not copy the dicts page by page.
+    stream = TrainStream(DatasetFromList(dicts, copy=False), mapper, index_stream, total_batch_size, seed)
     return build_stream_loader(stream, cfg.DATALOADER.NUM_WORKERS)
 
 
