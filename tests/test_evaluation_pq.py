@@ -287,34 +287,3 @@ def test_bench_pq_runs_and_agrees_on_a_tiny_set(tmp_path, monkeypatch):
     assert bench_pq.main(argv) == 0
     report = json.loads((tmp_path / "opencv.json").read_text())
     assert report["gt_writer"] == "opencv" and set(report["by_gt_writer"]) == {"opencv"}
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings")
-def test_pq_workers_keep_freed_memory_for_the_next_image(tmp_path):
-    """A worker set up by init_worker reads one Pillow-written 1024x2048 PNG after another without
-    page-faulting on fresh buffers (glibc maps and unmaps them on every image by default)."""
-    import platform
-    import subprocess
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("not glibc")
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    ids = np.repeat(rng.integers(0, 256**3, size=(1024, 64)), 32, axis=1)
-    Image.fromarray(id_to_rgb(ids)).save(tmp_path / "gt.png")  # adaptive filters: decoded by libspng
-    code = (
-        "import resource, sys\n"
-        "from gbw_panoptic.evaluation.pq import init_worker\n"
-        "from gbw_panoptic.evaluation.panoptic_io import read_panoptic_runs\n"
-        "init_worker()\n"
-        "read_panoptic_runs(sys.argv[1])\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(3):\n"
-        "    read_panoptic_runs(sys.argv[1])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "gt.png")], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    # Without it: some 3500 faults per read (the 6 MB of pixels, the 8 MB of ids, ...).
-    assert int(result.stdout) < 300

@@ -16,11 +16,12 @@ worker ``w`` of ``W`` maps the steps ``s`` with ``s − start ≡ w (mod W)``, s
 step order. Consequences: resuming at step ``s`` starts the stream there (no replay of earlier
 batches), and the data of a run do not depend on ``DATALOADER.NUM_WORKERS``.
 """
-from typing import Any, Callable, Dict, Iterator, List, Protocol, Sequence
+from typing import Any, Callable, Dict, Iterator, Protocol, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from detectron2.data.build import trivial_batch_collator
 from detectron2.utils import comm
 
 from ..utils.rng import derived_seed, seeded_rng
@@ -115,10 +116,6 @@ class TrainStream(IterableDataset):
             yield sample
 
 
-def _list_batch(batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return batch
-
-
 def build_stream_loader(stream: TrainStream, num_workers: int) -> DataLoader:
     """Infinite ``DataLoader`` of this process's batches (lists of :attr:`TrainStream.batch_size`
     mapped dicts) of ``stream``, in step order, mapped by ``num_workers`` worker processes (0: in
@@ -127,7 +124,7 @@ def build_stream_loader(stream: TrainStream, num_workers: int) -> DataLoader:
         stream,
         batch_size=stream.batch_size,
         num_workers=num_workers,
-        collate_fn=_list_batch,
+        collate_fn=trivial_batch_collator,
         drop_last=True,
         generator=torch.Generator().manual_seed(stream.seed),
     )

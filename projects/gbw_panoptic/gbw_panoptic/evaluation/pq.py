@@ -11,9 +11,8 @@ The matching rules are panopticapi's, to the letter:
 - unmatched non-crowd GT segments are false negatives;
 - a category enters the averages only when it has at least one TP, FP or FN.
 
-What differs is the speed: each PNG is read as runs of equal ids (for the PNGs that OpenCV writes,
-straight from the filtered bytes, without decoding the pixels; see
-:func:`~gbw_panoptic.evaluation.panoptic_io.read_panoptic_runs`), the runs of the two images merge
+What differs is the speed: each PNG is read as runs of equal ids straight from its filtered bytes,
+without decoding the pixels (see :func:`~gbw_panoptic.evaluation.panoptic_io.read_panoptic_runs`), the runs of the two images merge
 into runs of equal (GT id, predicted id) pairs, then one weighted ``bincount`` over the runs gives
 the whole GT x prediction intersection matrix; images are processed by parallel worker processes and streamed
 through in order (the accumulation order, and so the result, does not depend on the number of workers), and invalid
@@ -33,7 +32,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..utils.parallel import keep_freed_memory, process_pool
+from ..utils.parallel import process_pool
 from .panoptic_io import PanopticFormatError, PanopticRuns, first_of_runs, read_panoptic_runs
 
 __all__ = ["PQStats", "pq_compute", "pq_image_stats"]
@@ -312,9 +311,8 @@ def _default_num_workers() -> int:
 
 def init_worker() -> None:
     """Set up a worker process of :func:`pq_compute`: one OpenCV thread (the parallelism is across
-    images) and freed memory kept for the next image's buffers (:func:`keep_freed_memory`)."""
+    images)."""
     cv2.setNumThreads(1)
-    keep_freed_memory()
 
 
 def _image_stats_stream(

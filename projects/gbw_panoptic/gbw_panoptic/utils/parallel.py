@@ -1,14 +1,9 @@
 """Process pools that are safe to start from any process, including a training process."""
-import ctypes
 import multiprocessing
-import platform
 from multiprocessing.pool import Pool
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["process_pool", "keep_freed_memory"]
-
-# glibc mallopt parameters.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+__all__ = ["process_pool"]
 
 
 def process_pool(
@@ -32,21 +27,3 @@ def process_pool(
         context.set_forkserver_preload(list(preload))
     return context.Pool(processes, initializer=initializer, initargs=tuple(initargs))
 
-
-def keep_freed_memory(largest_block: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Make glibc's malloc in this process reuse freed memory for large buffers.
-
-    By default glibc maps each buffer of more than a few MB afresh (``mmap``) or gives the freed top
-    of the heap back to the system, so a worker that allocates and frees a few 6-8 MB arrays per
-    item (a decoded 1024x2048 image, its ids) page-faults on every page of them again: some 3500
-    faults, about 10 ms, per image on this project's VM. Here buffers up to ``largest_block`` come
-    from the heap and up to ``trim_threshold`` bytes of freed heap are kept for the next ones. Meant
-    for worker processes (it applies to the whole process); returns False where the C library is
-    not glibc (nothing is changed).
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # glibc accepts an mmap threshold of at most 32 MiB on 64-bit systems.
-    return bool(mallopt(_M_MMAP_THRESHOLD, min(largest_block, 32 << 20)) and mallopt(_M_TRIM_THRESHOLD, trim_threshold))
