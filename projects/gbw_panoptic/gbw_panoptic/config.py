@@ -1,18 +1,19 @@
 """Config keys of gbw-panoptic, added to Detectron2's ``get_cfg()`` by :func:`add_gbw_panoptic_config`.
 
 One function per concern (GBW, model, input/data, UDA, solver); ``add_gbw_panoptic_config`` calls
-them all. Defaults follow the reference setting (EDAPS + GBW); the yaml configs under
-``configs/`` override what differs per experiment.
+them all. Defaults follow the reference setting (EDAPS). GBW is off by default: the baseline configs
+under ``configs/`` are the bases and their ``*_gbw.yaml`` variants switch it on.
 """
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_gbw_panoptic_config"]
 
 
-def _gbw_loss_node(enabled: bool = True) -> CN:
-    """Keys of one GBW-weighted loss (``MODEL.GBW.{SEM_SEG,CENTER,OFFSET}``)."""
+def _gbw_loss_node() -> CN:
+    """Keys of one GBW-weighted loss (``MODEL.GBW.{SEM_SEG,CENTER,OFFSET}``); off by default, the
+    ``*_gbw.yaml`` configs switch it on."""
     node = CN()
-    node.ENABLED = enabled
+    node.ENABLED = False
     # Regularisation strength lambda of the QP; "absolute" uses it as is (the reference, 1.0),
     # "relative" uses LAMBDA * mean_c(g_c^2), invariant to image size and batch size.
     node.LAMBDA = 1.0
