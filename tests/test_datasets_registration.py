@@ -22,7 +22,7 @@ def other_root(tmp_path, synthetic_datasets):
 
 def test_all_names_registered(synthetic_datasets):
     assert set(DATASET_NAMES) <= set(DatasetCatalog.list())
-    assert len(DATASET_NAMES) == 7
+    assert len(DATASET_NAMES) == 9
 
 
 @pytest.mark.parametrize("name", DATASET_NAMES)
@@ -43,7 +43,7 @@ def test_metadata(synthetic_datasets, name):
         assert not {9, 14, 16} & set(meta.evaluation_classes)
     else:
         assert meta.evaluation_classes == list(range(19))
-    if name.startswith(("cityscapes", "synthetic_target")):
+    if name.startswith(("cityscapes", "synthetic_target", "mapillary")):
         assert meta.evaluation_classes_16 == [c for c in range(19) if c not in (9, 14, 16)]
 
 

@@ -12,6 +12,8 @@ name                                  folder (layout)             prepared by
 ``synthetic_source_panoptic_train``   ``synthetic/source`` (SYNTHIA)  ``datasets/prepare_synthetic.py``
 ``synthetic_target_panoptic_train``   ``synthetic/target`` (Cityscapes)  ``datasets/prepare_synthetic.py``
 ``synthetic_target_panoptic_val``     ``synthetic/target``        ``datasets/prepare_synthetic.py``
+``mapillary_panoptic_train``          ``mapillary`` (Mapillary)   ``datasets/prepare_mapillary.py``
+``mapillary_panoptic_val``            ``mapillary``               ``datasets/prepare_mapillary.py``
 ====================================  ==========================  =================================
 
 Registration only records paths; files are read when a dataset is loaded from ``DatasetCatalog``,
@@ -40,6 +42,7 @@ from .builtin_meta import (
 from .conversion import datasets_root
 from .prepare_cityscapes import cityscapes_paths
 from .prepare_gta5 import gta5_paths
+from .prepare_mapillary import mapillary_paths
 from .prepare_synthia import synthia_paths
 
 __all__ = ["register_all", "load_panoptic_dataset", "load_cityscapes_images", "DATASET_NAMES"]
@@ -52,6 +55,8 @@ DATASET_NAMES = (
     "synthetic_source_panoptic_train",
     "synthetic_target_panoptic_train",
     "synthetic_target_panoptic_val",
+    "mapillary_panoptic_train",
+    "mapillary_panoptic_val",
 )
 
 
@@ -194,9 +199,9 @@ def _register(
 
 
 def _register_flat_layout(
-    name: str, paths: Dict[str, str], prepare_command: str, evaluation_classes: List[int]
+    name: str, paths: Dict[str, str], prepare_command: str, evaluation_classes: List[int], **extra_metadata: Any
 ) -> None:
-    """A source dataset with all images in one folder (SYNTHIA and GTA5 layouts)."""
+    """A dataset with all images in one folder (SYNTHIA, GTA5 and converted Mapillary layouts)."""
     loader = functools.partial(
         load_panoptic_dataset,
         name,
@@ -206,7 +211,7 @@ def _register_flat_layout(
         functools.partial(_flat_sem_seg_file, paths),
         prepare_command,
     )
-    _register(name, loader, paths, evaluation_classes)
+    _register(name, loader, paths, evaluation_classes, **extra_metadata)
 
 
 def _register_cityscapes_layout(name: str, folder: str, split: str, prepare_command: str) -> None:
@@ -250,4 +255,14 @@ def register_all(root: Optional[str] = None) -> List[str]:
             f"python datasets/prepare_cityscapes.py {cityscapes}",
         )
         _register_cityscapes_layout(f"synthetic_target_panoptic_{split}", target, split, synthetic_command)
+    mapillary = os.path.join(root, "mapillary")
+    for split, folder in (("train", "training"), ("val", "validation")):
+        # A SYNTHIA -> Mapillary target: all 19 classes, and the 16 SYNTHIA has.
+        _register_flat_layout(
+            f"mapillary_panoptic_{split}",
+            mapillary_paths(mapillary, folder),
+            f"python datasets/prepare_mapillary.py {mapillary} --splits {folder}",
+            ALL_EVAL_TRAIN_IDS,
+            evaluation_classes_16=list(SYNTHIA_EVAL_TRAIN_IDS),
+        )
     return list(DATASET_NAMES)
