@@ -1,6 +1,8 @@
 """Mapillary Vistas: the converter on a generated v1.2-layout fixture (class mapping, resize, panoptic
 validity, corrupt input, idempotence), the registered datasets, and a synthia2mapillary config that
 trains and evaluates."""
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -112,7 +114,7 @@ def _segment_ids() -> List[int]:
     return [70000 + 4099 * index for index in range(len(SCENE))]
 
 
-def _write_image(root: Path, split: str, image_id: str, size: Tuple[int, int]) -> Dict:
+def _write_image(root: Path, split: str, image_id: str, size: Tuple[int, int]) -> Tuple[Dict, Dict]:
     """Write one image and its Mapillary panoptic PNG; return its ``images`` and ``annotations`` entries."""
     width, height = size
     fitted_width, fitted_height = FITTED[image_id]
@@ -170,12 +172,9 @@ def _load(path) -> dict:
 
 @pytest.fixture(scope="module")
 def mapillary_root(tmp_path_factory):
-    """Datasets root with the converted fixture under ``mapillary/``; ``(root, output of the run)``."""
+    """``(datasets root, exit code, printed output)`` of converting the fixture under ``mapillary/``."""
     root = tmp_path_factory.mktemp("datasets")
     write_mapillary_fixture(root / "mapillary")
-    import contextlib
-    import io
-
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exit_code = prepare_mapillary.main([str(root / "mapillary"), *SIZE, "--workers", "1"])
@@ -303,6 +302,10 @@ def test_rerun_is_idempotent_and_repaired_input_is_converted(tmp_path, capsys):
     assert prepare_mapillary.main([*arguments[:-2], "--size", "32", "24", "--workers", "1"]) == 0
     assert "4 converted, 0 already valid" in capsys.readouterr().out
     assert _load(paths["panoptic_json"])["images"][0]["width"] == 32
+    # So does the reference (EDAPS) image interpolation.
+    assert prepare_mapillary.main([*arguments, "--image-interpolation", "bicubic"]) == 0
+    assert "4 converted, 0 already valid" in capsys.readouterr().out
+    assert _load(paths["panoptic_json"])["info"]["resize"] == "fit 64x48, image bicubic, labels nearest"
 
 
 def test_categories_of_another_version_are_refused(tmp_path, capsys):
@@ -318,16 +321,19 @@ def test_categories_of_another_version_are_refused(tmp_path, capsys):
     assert str(json_path) in error and "category id 14" in error and "construction--flat--road" in error
 
 
-def test_segment_missing_from_segments_info_fails_that_image(tmp_path, capsys):
+def test_unlisted_segment_or_grey_panoptic_png_fails_that_image(tmp_path, capsys):
     write_mapillary_fixture(tmp_path)
     json_path = tmp_path / "validation" / "panoptic" / "panoptic_2018.json"
     content = _load(json_path)
     del content["annotations"][0]["segments_info"][0]
     json_path.write_text(json.dumps(content))
+    grey = tmp_path / "validation" / "panoptic" / "va_tall.png"
+    Image.open(grey).convert("L").save(grey)
     assert prepare_mapillary.main([str(tmp_path), *SIZE, "--splits", "validation", "--workers", "1"]) == 1
     output = capsys.readouterr().out
-    assert "2 converted" in output and "2 failed" in output
+    assert "1 converted" in output and "3 failed" in output
     assert f"{tmp_path / 'validation' / 'panoptic' / 'va_43.png'}: panoptic ids [70000]" in output
+    assert f"{grey}: cannot be read as a panoptic PNG (missing or corrupt): expected an RGB" in output
 
 
 def test_v2_download_layout_and_missing_input(tmp_path, capsys):
