@@ -148,7 +148,7 @@ def make_cfg(**input_overrides):
 def assert_same_targets(ours: Dict[str, torch.Tensor], reference: Dict[str, Any]) -> None:
     """Equal keys, dtypes, shapes and values, in our layout."""
     expected = from_detectron2_layout(reference)
-    assert set(ours) == set(expected)
+    assert set(ours) == set(expected) | {"center_class"}
     for key, value in expected.items():
         assert ours[key].dtype == value.dtype, key
         assert ours[key].shape == value.shape, key
@@ -222,6 +222,37 @@ def test_target_recipe_semantics():
     assert targets["offset_weights"][15, 10] == 1 and targets["offset_weights"][0, 0] == 0
     assert targets["center_weights"][0, 0] == 1 and targets["center_weights"][30, 40] == 0
     assert targets["offset_weights"][30, 40] == 0
+
+
+def test_center_class_is_the_class_of_the_gaussian_that_sets_each_pixel():
+    """Two things of different classes whose Gaussians overlap, one far from both."""
+    panoptic = np.full((30, 80), LABEL_IDS[0], dtype=np.int32)
+    panoptic[8:13, 8:13] = 24000  # person, mean (10, 10)
+    panoptic[8:13, 18:23] = 26000  # car, mean (10, 20): its Gaussian overlaps the person's
+    panoptic[20:25, 60:65] = 33000  # bicycle, mean (22, 62)
+    segments = [
+        {"id": LABEL_IDS[0], "category_id": 0, "iscrowd": 0},
+        {"id": 24000, "category_id": 11, "iscrowd": 0},
+        {"id": 26000, "category_id": 13, "iscrowd": 0},
+        {"id": 33000, "category_id": 18, "iscrowd": 0},
+    ]
+    sigma = 2
+    targets = PanopticTargetGenerator(255, THING_TRAIN_IDS, sigma=sigma)(panoptic, segments)
+    rows, cols = np.mgrid[:30, :80]
+    radius = 3 * sigma + 1
+    values = []
+    for y, x in ((10, 10), (10, 20), (22, 62)):
+        inside = (np.abs(rows - y) <= radius) & (np.abs(cols - x) <= radius)
+        values.append(np.where(inside, np.exp(-((rows - y) ** 2 + (cols - x) ** 2) / (2 * sigma**2)), -1.0))
+    values = np.stack(values)
+    expected = np.where(values.max(0) >= 0, np.array([11, 13, 18])[values.argmax(0)], 255)
+    tie = np.isclose(values[0], values[1]) & (values[0] >= 0)  # equidistant: the first pasted keeps it
+    assert tie.any()
+    expected[tie] = 11
+    assert targets["center_class"].dtype == torch.int64
+    assert np.array_equal(targets["center_class"].numpy(), expected)
+    assert targets["center_class"][10, 14] == 11 and targets["center_class"][10, 16] == 13
+    assert targets["center_class"][0, 40] == 255 and targets["sem_seg"][0, 40] == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,11 +1,20 @@
 """GBW loss modules: reduction, equality with the plain losses when off, edge cases, training."""
+from typing import Tuple
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.projects.deeplab.loss import DeepLabCE
 from torch import nn
 
-from gbw_panoptic.gbw import GBWCrossEntropyLoss, GBWRegressionLoss, ce_grad_sq_norms, qp_class_weights
+from gbw_panoptic.gbw import (
+    CVXOPT_REFERENCE_OPTIONS,
+    GBWCrossEntropyLoss,
+    GBWRegressionLoss,
+    ce_grad_sq_norms,
+    qp_class_weights,
+)
 
 IGNORE = 255
 NUM_CLASSES = 19
@@ -41,12 +50,18 @@ def test_disabled_equals_deeplab_ce_bit_for_bit(use_pixel_weights: bool) -> None
 
 @pytest.mark.parametrize("mode", ["channel", "class"])
 @pytest.mark.parametrize("lam_mode", ["absolute", "relative"])
-def test_enabled_loss_is_pixel_weight_times_class_weight_times_ce(mode: str, lam_mode: str) -> None:
+@pytest.mark.parametrize("pixel_weights_in_norms", [False, True])
+def test_enabled_loss_is_pixel_weight_times_class_weight_times_ce(
+    mode: str, lam_mode: str, pixel_weights_in_norms: bool
+) -> None:
     logits, labels, pixel_weights = _semantic_batch(seed=1)
-    loss_module = GBWCrossEntropyLoss(NUM_CLASSES, lam=0.5, lam_mode=lam_mode, mode=mode)
+    loss_module = GBWCrossEntropyLoss(
+        NUM_CLASSES, lam=0.5, lam_mode=lam_mode, mode=mode, pixel_weights_in_norms=pixel_weights_in_norms
+    )
     loss = loss_module(logits, labels, pixel_weights)
 
-    sq_norms = ce_grad_sq_norms(logits, labels, mode=mode, pixel_weights=pixel_weights)
+    norm_weights = pixel_weights if pixel_weights_in_norms else None
+    sq_norms = ce_grad_sq_norms(logits, labels, mode=mode, pixel_weights=norm_weights)
     class_weights = qp_class_weights(sq_norms, lam=0.5, lam_mode=lam_mode)
     # The module takes the probabilities from its own log-softmax: equal to float rounding.
     torch.testing.assert_close(loss_module.last_weights, class_weights, rtol=1e-5, atol=1e-6)
@@ -187,6 +202,18 @@ def test_regression_disabled_equals_panoptic_deeplab_normalisation(kind: str, ch
     )
 
 
+@pytest.mark.parametrize("enabled", [False, True])
+def test_channel_weight_sum_divides_by_the_weights_expanded_over_channels(enabled: bool) -> None:
+    """EDAPS's offset normalisation: the (dy, dx) weights summed, 2 * sum(w), half the Panoptic-DeepLab loss."""
+    pred, target, labels = _regression_batch(11, 2)
+    offset_weights = (labels >= 11).float() * (labels != IGNORE)
+    kwargs = dict(kind="l1", enabled=enabled, lam=0.1, lam_mode="relative", active_classes=THING_CLASSES)
+    per_weight = GBWRegressionLoss(NUM_CLASSES, **kwargs)(pred, target, labels, offset_weights)
+    per_channel_weight = GBWRegressionLoss(NUM_CLASSES, normalizer="channel_weight_sum", **kwargs)
+    torch.testing.assert_close(per_channel_weight(pred, target, labels, offset_weights), per_weight / 2)
+    assert float(per_channel_weight(pred, target, labels, torch.zeros_like(offset_weights))) == 0.0
+
+
 def test_offset_loss_weights_thing_classes_only() -> None:
     pred, target, labels = _regression_batch(10, 2)
     offset_weights = (labels >= 11).float() * (labels != IGNORE)
@@ -264,3 +291,71 @@ def test_training_step_with_all_three_losses_gives_finite_gradients() -> None:
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     for module in (semantic_loss, center_loss, offset_loss):
         assert torch.isfinite(module.last_weights).all()
+
+
+def _authors_recipe(
+    logits: torch.Tensor, labels: torch.Tensor, pixel_weights: torch.Tensor, lam: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The authors' GBW cross-entropy re-derived step by step: one-hot targets (ignored pixels have
+    none), per-class mean CE ``-sum(onehot * log softmax) / (N_c + 1)`` over every labelled pixel,
+    autograd gradient of their sum w.r.t. the detached logits, L2 norm of each logit channel,
+    the QP posed literally for cvxopt (P = 2 lam I, q = -(g^2 + lam), G = -I, h = 0, A = 1^T,
+    b = C, 20 iterations, tolerances 1e-4), then ``F.cross_entropy(weight=w, reduction="none")``
+    times the pseudo-label weights, averaged over all pixels. Returns ``(loss, class weights)``."""
+    from cvxopt import matrix, solvers
+
+    num_classes = logits.shape[1]
+    detached = logits.detach().clone().requires_grad_()
+    valid = labels != IGNORE
+    onehot = F.one_hot(torch.where(valid, labels, 0), num_classes).permute(0, 3, 1, 2) * valid.unsqueeze(1)
+    class_pixels = onehot.transpose(0, 1).flatten(1).sum(1) + 1
+    per_class = -(onehot * torch.log(F.softmax(detached, dim=1))).transpose(0, 1).flatten(1).sum(1) / class_pixels
+    per_class.backward(torch.ones_like(per_class))
+    norms = torch.linalg.vector_norm(detached.grad.transpose(0, 1).flatten(1), dim=1).double().numpy()
+    solution = solvers.qp(
+        matrix(2.0 * lam * np.eye(num_classes)),
+        matrix(-(norms**2 + lam)),
+        matrix(-np.eye(num_classes)),
+        matrix(np.zeros(num_classes)),
+        matrix(np.ones((1, num_classes))),
+        matrix(float(num_classes)),
+        options=dict(CVXOPT_REFERENCE_OPTIONS),
+    )
+    class_weights = torch.tensor(np.asarray(solution["x"]).ravel(), dtype=torch.float32)
+    pixel_losses = F.cross_entropy(logits, labels, weight=class_weights, ignore_index=IGNORE, reduction="none")
+    return (pixel_losses * pixel_weights).mean(), class_weights
+
+
+def _dacs_batch(seed: int):
+    """A mixed DACS batch of 2 x 24 x 32: pseudo-labels weighted by one confidence per image, rows
+    at the top and bottom weighted 0, pasted source pixels weighted 1, an ignored patch."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = (2 * torch.randn(2, NUM_CLASSES, 24, 32, generator=generator)).requires_grad_()
+    labels = torch.randint(0, 6, (2, 24, 32), generator=generator)
+    labels[:, 8:14, 4:12] = 11
+    labels[1, 16:20, 20:30] = 17
+    labels[0, 2:5, 2:5] = IGNORE
+    pixel_weights = torch.tensor([0.62, 0.35])[:, None, None].expand(2, 24, 32).clone()
+    pixel_weights[:, :3] = 0.0
+    pixel_weights[:, -5:] = 0.0
+    pixel_weights[:, 8:14, 4:12] = 1.0  # pasted source pixels
+    return logits, labels, pixel_weights
+
+
+@pytest.mark.parametrize("solver", ["projection", "cvxopt"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_setting_equals_the_authors_recipe_with_pseudo_label_weights(solver: str, seed: int) -> None:
+    logits, labels, pixel_weights = _dacs_batch(seed)
+    expected_loss, expected_weights = _authors_recipe(logits, labels, pixel_weights)
+    module = GBWCrossEntropyLoss(NUM_CLASSES, lam=1.0, solver=solver)
+    loss = module(logits, labels, pixel_weights)
+    torch.testing.assert_close(module.last_weights, expected_weights, rtol=0, atol=2e-6)
+    torch.testing.assert_close(loss, expected_loss, rtol=2e-6, atol=0)
+    (grad,) = torch.autograd.grad(loss, logits)
+    (expected_grad,) = torch.autograd.grad(expected_loss, logits)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-9)
+
+    # Pixel weights in the norms give other weights on this batch, far beyond float precision.
+    weighted = GBWCrossEntropyLoss(NUM_CLASSES, lam=1.0, solver=solver, pixel_weights_in_norms=True)
+    weighted(logits, labels, pixel_weights)
+    assert float((weighted.last_weights - expected_weights).abs().max()) > 1e-3

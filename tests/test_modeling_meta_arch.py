@@ -13,6 +13,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from gbw_panoptic.config import add_gbw_panoptic_config
+from gbw_panoptic.gbw import GBWRegressionLoss
 from gbw_panoptic.modeling import GBWPanopticSegmentor, MixVisionTransformer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -121,9 +122,13 @@ def test_semantic_only_mode():
     assert set(output) == {"sem_seg"}
 
 
-def test_losses_without_gbw_match_the_reference_formulas():
+@pytest.mark.parametrize("normalizer, channels", [("channel_weight_sum", 2), ("weight_sum", 1)])
+def test_losses_without_gbw_match_the_reference_formulas(normalizer: str, channels: int):
+    """EDAPS divides the offset L1 by the weights expanded over (dy, dx), 2 * sum(w); Panoptic-DeepLab
+    by sum(w)."""
     model = _small_model(
         ["MODEL.GBW.SEM_SEG.ENABLED", False, "MODEL.GBW.CENTER.ENABLED", False, "MODEL.GBW.OFFSET.ENABLED", False]
+        + ["MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER", normalizer, "MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE", 0.0]
     ).train()
     batch = _batch(height=64, width=96)  # multiples of 32: no padding
     torch.manual_seed(1)
@@ -139,10 +144,53 @@ def test_losses_without_gbw_match_the_reference_formulas():
     center_error = (dense["center"] - torch.stack([x["center"] for x in batch])) ** 2
     offset_error = (dense["offset"] - torch.stack([x["offset"] for x in batch])).abs()
     expected_center = 10.0 * (center_error * center_weights[:, None]).sum() / center_weights.sum()
-    expected_offset = 0.1 * (offset_error * offset_weights[:, None]).sum() / offset_weights.sum()
+    expected_offset = 0.1 * (offset_error * offset_weights[:, None]).sum() / (channels * offset_weights.sum())
     torch.testing.assert_close(losses["loss_sem_seg"], expected_sem_seg)
     torch.testing.assert_close(losses["loss_center"], expected_center)
     torch.testing.assert_close(losses["loss_offset"], expected_offset)
+
+
+def test_center_loss_above_the_limit_is_zero_and_gives_no_gradient():
+    batch = _batch(height=64, width=96)
+    torch.manual_seed(1)
+    loss_center = _small_model(["MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE", 0.0]).train()(batch)["loss_center"]
+    above = float(loss_center.detach()) * 1.01
+    torch.manual_seed(1)
+    kept = _small_model(["MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE", above]).train()(batch)["loss_center"]
+    assert torch.equal(kept, loss_center)
+    model = _small_model(["MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE", float(loss_center.detach()) * 0.99]).train()
+    torch.manual_seed(1)
+    dropped = model(batch)["loss_center"]
+    assert float(dropped) == 0.0
+    dropped.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_center_pixels_grouped_by_instance_class():
+    """With PIXEL_CLASS "instance" the center loss groups pixels by ``center_class`` where an input has
+    it (255 = fall back to the semantic label) and by the semantic label elsewhere."""
+    opts = ["MODEL.GBW.CENTER.ENABLED", True, "MODEL.GBW.CENTER.LAMBDA_MODE", "relative"]
+    opts += ["MODEL.GBW.CENTER.PIXEL_CLASS", "instance", "MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE", 0.0]
+    model = _small_model(opts).train()
+    batch = _batch(height=64, width=96)
+    center_class = torch.full((64, 96), 255, dtype=torch.long)
+    center_class[10:40, 20:60] = 13
+    batch[0]["center_class"] = center_class
+    torch.manual_seed(1)
+    loss_center = model(batch)["loss_center"]
+    torch.manual_seed(1)
+    dense = model.predict_dense(model.preprocess_image(batch).tensor)
+    labels = torch.stack([x["sem_seg"] for x in batch])
+    pixel_class = labels.clone()
+    pixel_class[0, 10:40, 20:60] = 13
+    reference = GBWRegressionLoss(19, kind="mse", lam_mode="relative")
+    center_weights = torch.stack([x["center_weights"] for x in batch])
+    expected = reference(dense["center"], torch.stack([x["center"] for x in batch]), pixel_class, center_weights)
+    torch.testing.assert_close(loss_center, 10.0 * expected)
+    torch.testing.assert_close(model.center_loss.last_weights, reference.last_weights)
+    semantic = GBWRegressionLoss(19, kind="mse", lam_mode="relative")
+    semantic(dense["center"], torch.stack([x["center"] for x in batch]), labels, center_weights)
+    assert not torch.allclose(semantic.last_weights, reference.last_weights, rtol=1e-3)
 
 
 def _gbw_opts(enabled: bool, lam: float, mode: str) -> List:

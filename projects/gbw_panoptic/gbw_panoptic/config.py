@@ -37,7 +37,14 @@ def add_gbw_config(cfg: CN) -> None:
     """``MODEL.GBW.*``: gradient-based class weighting of the three losses."""
     cfg.MODEL.GBW = CN()
     cfg.MODEL.GBW.SEM_SEG = _gbw_loss_node()
+    # False (the authors' code): the class weights come from the unweighted cross-entropy, every
+    # labelled pixel counts in N_c and the pixel (pseudo-label) weights enter only the reduction.
+    # True: the pixel weights scale each pixel's gradient and zero-weight pixels leave N_c.
+    cfg.MODEL.GBW.SEM_SEG.PIXEL_WEIGHTS_IN_NORMS = False
     cfg.MODEL.GBW.CENTER = _gbw_loss_node()
+    # Class of each center-heatmap pixel for GBW: "semantic" (its semantic label) or "instance"
+    # (pixels under an instance's Gaussian take that instance's class, the others their semantic label).
+    cfg.MODEL.GBW.CENTER.PIXEL_CLASS = "semantic"
     cfg.MODEL.GBW.OFFSET = _gbw_loss_node()
 
 
@@ -86,6 +93,12 @@ def add_model_config(cfg: CN) -> None:
     cfg.MODEL.INS_EMBED_HEAD.NORM = "BN"
     cfg.MODEL.INS_EMBED_HEAD.CENTER_LOSS_WEIGHT = 10.0
     cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_WEIGHT = 0.1
+    # Offset L1 divided by "channel_weight_sum" = 2 * sum(offset weights) (EDAPS) or "weight_sum" =
+    # sum(offset weights) (Panoptic-DeepLab, Detectron2).
+    cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER = "channel_weight_sum"
+    # A center loss (after CENTER_LOSS_WEIGHT) above this value is replaced by 0 for that call, as
+    # EDAPS does with its source center loss (14.0); 0 disables it.
+    cfg.MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE = 14.0
 
     # Panoptic-DeepLab post-processing.
     cfg.MODEL.POST_PROCESSING = CN()
@@ -104,7 +117,8 @@ def add_data_config(cfg: CN) -> None:
     cfg.INPUT.IGNORE_STUFF_IN_OFFSET = True
     cfg.INPUT.SMALL_INSTANCE_AREA = 0
     cfg.INPUT.SMALL_INSTANCE_WEIGHT = 1
-    cfg.INPUT.IGNORE_CROWD_IN_SEMANTIC = False
+    # Crowd segments labelled ignore in the semantic target (EDAPS; Detectron2's Panoptic-DeepLab: False).
+    cfg.INPUT.IGNORE_CROWD_IN_SEMANTIC = True
     # Augmentation: random resize by a ratio of the base size, crop, flip.
     cfg.INPUT.RESIZE_RATIO_RANGE = [0.5, 2.0]
     cfg.INPUT.BASE_SIZE = [1024, 2048]  # (height, width) the ratio range applies to

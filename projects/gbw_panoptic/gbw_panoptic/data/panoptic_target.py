@@ -13,7 +13,9 @@ match what the model consumes):
 
 - ``center`` is ``1xHxW`` (Detectron2: ``HxW``);
 - ``center_weights`` and ``offset_weights`` are ``HxW`` (Detectron2: ``1xHxW``);
-- ``center_points`` is not returned (the model does not use it).
+- ``center_points`` is not returned (the model does not use it);
+- ``center_class`` is added: the class of the instance whose Gaussian gives each pixel its
+  center target (the one with the largest value there), for grouping the center loss by instance.
 
 :func:`from_detectron2_layout` converts the reference's output to this layout.
 """
@@ -61,9 +63,11 @@ class PanopticTargetGenerator:
         size = 6 * sigma + 3
         coords = np.arange(0, size, 1, float)
         peak = 3 * sigma + 1
+        # float32, the dtype of the heatmap: max-pasting it gives the values of pasting the float64
+        # Gaussian, and strict comparisons in the heatmap's precision decide which instance owns a pixel.
         self.gaussian = np.exp(
             -((coords[None, :] - peak) ** 2 + (coords[:, None] - peak) ** 2) / (2 * sigma**2)
-        )
+        ).astype(np.float32)
 
     def __call__(self, panoptic: np.ndarray, segments_info: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         """
@@ -82,7 +86,10 @@ class PanopticTargetGenerator:
             - ``offset``: float32 ``2xHxW`` (dy, dx) in pixels from each thing pixel to its
               segment's mean position, 0 elsewhere;
             - ``offset_weights``: float32 ``HxW``, 1 on non-crowd thing segments (on every
-              non-crowd segment when ``ignore_stuff_in_offset`` is False), else 0.
+              non-crowd segment when ``ignore_stuff_in_offset`` is False), else 0;
+            - ``center_class``: int64 ``HxW``, the category id of the instance whose Gaussian
+              sets ``center`` at the pixel (the first pasted one on ties), ``ignore_label`` where
+              no Gaussian reaches.
         """
         if panoptic.ndim != 2:
             raise ValueError(f"panoptic must be an HxW id map, got shape {panoptic.shape}")
@@ -126,8 +133,9 @@ class PanopticTargetGenerator:
         )
 
         center = np.zeros((height, width), dtype=np.float32)
+        center_class = np.full((height, width), self.ignore_label, dtype=np.int64)
         for index in np.flatnonzero(has_center):
-            self._paste_gaussian(center, center_y[index], center_x[index])
+            self._paste_gaussian(center, center_class, center_y[index], center_x[index], category_ids[index])
 
         thing_pixel = per_pixel(has_center, False)
         pixel_center_y = per_pixel(center_y, 0.0)
@@ -143,10 +151,14 @@ class PanopticTargetGenerator:
             "center_weights": torch.as_tensor(center_weights),
             "offset": torch.as_tensor(offset),
             "offset_weights": torch.as_tensor(offset_weights),
+            "center_class": torch.as_tensor(center_class),
         }
 
-    def _paste_gaussian(self, center: np.ndarray, center_y: float, center_x: float) -> None:
-        """Max-paste the Gaussian patch centred at the rounded (center_y, center_x), in place."""
+    def _paste_gaussian(
+        self, center: np.ndarray, center_class: np.ndarray, center_y: float, center_x: float, category: int
+    ) -> None:
+        """Max-paste the Gaussian patch centred at the rounded (center_y, center_x) into ``center``,
+        in place, and write ``category`` into ``center_class`` where the patch is the new maximum."""
         height, width = center.shape
         y, x = int(round(center_y)), int(round(center_x))
         radius = 3 * self.sigma + 1
@@ -157,7 +169,10 @@ class PanopticTargetGenerator:
         if y0 >= y1 or x0 >= x1:
             return
         patch = self.gaussian[y0 - top : y1 - top, x0 - left : x1 - left]
-        np.maximum(center[y0:y1, x0:x1], patch, out=center[y0:y1, x0:x1])
+        region = center[y0:y1, x0:x1]
+        larger = patch > region
+        region[larger] = patch[larger]
+        center_class[y0:y1, x0:x1][larger] = category
 
 
 # Largest segment id for which the id -> segment lookup uses a dense table (4 MiB of int32).

@@ -4,15 +4,17 @@ GBW needs, for every class c, the squared norm g_c^2 of the gradient of
 the sum of per-class mean losses ``sum_c L_c`` with respect to the network output. Both functions
 here evaluate that gradient in closed form in a few fused tensor passes, in float32 whatever the
 input precision, without a second backward pass and, on a GPU, without host synchronisation apart
-from the input checks (they read back the label range and whether the norms are finite; on the CPU,
-where reading a value back costs nothing, a few more checks choose the faster path).
+from the input checks (they read back the label range and whether the norms are finite).
+The cross-entropy norms have one implementation, :class:`_CrossEntropyWithGradNorms`: the loss
+computes them from the log-softmax of its forward pass, and :func:`ce_grad_sq_norms` runs the same
+forward without a graph.
 
 Per-class mean loss, with N_c the number of pixels of class c that the loss covers (labelled and,
 when pixel weights are given, with a non-zero weight) and q_i the pixel weight (1 when absent)::
 
     L_c = 1 / (N_c + 1) * sum_{i: y_i = c} q_i * loss_i
 """
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -30,8 +32,6 @@ __all__ = [
 ]
 
 CE_MODES = ("channel", "class")
-# Logits per block when the CPU computes the gradient norms block by block (1 MiB of float32).
-CPU_BLOCK_ELEMENTS = 1 << 18
 REGRESSION_KINDS = ("mse", "l1")
 
 
@@ -209,84 +209,6 @@ def check_shapes(
         _check_dense(pixel_weights[1], pixel_weights[0], (batch, height, width), what)
 
 
-def _pixel_blocks(
-    logits: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor
-) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(logits [C, P], safe_class_map [P], scale [P])`` views that cover the pixels of
-    ``logits`` [B, C, H, W] image by image: on the CPU in blocks of whole rows of about
-    :data:`CPU_BLOCK_ELEMENTS` logits, which stay in cache and spare allocating (and
-    page-faulting) a float32 copy of all logits; elsewhere one block per image."""
-    batch, num_classes, height, width = logits.shape
-    pixels = height * width
-    if logits.device.type == "cpu":
-        pixels = max(1, CPU_BLOCK_ELEMENTS // (num_classes * width)) * width
-    for image in range(batch):
-        yield from zip(
-            logits[image].flatten(1).split(pixels, dim=1),
-            safe_class_map[image].flatten().split(pixels),
-            scale[image].flatten().split(pixels),
-        )
-
-
-# Range of the per-pixel sums of exp(logits) within which the CPU skips subtracting the per-pixel
-# maximum: then no logit exceeds 40 (its squared exponential stays finite in float32) and every pixel
-# has a logit above -20 - ln(C), so the squared exponentials that underflow weigh less than
-# C^2 * 3e-21 of their pixel's (1e-15 for a thousand classes).
-UNSHIFTED_EXP_SUM_RANGE = (2.0611536e-09, 2.3538527e17)  # (exp(-20), exp(40))
-
-
-def _exp_logits(logits: torch.Tensor, out: torch.Tensor, shift: bool) -> torch.Tensor:
-    """``exp(logits - shift_i)`` into ``out`` (float32, shape of ``logits`` [C, P]), with
-    ``shift_i`` the per-pixel maximum over C when ``shift`` and 0 otherwise."""
-    if logits.dtype != out.dtype:
-        logits = out.copy_(logits)
-    if shift:
-        return torch.sub(logits, logits.amax(dim=0), out=out).exp_()
-    return torch.exp(logits, out=out)
-
-
-def _block_sq_norms(
-    logits: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str, out: torch.Tensor
-) -> torch.Tensor:
-    """Squared per-class norms (mode as in :func:`ce_grad_sq_norms`) of the gradient of one block.
-
-    With ``e = exp(z)`` (up to a per-pixel factor), ``S_i = sum_k e_ik`` and ``R_i = sum_{k != y_i}
-    e_ik``, the gradient row of pixel i is ``s_i / S_i * e_ik`` off the label and
-    ``-s_i * R_i / S_i`` on it: the label entry is formed from R, a sum without the label term,
-    so no ``p - 1`` cancellation loses the small residuals of confident pixels.
-
-    Args:
-        logits: float tensor [C, P] (pixels flattened).
-        safe_class_map: int64 [P], labels with ignored pixels set to any class.
-        scale: float32 [P], ``s_i`` (0 on pixels the loss does not cover).
-        mode: ``"channel"`` or ``"class"``.
-        out: float32 scratch tensor of the shape of ``logits``; overwritten.
-
-    Returns:
-        float32 [C].
-    """
-    # On the CPU a cheap check on S replaces the pass that subtracts the per-pixel maximum; a block
-    # outside the safe range (or with non-finite logits) is recomputed with the shift.
-    exp_logits = _exp_logits(logits, out, shift=logits.device.type != "cpu")
-    total = exp_logits.sum(dim=0)
-    if exp_logits.device.type == "cpu":
-        low, high = torch.aminmax(total)
-        if not (UNSHIFTED_EXP_SUM_RANGE[0] <= float(low) and float(high) <= UNSHIFTED_EXP_SUM_RANGE[1]):
-            exp_logits = _exp_logits(logits, out, shift=True)
-            total = exp_logits.sum(dim=0)
-    label_index = safe_class_map.unsqueeze(0)
-    exp_logits.scatter_(0, label_index, 0.0)
-    factor = scale / total  # s_i / S_i
-    label_sq = exp_logits.sum(dim=0).mul_(factor).square_()  # s_i^2 (1 - p_{i, y_i})^2
-    exp_logits.square_()
-    factor.square_()
-    if mode == "channel":
-        return torch.mv(exp_logits, factor).index_add_(0, safe_class_map, label_sq)
-    pixel_sq = exp_logits.sum(dim=0).mul_(factor).add_(label_sq)
-    sq_norms = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-    return sq_norms.index_add_(0, safe_class_map, pixel_sq)
-
-
 def _residual_sq_norms(
     log_probs: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str
 ) -> torch.Tensor:
@@ -382,13 +304,8 @@ def ce_grad_sq_norms(
         raise ValueError(f"mode must be one of {CE_MODES}, got {mode!r}")
     check_shapes(("logits", logits), ("labels", labels), ("pixel_weights", pixel_weights))
     groups = group_pixels(labels, logits.shape[1], ignore_index, pixel_weights, "labels")
-    sq_norms = torch.zeros(logits.shape[1], dtype=torch.float32, device=logits.device)
     with torch.no_grad():
-        blocks = list(_pixel_blocks(logits.detach(), groups.safe_class_map, groups.scale))
-        scratch = torch.empty(blocks[0][0].numel(), dtype=torch.float32, device=logits.device)
-        for block_logits, block_classes, block_scale in blocks:
-            out = scratch[: block_logits.numel()].view(block_logits.shape)
-            sq_norms += _block_sq_norms(block_logits, block_classes, block_scale, mode, out)
+        _, sq_norms = cross_entropy_with_grad_sq_norms(logits.detach().float(), groups, mode)
     return check_finite_norms(sq_norms, ("logits", logits), ("pixel_weights", pixel_weights))
 
 

@@ -9,6 +9,13 @@ pixel's loss by the (detached) weight of its class::
 where q_i is the given per-pixel weight (pseudo-label confidence, center/offset weights; 1 if
 absent). With ``enabled=False`` the class weights are not computed and the loss is exactly the
 unweighted one.
+
+Pixel weights and the class weights of the cross-entropy: by default (the authors' code) the class
+weights come from the gradient of the *unweighted* per-class mean cross-entropy, every labelled
+pixel counts in N_c, and q_i enters only the final reduction. With ``pixel_weights_in_norms=True``
+the norms are those of the gradient of the weighted loss: q_i scales each pixel's gradient and
+pixels with q_i = 0 leave N_c. The regression losses always take their pixel weights into the
+norms: there the weights say which pixels the loss covers at all (crowd, stuff in the offsets).
 """
 from typing import Optional, Sequence, Union
 
@@ -34,7 +41,7 @@ __all__ = ["GBWCrossEntropyLoss", "GBWRegressionLoss", "ActiveClasses"]
 # class ids: only those classes (e.g. the thing classes for the offset loss).
 ActiveClasses = Union[str, Sequence[int]]
 
-REGRESSION_NORMALIZERS = ("weight_sum", "mean")
+REGRESSION_NORMALIZERS = ("weight_sum", "channel_weight_sum", "mean")
 
 
 class _ClassWeighting(nn.Module):
@@ -134,6 +141,7 @@ class GBWCrossEntropyLoss(_ClassWeighting):
         mode: str = "channel",
         active_classes: ActiveClasses = "all",
         ema_momentum: float = 0.0,
+        pixel_weights_in_norms: bool = False,
     ):
         """
         Args:
@@ -147,11 +155,16 @@ class GBWCrossEntropyLoss(_ClassWeighting):
                 :data:`ActiveClasses`); inactive classes get weight 0.
             ema_momentum: momentum of an exponential moving average of the weights across calls
                 (0 = none, the reference).
+            pixel_weights_in_norms: False (the authors' code): the class weights come from the
+                unweighted cross-entropy and every labelled pixel counts in N_c; the pixel weights
+                enter only the reduction. True: the pixel weights scale each pixel's gradient in
+                the norms and zero-weight pixels are not counted in N_c.
         """
         super().__init__(num_classes, ignore_index, enabled, lam, lam_mode, solver, active_classes, ema_momentum)
         if mode not in ("channel", "class"):
             raise ValueError(f"mode must be 'channel' or 'class', got {mode!r}")
         self.mode = mode
+        self.pixel_weights_in_norms = pixel_weights_in_norms
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, pixel_weights: Optional[torch.Tensor] = None
@@ -177,11 +190,17 @@ class GBWCrossEntropyLoss(_ClassWeighting):
             if not bool(torch.isfinite(loss)):
                 check_finite_norms(loss.detach().reshape(1), ("logits", logits), ("pixel_weights", pixel_weights))
             return loss
-        groups = group_pixels(labels, self.num_classes, self.ignore_index, pixel_weights, "labels")
+        norm_weights = pixel_weights if self.pixel_weights_in_norms else None
+        groups = group_pixels(labels, self.num_classes, self.ignore_index, norm_weights, "labels")
         pixel_losses, sq_norms = cross_entropy_with_grad_sq_norms(logits, groups, self.mode)
-        weights = self.class_weights(
-            check_finite_norms(sq_norms, ("logits", logits), ("pixel_weights", pixel_weights)), groups.counts
-        )
+        if pixel_weights is not None and norm_weights is None:
+            # Pixel weights outside the norms: 0 * their sum is NaN when one is not finite, so the
+            # one finiteness check of the norms covers them too.
+            probe = sq_norms + 0.0 * pixel_weights.sum()
+        else:
+            probe = sq_norms
+        check_finite_norms(probe, ("logits", logits), ("pixel_weights", pixel_weights))
+        weights = self.class_weights(sq_norms, groups.counts)
         return self._weighted_mean(pixel_losses * weights.take(groups.safe_class_map), pixel_weights)
 
     @staticmethod
@@ -196,9 +215,11 @@ class GBWRegressionLoss(_ClassWeighting):
     """Dense regression loss (center heatmap MSE or offset L1) with GBW weights per pixel class.
 
     ``loss = sum_{i,k} q_i * w_{class_i} * base(pred[i, k] - target[i, k]) / normalizer`` with
-    ``normalizer = sum_i q_i`` (``"weight_sum"``, Panoptic-DeepLab / EDAPS: the loss is 0 when
-    no pixel has weight) or the number of elements B*K*H*W (``"mean"``). Pixels whose class is
-    ``ignore_index`` keep class weight 1.
+    ``normalizer = sum_i q_i`` (``"weight_sum"``, Panoptic-DeepLab and Detectron2), ``K * sum_i q_i``
+    (``"channel_weight_sum"``, EDAPS: the weights expanded over the K prediction channels, i.e.
+    2 * sum q for the offsets; the same as ``"weight_sum"`` for the 1-channel center heatmap) or
+    the number of elements B*K*H*W (``"mean"``). With either weight sum the loss is 0 when no pixel
+    has weight. Pixels whose class is ``ignore_index`` keep class weight 1.
     """
 
     def __init__(
@@ -218,7 +239,8 @@ class GBWRegressionLoss(_ClassWeighting):
         Args:
             num_classes: number of classes C of the pixel class map.
             kind: ``"mse"`` (center heatmap) or ``"l1"`` (offsets).
-            normalizer: ``"weight_sum"`` or ``"mean"`` (see the class docstring).
+            normalizer: ``"weight_sum"``, ``"channel_weight_sum"`` or ``"mean"`` (see the class
+                docstring).
             others: as :class:`GBWCrossEntropyLoss`; for the offsets pass the thing class ids as
                 ``active_classes``.
         """
@@ -257,6 +279,8 @@ class GBWRegressionLoss(_ClassWeighting):
             )
         pixel_weights = pixel_weights.float()
         weight_sum = pixel_weights.sum()
+        if self.normalizer == "channel_weight_sum":
+            weight_sum = weight_sum * pred.shape[1]
         if self.enabled:
             groups = group_pixels(pixel_class, self.num_classes, self.ignore_index, pixel_weights, "pixel_class")
             sq_norms = regression_sq_norms_from_groups(pred, target, groups, self.kind)

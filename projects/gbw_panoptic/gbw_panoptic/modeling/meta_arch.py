@@ -6,7 +6,8 @@
                              |-> DAFormerSemSegHead  -> class logits  --+
                              |-> DAFormerInstanceHead -> center, offset -+-> upsample to input size
     training:  GBW cross-entropy (x SEM_SEG_HEAD.LOSS_WEIGHT), GBW center MSE (x CENTER_LOSS_WEIGHT,
-               / sum of center weights), GBW offset L1 (x OFFSET_LOSS_WEIGHT, / sum of offset weights)
+               / sum of center weights, 0 above CENTER_LOSS_ZERO_ABOVE), GBW offset L1
+               (x OFFSET_LOSS_WEIGHT, / 2 x sum of offset weights as EDAPS, or / sum of them)
     inference: resize to (height, width) -> Panoptic-DeepLab post-processing -> sem_seg,
                panoptic_seg, instances
 
@@ -38,6 +39,7 @@ __all__ = ["GBWPanopticSegmentor"]
 logger = logging.getLogger(__name__)
 
 _VOID = -1
+CENTER_PIXEL_CLASSES = ("semantic", "instance")
 
 
 def _gbw_loss_kwargs(node: CfgNode) -> Dict:
@@ -101,6 +103,8 @@ class GBWPanopticSegmentor(nn.Module):
         sem_seg_loss_weight: float,
         center_loss_weight: float,
         offset_loss_weight: float,
+        center_loss_zero_above: float = 0.0,
+        center_pixel_class: str = "semantic",
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int,
@@ -122,6 +126,11 @@ class GBWPanopticSegmentor(nn.Module):
             sem_seg_loss, center_loss, offset_loss: GBW loss modules (the last two None when
                 ``ins_embed_head`` is None).
             sem_seg_loss_weight, center_loss_weight, offset_loss_weight: loss multipliers.
+            center_loss_zero_above: a center loss (after its multiplier) above this value is
+                replaced by 0 for that call (EDAPS: 14.0); 0 disables it.
+            center_pixel_class: class of each center-heatmap pixel for GBW: ``"semantic"`` (its
+                semantic label) or ``"instance"`` (the class of the instance whose Gaussian covers
+                it, ``"center_class"`` of the inputs; its semantic label elsewhere).
             pixel_mean, pixel_std: RGB normalisation, 0-255 scale.
             size_divisibility: images are padded to a multiple of it.
             class_names: C class names (logged GBW weights are named after them).
@@ -142,6 +151,12 @@ class GBWPanopticSegmentor(nn.Module):
         self.sem_seg_loss_weight = sem_seg_loss_weight
         self.center_loss_weight = center_loss_weight
         self.offset_loss_weight = offset_loss_weight
+        if center_loss_zero_above < 0:
+            raise ValueError(f"center_loss_zero_above must be >= 0 (0 disables it), got {center_loss_zero_above}")
+        if center_pixel_class not in CENTER_PIXEL_CLASSES:
+            raise ValueError(f"center_pixel_class must be one of {CENTER_PIXEL_CLASSES}, got {center_pixel_class!r}")
+        self.center_loss_zero_above = center_loss_zero_above
+        self.center_pixel_class = center_pixel_class
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.size_divisibility = size_divisibility
@@ -166,7 +181,11 @@ class GBWPanopticSegmentor(nn.Module):
         instance_on = cfg.MODEL.INS_EMBED_HEAD.ENABLED
         gbw = cfg.MODEL.GBW
         sem_seg_loss = GBWCrossEntropyLoss(
-            num_classes, ignore_index=ignore, mode=gbw.SEM_SEG.MODE, **_gbw_loss_kwargs(gbw.SEM_SEG)
+            num_classes,
+            ignore_index=ignore,
+            mode=gbw.SEM_SEG.MODE,
+            pixel_weights_in_norms=gbw.SEM_SEG.PIXEL_WEIGHTS_IN_NORMS,
+            **_gbw_loss_kwargs(gbw.SEM_SEG),
         )
         center_loss = offset_loss = None
         if instance_on:
@@ -177,7 +196,13 @@ class GBWPanopticSegmentor(nn.Module):
             if offset_kwargs["active_classes"] == "all":
                 # Offsets are only learnt on thing pixels: the thing classes share the simplex.
                 offset_kwargs["active_classes"] = thing_ids
-            offset_loss = GBWRegressionLoss(num_classes, kind="l1", ignore_index=ignore, **offset_kwargs)
+            offset_loss = GBWRegressionLoss(
+                num_classes,
+                kind="l1",
+                ignore_index=ignore,
+                normalizer=cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER,
+                **offset_kwargs,
+            )
         post = cfg.MODEL.POST_PROCESSING
         return {
             "backbone": backbone,
@@ -189,6 +214,8 @@ class GBWPanopticSegmentor(nn.Module):
             "sem_seg_loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
             "center_loss_weight": cfg.MODEL.INS_EMBED_HEAD.CENTER_LOSS_WEIGHT,
             "offset_loss_weight": cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_WEIGHT,
+            "center_loss_zero_above": cfg.MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE,
+            "center_pixel_class": gbw.CENTER.PIXEL_CLASS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.MODEL.SIZE_DIVISIBILITY,
@@ -264,8 +291,10 @@ class GBWPanopticSegmentor(nn.Module):
             batched_inputs: list of dicts with ``"image"`` and, in training, the targets
                 ``"sem_seg"`` (H x W int64, 255 ignore), optional ``"sem_seg_weights"`` (H x W),
                 ``"center"`` (1 x H x W), ``"center_weights"``, ``"offset"`` (2 x H x W),
-                ``"offset_weights"`` (H x W); at inference optional ``"height"``, ``"width"``
-                (output resolution).
+                ``"offset_weights"`` (H x W), optional ``"center_class"`` (H x W int64, class of
+                the instance whose Gaussian covers each pixel, 255 elsewhere; read with
+                ``center_pixel_class="instance"``); at inference optional ``"height"``,
+                ``"width"`` (output resolution).
             gbw_log_prefix: GBW class weights are logged as ``{prefix}/{loss}/{class name}``.
         Returns:
             training: ``{"loss_sem_seg", "loss_center", "loss_offset"}`` (no instance losses in
@@ -317,9 +346,19 @@ class GBWPanopticSegmentor(nn.Module):
             center_weights = self._batch_target(batched_inputs, "center_weights", size).float()
             offset = self._batch_target(batched_inputs, "offset", size, channels=(2,)).float()
             offset_weights = self._batch_target(batched_inputs, "offset_weights", size).float()
-            losses["loss_center"] = (
-                self.center_loss(predictions["center"], center, labels, center_weights) * self.center_loss_weight
-            )
+            center_class = labels
+            if self.center_pixel_class == "instance":
+                # Inputs without "center_class" (e.g. mixed target images) keep the semantic labels.
+                owner = self._batch_target(
+                    batched_inputs, "center_class", size, self.ignore_value, default=self.ignore_value
+                ).long()
+                center_class = torch.where(owner == self.ignore_value, labels, owner)
+            loss_center = self.center_loss(predictions["center"], center, center_class, center_weights)
+            loss_center = loss_center * self.center_loss_weight
+            if self.center_loss_zero_above > 0:
+                # EDAPS drops a diverging center loss; torch.where keeps it free of host syncs.
+                loss_center = torch.where(loss_center > self.center_loss_zero_above, 0.0, loss_center)
+            losses["loss_center"] = loss_center
             losses["loss_offset"] = (
                 self.offset_loss(predictions["offset"], offset, labels, offset_weights) * self.offset_loss_weight
             )
