@@ -135,6 +135,10 @@ def make_cfg(**input_overrides):
     cfg.INPUT.CROP.SIZE = [32, 48]
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.DATALOADER.RCS.MIN_PIXELS = 20
+    # Detectron2's recipe: crowd keeps its class in sem_seg (as in the train-id PNGs the alignment
+    # checks compare with) and each Gaussian peaks at the rounded mean.
+    cfg.INPUT.IGNORE_CROWD_IN_SEMANTIC = False
+    cfg.INPUT.CENTER_ROUNDING = "round"
     for key, value in input_overrides.items():
         cfg.merge_from_list([key, value])
     return cfg
@@ -222,6 +226,22 @@ def test_target_recipe_semantics():
     assert targets["offset_weights"][15, 10] == 1 and targets["offset_weights"][0, 0] == 0
     assert targets["center_weights"][0, 0] == 1 and targets["center_weights"][30, 40] == 0
     assert targets["offset_weights"][30, 40] == 0
+
+
+def test_center_peak_rounded_or_floored():
+    """EDAPS puts the peak at int(mean) (floor), Panoptic-DeepLab at round(mean); offsets point to the mean."""
+    panoptic = np.zeros((30, 40), dtype=np.int32)
+    panoptic[10:13, 20:23] = 26000
+    panoptic[14, 27] = 26000  # mean (11.3, 21.6)
+    segments = [{"id": 26000, "category_id": 13, "iscrowd": 0}]
+    peaks = {}
+    for rounding in ("round", "floor"):
+        targets = PanopticTargetGenerator(255, THING_TRAIN_IDS, sigma=2, center_rounding=rounding)(panoptic, segments)
+        peaks[rounding] = divmod(int(targets["center"].argmax()), 40)
+        assert torch.allclose(targets["offset"][:, 10, 20], torch.tensor([1.3, 1.6]))
+    assert peaks == {"round": (11, 22), "floor": (11, 21)}
+    with pytest.raises(ValueError, match="center_rounding must be one of"):
+        PanopticTargetGenerator(255, THING_TRAIN_IDS, center_rounding="ceil")
 
 
 def test_center_class_is_the_class_of_the_gaussian_that_sets_each_pixel():

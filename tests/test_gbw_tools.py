@@ -31,7 +31,7 @@ def test_bench_gbw_writes_table_and_json(tmp_path: Path) -> None:
     }
     assert all(t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in result["timings"].values())
     assert result["max_weight_difference_reference_vs_gbw"] < 1e-3  # cvxopt at the authors' tolerances
-    assert result["ratios"]["gbw_ce_over_plain_ce"] > 0
+    assert result["ratios"]["gbw_ce_over_plain_ce"] > 0 and result["cpu_time_ratios"]["gbw_ce_over_plain_ce"] > 0
 
 
 def test_bench_gbw_rejects_bad_shape(tmp_path: Path) -> None:
@@ -53,3 +53,33 @@ def test_plot_gbw_lambda_writes_png_and_scale_invariant_summary(tmp_path: Path) 
     for g_small, g_large in zip(small["sq_norms"], large["sq_norms"]):
         assert g_large == pytest.approx(g_small / 4, rel=0.1)
     assert large["weights_relative_lambda_1"] == pytest.approx(small["weights_relative_lambda_1"], abs=0.05)
+
+
+@pytest.mark.slow
+def test_bench_train_step_writes_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    stdout = _run(
+        "bench_train_step.py", "--repeats", "2", "--warmup", "0", "--batches", "1", "--out", str(out),
+        "SOLVER.IMS_PER_BATCH", "1", "DATASETS.TARGET_IMS_PER_BATCH", "1",
+    )
+    assert "ratio of medians (GBW / without)" in stdout
+    report = json.loads(out.read_text())
+    assert set(report["timings"]) == {"without GBW", "GBW on all three losses"}
+    assert all(len(seconds) == 2 for seconds in report["seconds"].values())
+    assert report["ratios"]["wall_ratio_of_medians"] > 0 and report["ratios"]["cpu_ratio_of_medians"] > 0
+    assert report["opts"] == ["SOLVER.IMS_PER_BATCH", "1", "DATASETS.TARGET_IMS_PER_BATCH", "1"]
+
+
+@pytest.mark.slow
+def test_measure_gbw_instance_losses_offsets_depend_on_counts_only(tmp_path: Path) -> None:
+    out = tmp_path / "instance.json"
+    stdout = _run("measure_gbw_instance_losses.py", "--images", "4", "--out", str(out))
+    assert "center target on stuff pixels" in stdout
+    report = json.loads(out.read_text())
+    assert len(report["batches"]) == 2
+    for batch in report["batches"]:
+        assert batch["offset_norms_prediction_dependence"] == 0.0
+        assert batch["offset_norms_vs_counts_max_relative_error"] < 1e-3
+        assert 0.0 < batch["center_mass_on_stuff"] < 1.0
+        for grouping in ("semantic", "instance"):
+            assert sum(batch["center_weights"][grouping]["relative"]) == pytest.approx(19, rel=1e-6)

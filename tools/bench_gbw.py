@@ -7,15 +7,18 @@ on CUDA) and Cityscapes-like long-tailed labels, times in one run and on one dev
 1. ``reference weights``: the authors' recipe: a second autograd backward of the per-class mean
    losses on detached logits, per-class channel norms, copy to the host, ``cvxopt`` QP (their
    solver settings: 20 iterations, tolerances 1e-4);
-2. ``gbw weights``: :func:`ce_grad_sq_norms` (analytic) + :func:`qp_class_weights` (projection);
+2. ``gbw weights``: :func:`ce_grad_sq_norms` (analytic) + :func:`qp_class_weights` (projection):
+   the forward that :class:`GBWCrossEntropyLoss` runs in training (one log-softmax, the scaled
+   residual, its channel norms), here without an autograd graph;
 3. ``plain CE fwd+bwd``: a pixel-weighted cross-entropy (Detectron2's ``DeepLabCE``), forward and
    backward, the cost that GBW adds to;
 4. ``GBW CE fwd+bwd``: :class:`GBWCrossEntropyLoss`, forward and backward;
 5. ``reference GBW CE fwd+bwd``: reference weights then the weighted cross-entropy.
 
 The paths run round-robin (one repeat of each in turn) so that load from other processes hits
-all of them alike; the table gives median, min and max over the repeats, and the JSON the ratios
-``reference / gbw`` (weights) and ``GBW CE / plain CE`` (loss overhead).
+all of them alike; the table gives median, min and max wall-clock time over the repeats and the
+median CPU time of this process (steadier on a shared machine), and the ratios of the medians
+``reference / gbw`` (weights) and ``GBW CE / plain CE`` (loss overhead) in both.
 
 Example:
     python tools/bench_gbw.py --device cpu --repeats 20 --out output/bench/bench_gbw.json
@@ -104,6 +107,30 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_info(device: torch.device, load_before: Sequence[float], load_after: Sequence[float]) -> Dict[str, object]:
+    """What a benchmark report says about the machine: device, CPUs, threads, versions, load averages."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(load_after),
+    }
+
+
+def write_report(path: str, report: Dict[str, object]) -> Path:
+    """Write ``report`` as JSON to ``path`` (parents created) through a temporary file and a rename."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, out)
+    return out
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -111,21 +138,24 @@ def _synchronize(device: torch.device) -> None:
 
 def time_round_robin(
     paths: Dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device, progress: tqdm
-) -> Dict[str, List[float]]:
-    """Seconds per call of each path, the paths interleaved repeat by repeat."""
+) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Wall-clock and CPU seconds (this process, all threads) per call of each path, the paths
+    interleaved repeat by repeat. On a loaded CPU the CPU seconds barely depend on the load."""
     for _ in range(warmup):
         for run in paths.values():
             run()
-    times: Dict[str, List[float]] = {name: [] for name in paths}
+    wall: Dict[str, List[float]] = {name: [] for name in paths}
+    cpu: Dict[str, List[float]] = {name: [] for name in paths}
     for _ in range(repeats):
         for name, run in paths.items():
             _synchronize(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
             _synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
         progress.update(1)
-    return times
+    return wall, cpu
 
 
 def benchmark_case(
@@ -153,12 +183,18 @@ def benchmark_case(
     }
     # The two weight paths must agree (up to cvxopt's reference tolerance).
     difference = (reference_class_weights(logits, labels, lam) - gbw_class_weights(logits, labels, lam)).abs().max()
-    times = time_round_robin(paths, repeats, warmup, device, progress)
+    times, cpu_times = time_round_robin(paths, repeats, warmup, device, progress)
     stats = {
-        name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t)}
+        name: {
+            "median_ms": 1e3 * statistics.median(t),
+            "min_ms": 1e3 * min(t),
+            "max_ms": 1e3 * max(t),
+            "median_cpu_ms": 1e3 * statistics.median(cpu_times[name]),
+        }
         for name, t in times.items()
     }
     median = {name: s["median_ms"] for name, s in stats.items()}
+    median_cpu = {name: s["median_cpu_ms"] for name, s in stats.items()}
     return {
         "shape": list(shape),
         "dtype": str(dtype).replace("torch.", ""),
@@ -169,6 +205,11 @@ def benchmark_case(
             "reference_weights_over_gbw_weights": median["reference weights"] / median["gbw weights"],
             "gbw_ce_over_plain_ce": median["GBW CE fwd+bwd"] / median["plain CE fwd+bwd"],
             "reference_gbw_ce_over_plain_ce": median["reference GBW CE fwd+bwd"] / median["plain CE fwd+bwd"],
+        },
+        "cpu_time_ratios": {
+            "reference_weights_over_gbw_weights": median_cpu["reference weights"] / median_cpu["gbw weights"],
+            "gbw_ce_over_plain_ce": median_cpu["GBW CE fwd+bwd"] / median_cpu["plain CE fwd+bwd"],
+            "reference_gbw_ce_over_plain_ce": median_cpu["reference GBW CE fwd+bwd"] / median_cpu["plain CE fwd+bwd"],
         },
     }
 
@@ -208,35 +249,32 @@ def main() -> None:
     dtype_names = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
     cases = [(shape, getattr(torch, name)) for shape in args.shapes for name in dtype_names]
 
+    load_before = os.getloadavg()
     with tqdm(total=len(cases) * args.repeats, desc="bench_gbw", unit="repeat") as progress:
         results = [benchmark_case(s, d, device, args.lam, args.repeats, args.warmup, progress) for s, d in cases]
+    load_after = os.getloadavg()
 
     rows = []
     for result in results:
         label = f"{'x'.join(map(str, result['shape']))} {result['dtype']}"
         for name, stat in result["timings"].items():
-            rows.append([label, name, f"{stat['median_ms']:.1f}", f"{stat['min_ms']:.1f}", f"{stat['max_ms']:.1f}"])
-        ratios = result["ratios"]
-        rows.append([label, "ratio reference / gbw weights", f"{ratios['reference_weights_over_gbw_weights']:.1f}x", "", ""])
-        rows.append([label, "ratio GBW CE / plain CE", f"{ratios['gbw_ce_over_plain_ce']:.2f}x", "", ""])
-        rows.append([label, "ratio reference GBW CE / plain CE", f"{ratios['reference_gbw_ce_over_plain_ce']:.2f}x", "", ""])
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
+            rows.append([
+                label, name, f"{stat['median_ms']:.1f}", f"{stat['min_ms']:.1f}", f"{stat['max_ms']:.1f}",
+                f"{stat['median_cpu_ms']:.1f}",
+            ])
+        ratios, cpu_ratios = result["ratios"], result["cpu_time_ratios"]
+        for name, key, digits in (
+            ("ratio reference / gbw weights", "reference_weights_over_gbw_weights", 1),
+            ("ratio GBW CE / plain CE", "gbw_ce_over_plain_ce", 2),
+            ("ratio reference GBW CE / plain CE", "reference_gbw_ce_over_plain_ce", 2),
+        ):
+            rows.append([label, name, f"{ratios[key]:.{digits}f}x", "", "", f"{cpu_ratios[key]:.{digits}f}x"])
+    machine = machine_info(device, load_before, load_after)
     print(f"device {device} ({machine['device']}), {machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads")
-    print(tabulate(rows, headers=["logits", "path", "median ms", "min ms", "max ms"], tablefmt="github"))
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
+    print(tabulate(rows, headers=["logits", "path", "median ms", "min ms", "max ms", "median CPU ms"], tablefmt="github"))
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine, "lam": args.lam, "results": results}
-    temporary = out.with_name(out.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, out)
+    out = write_report(args.out, {"machine": machine, "lam": args.lam, "results": results})
     print(f"wrote {out}")
 
 

@@ -119,6 +119,9 @@ def add_data_config(cfg: CN) -> None:
     cfg.INPUT.SMALL_INSTANCE_WEIGHT = 1
     # Crowd segments labelled ignore in the semantic target (EDAPS; Detectron2's Panoptic-DeepLab: False).
     cfg.INPUT.IGNORE_CROWD_IN_SEMANTIC = True
+    # Pixel of each center Gaussian's peak: "floor" of the instance's mean position (EDAPS) or
+    # "round" (Panoptic-DeepLab, Detectron2).
+    cfg.INPUT.CENTER_ROUNDING = "floor"
     # Augmentation: random resize by a ratio of the base size, crop, flip.
     cfg.INPUT.RESIZE_RATIO_RANGE = [0.5, 2.0]
     cfg.INPUT.BASE_SIZE = [1024, 2048]  # (height, width) the ratio range applies to

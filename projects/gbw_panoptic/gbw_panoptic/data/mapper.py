@@ -87,6 +87,7 @@ def build_target_generator(cfg: CfgNode, dataset_name: str) -> PanopticTargetGen
         small_instance_area=cfg.INPUT.SMALL_INSTANCE_AREA,
         small_instance_weight=cfg.INPUT.SMALL_INSTANCE_WEIGHT,
         ignore_crowd_in_semantic=cfg.INPUT.IGNORE_CROWD_IN_SEMANTIC,
+        center_rounding=cfg.INPUT.CENTER_ROUNDING,
     )
 
 

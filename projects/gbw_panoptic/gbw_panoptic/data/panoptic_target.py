@@ -24,7 +24,9 @@ from typing import Any, Dict, Iterable, List
 import numpy as np
 import torch
 
-__all__ = ["PanopticTargetGenerator", "from_detectron2_layout"]
+__all__ = ["PanopticTargetGenerator", "from_detectron2_layout", "CENTER_ROUNDINGS"]
+
+CENTER_ROUNDINGS = ("round", "floor")
 
 
 class PanopticTargetGenerator:
@@ -39,6 +41,7 @@ class PanopticTargetGenerator:
         small_instance_area: int = 0,
         small_instance_weight: float = 1,
         ignore_crowd_in_semantic: bool = False,
+        center_rounding: str = "round",
     ):
         """
         Args:
@@ -51,7 +54,12 @@ class PanopticTargetGenerator:
                 loss weight ``small_instance_weight`` (0 disables it).
             small_instance_weight: semantic loss weight of the pixels of small thing segments.
             ignore_crowd_in_semantic: label crowd segments ``ignore_label`` in the semantic map.
+            center_rounding: pixel of each Gaussian's peak from the segment's mean position:
+                ``"round"`` (Panoptic-DeepLab, Detectron2) or ``"floor"`` (EDAPS's ``int()``).
+                The offsets always point to the exact mean.
         """
+        if center_rounding not in CENTER_ROUNDINGS:
+            raise ValueError(f"center_rounding must be one of {CENTER_ROUNDINGS}, got {center_rounding!r}")
         self.ignore_label = int(ignore_label)
         self.thing_ids = frozenset(int(i) for i in thing_ids)
         self.sigma = sigma
@@ -59,6 +67,7 @@ class PanopticTargetGenerator:
         self.small_instance_area = small_instance_area
         self.small_instance_weight = small_instance_weight
         self.ignore_crowd_in_semantic = ignore_crowd_in_semantic
+        self.center_rounding = center_rounding
         # The Gaussian patch pasted at every center, (6 sigma + 3) pixels wide, peak 1 at its middle.
         size = 6 * sigma + 3
         coords = np.arange(0, size, 1, float)
@@ -157,10 +166,14 @@ class PanopticTargetGenerator:
     def _paste_gaussian(
         self, center: np.ndarray, center_class: np.ndarray, center_y: float, center_x: float, category: int
     ) -> None:
-        """Max-paste the Gaussian patch centred at the rounded (center_y, center_x) into ``center``,
-        in place, and write ``category`` into ``center_class`` where the patch is the new maximum."""
+        """Max-paste the Gaussian patch centred at (center_y, center_x), rounded as
+        ``center_rounding`` says, into ``center`` in place, and write ``category`` into
+        ``center_class`` where the patch is the new maximum."""
         height, width = center.shape
-        y, x = int(round(center_y)), int(round(center_x))
+        if self.center_rounding == "round":
+            y, x = int(round(center_y)), int(round(center_x))
+        else:
+            y, x = int(np.floor(center_y)), int(np.floor(center_x))
         radius = 3 * self.sigma + 1
         top, left = int(np.round(y - radius)), int(np.round(x - radius))
         bottom, right = int(np.round(y + radius + 1)), int(np.round(x + radius + 1))
