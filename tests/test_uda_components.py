@@ -18,15 +18,20 @@ from gbw_panoptic.uda import (
     EntropyDiscriminator,
     build_param_groups,
     check_uda_config,
+    blur_kernel_size,
     class_mix_masks,
+    color_jitter,
     downscale_labels,
     ema_alpha,
     entropy_loss,
     entropy_map,
+    gaussian_blur,
     get_rng_state,
+    hsv_to_rgb,
     mix,
     preserved_rng_state,
     pseudo_labels,
+    rgb_to_hsv,
     set_rng_state,
     strong_augment,
     uda_method_names,
@@ -80,12 +85,12 @@ def test_ema_alpha_ramp():
     assert ema_alpha(100000, 0.999) == 0.999
 
 
-def test_teacher_follows_ema_formula_and_stays_in_eval():
+def test_teacher_eval_mode_averages_parameters_and_buffers():
     torch.manual_seed(0)
     student = _TinySegmentor()
-    teacher = EMATeacher(student, alpha=0.99)
+    teacher = EMATeacher(student, alpha=0.99, batch_norm="eval")
     teacher.train()
-    assert not teacher.model.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(m.training for m in teacher.modules()) and not any(p.requires_grad for p in teacher.parameters())
     with torch.no_grad():
         for param in student.parameters():
             param.add_(torch.randn_like(param))
@@ -101,12 +106,40 @@ def test_teacher_follows_ema_formula_and_stays_in_eval():
     assert not torch.equal(teacher.model.backbone[0].weight, student.backbone[0].weight)
 
 
+def test_teacher_train_mode_averages_parameters_only_and_uses_batch_statistics():
+    torch.manual_seed(0)
+    student = _TinySegmentor()
+    teacher = EMATeacher(student, alpha=0.99)  # the reference mode, "train"
+    teacher.train(False)
+    batch_norm, dropout = teacher.model.head[1], teacher.model.head[2]
+    assert batch_norm.training and not dropout.training and not teacher.model.training
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(torch.randn_like(param))
+        student.head[1].running_mean.add_(1.0)
+    params_before = [p.clone() for p in teacher.model.parameters()]
+    buffers_before = {k: v.clone() for k, v in teacher.model.named_buffers()}
+    assert teacher.update(student, iteration=3) == pytest.approx(0.75)
+    for value, before, current in zip(teacher.model.parameters(), params_before, student.parameters()):
+        torch.testing.assert_close(value, 0.75 * before + 0.25 * current)
+    for name, value in teacher.model.named_buffers():
+        assert torch.equal(value, buffers_before[name])
+    # Batch norm normalises with the statistics of the batch: each output channel has mean 0 (before
+    # the affine part, which starts at weight 1, bias 0 in a fresh copy of the head).
+    head = EMATeacher(nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2), nn.Dropout(0.5)))
+    with torch.no_grad():
+        out = head(torch.randn(2, 3, 5, 5) * 3 + 7)
+    torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="UDA.TEACHER_BATCH_NORM"):
+        EMATeacher(student, batch_norm="frozen")
+
+
 def test_pseudo_labels_weights_and_margins():
     logits = torch.full((2, 3, 10, 4), -10.0)
     logits[0, 1] = 10.0  # image 0: every pixel confident, class 1
     logits[1, 2, :5] = 10.0  # image 1: top half confident class 2, bottom half uniform
     logits[1, :, 5:] = 0.0
-    pseudo = pseudo_labels(logits, threshold=0.968, ignore_top=2, ignore_bottom=3)
+    pseudo = pseudo_labels(logits, threshold=0.968, ignore_top=2, ignore_bottom=3, scope="image")
     assert pseudo.labels.dtype == torch.int64 and pseudo.labels.shape == (2, 10, 4)
     assert (pseudo.labels[0] == 1).all() and (pseudo.labels[1, :5] == 2).all()
     torch.testing.assert_close(pseudo.confidence, torch.tensor([1.0, 0.5]))
@@ -115,6 +148,18 @@ def test_pseudo_labels_weights_and_margins():
     assert ((pseudo.weights >= 0) & (pseudo.weights <= 1)).all()
     # Margins larger than the crop are clipped, not an error.
     assert (pseudo_labels(logits, 0.5, ignore_top=50, ignore_bottom=50).weights == 0).all()
+    # The reference: one weight for the whole batch, 60 confident pixels of 80.
+    batch = pseudo_labels(logits, threshold=0.968, ignore_top=2, ignore_bottom=3)
+    torch.testing.assert_close(batch.confidence, torch.tensor([0.75, 0.75]))
+    assert (batch.weights[:, 2:7] == 0.75).all() and (batch.weights[:, :2] == 0).all()
+    # Padding counts in neither the confident pixels nor the total.
+    valid = torch.ones(2, 10, 4, dtype=torch.bool)
+    valid[1, 5:] = False
+    padded = pseudo_labels(logits, threshold=0.968, valid=valid)
+    torch.testing.assert_close(padded.confidence, torch.tensor([1.0, 1.0]))
+    assert (padded.weights[1, 5:] == 0).all()
+    with pytest.raises(ValueError, match="UDA.PSEUDO_WEIGHT_SCOPE"):
+        pseudo_labels(logits, 0.5, scope="pixel")
 
 
 def test_class_mix_takes_half_the_classes_and_keeps_images_and_labels_consistent():
@@ -122,7 +167,7 @@ def test_class_mix_takes_half_the_classes_and_keeps_images_and_labels_consistent
     labels = torch.randint(0, 6, (3, 16, 16))
     labels[0, :4] = 255
     labels[2] = 255  # all void: nothing pasted
-    masks = class_mix_masks(labels)
+    masks = class_mix_masks(labels, candidates="image")
     for index in range(2):
         present = set(labels[index].unique().tolist()) - {255}
         pasted = set(labels[index][masks[index]].unique().tolist())
@@ -138,6 +183,136 @@ def test_class_mix_takes_half_the_classes_and_keeps_images_and_labels_consistent
     assert torch.equal(mixed_labels[masks], labels[masks]) and torch.equal(mixed_labels[~masks], target_labels[~masks])
     with pytest.raises(ValueError, match="shapes"):
         mix(masks, labels, target_labels[:, :8])
+
+
+def test_class_mix_batch_candidates_are_the_label_values_of_the_whole_batch():
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[0, :2] = 1
+    labels[1, :, :2] = 2
+    labels[1, 0, 0] = 255  # void is a candidate as well, as in the reference
+    batch_values = {0, 1, 2, 255}
+    drawn = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        masks = class_mix_masks(labels)
+        for index in range(2):
+            # ceil(4 / 2) = 2 of the batch's values per image, possibly absent from it: the mask is
+            # the image's pixels of those values.
+            pasted = set(labels[index][masks[index]].tolist())
+            assert pasted <= batch_values and len(pasted) <= 2
+            drawn.append(frozenset(pasted))
+    assert frozenset({1}) in drawn and frozenset({2, 255}) in drawn  # values absent from one image
+    with pytest.raises(ValueError, match="candidates"):
+        class_mix_masks(labels, candidates="pixels")
+
+
+def test_hsv_conversion_on_hand_computed_colours():
+    rgb = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 0.5, 1.0], [0.4, 0.4, 0.4], [0.0, 0.0, 0.0], [0.5, 0.0, 0.25]])
+    hsv = torch.tensor(
+        [[0.0, 1.0, 1.0], [30 / 360, 1.0, 1.0], [210 / 360, 1.0, 1.0], [0.0, 0.0, 0.4], [0.0, 0.0, 0.0], [330 / 360, 1.0, 0.5]]
+    )
+    as_image = lambda x: x.T.reshape(3, 1, -1)  # noqa: E731
+    torch.testing.assert_close(rgb_to_hsv(as_image(rgb)), as_image(hsv))
+    torch.testing.assert_close(hsv_to_rgb(as_image(hsv)), as_image(rgb))
+    # Hue is taken modulo one turn: +1/3 of a turn takes red to green, -1/3 to blue.
+    shifted = hsv_to_rgb(torch.tensor([[[1 / 3]], [[1.0]], [[1.0]]])), hsv_to_rgb(torch.tensor([[[-1 / 3]], [[1.0]], [[1.0]]]))
+    torch.testing.assert_close(shifted[0].flatten(), torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(shifted[1].flatten(), torch.tensor([0.0, 0.0, 1.0]))
+    colours = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(hsv_to_rgb(rgb_to_hsv(colours)), colours)
+
+
+def _jitter_draws(seed: int, batch: int, strength: float = 0.2):
+    """The draws color_jitter makes after torch.manual_seed(seed): the batch's uniform draw, then per
+    image brightness shift, contrast, saturation, hue shift and the order of the four operations."""
+    torch.manual_seed(seed)
+    uniform = lambda low, high: float(torch.empty(()).uniform_(low, high))  # noqa: E731
+    batch_draw = uniform(0.0, 1.0)
+    images = []
+    for _ in range(batch):
+        brightness = uniform(1 - strength, 1 + strength) - 1
+        contrast, saturation = uniform(1 - strength, 1 + strength), uniform(1 - strength, 1 + strength)
+        hue = uniform(-strength, strength)
+        images.append((brightness, contrast, saturation, hue, torch.randperm(4).tolist()))
+    return batch_draw, images
+
+
+def test_color_jitter_brightness_is_additive_and_contrast_scales_about_zero():
+    # Black and mid-grey images: saturation and hue leave grey unchanged, so each output is the
+    # hand-computed brightness shift and contrast factor in the drawn order, clamped to [0, 1].
+    images = torch.zeros(2, 3, 4, 4)
+    images[1] = 0.5 * 255
+    checked = 0
+    for seed in range(30):
+        batch_draw, draws = _jitter_draws(seed, batch=2)
+        torch.manual_seed(seed)
+        out = color_jitter(images, strength=0.2, probability=0.8) / 255
+        if batch_draw >= 0.8:
+            assert torch.equal(out * 255, images)
+            continue
+        for image, grey, (brightness, contrast, _, _, order) in zip(out, (0.0, 0.5), draws):
+            value = grey
+            for operation in order:
+                if operation == 0:
+                    value = min(max(value + brightness, 0.0), 1.0)
+                elif operation == 1:
+                    value = min(max(value * contrast, 0.0), 1.0)
+            torch.testing.assert_close(image, torch.full_like(image, value), atol=1e-6, rtol=0)
+        checked += 1
+    assert checked >= 15
+
+
+def test_color_jitter_hue_range_is_plus_minus_strength_turns():
+    red = torch.zeros(1, 3, 2, 2)
+    red[:, 0] = 255.0
+    largest_shift = 0.0
+    for seed in range(60):
+        batch_draw, [(_, _, _, hue, order)] = _jitter_draws(seed, batch=1)
+        if batch_draw >= 0.8 or order[-1] != 3:
+            continue
+        # Brightness, contrast and saturation keep red's hue 0; the hue shift comes last.
+        torch.manual_seed(seed)
+        out = rgb_to_hsv(color_jitter(red, strength=0.2, probability=0.8)[0] / 255)
+        torch.testing.assert_close(out[0], torch.full((2, 2), hue % 1.0), atol=1e-5, rtol=0)
+        largest_shift = max(largest_shift, abs(hue))
+    assert 0.1 < largest_shift <= 0.2  # beyond s/2, within s
+
+
+def test_jitter_and_blur_are_decided_once_per_batch():
+    images = torch.rand(4, 3, 32, 32) * 255  # blur kernels of 3 pixels
+    jittered = blurred = 0
+    for seed in range(200):
+        torch.manual_seed(seed)
+        changed = [not torch.equal(a, b) for a, b in zip(color_jitter(images, 0.2, 0.8), images)]
+        assert len(set(changed)) == 1
+        jittered += changed[0]
+        torch.manual_seed(seed)
+        changed = [not torch.equal(a, b) for a, b in zip(gaussian_blur(images), images)]
+        assert len(set(changed)) == 1
+        blurred += changed[0]
+    assert 0.7 < jittered / 200 < 0.9 and 0.4 < blurred / 200 < 0.6
+    torch.manual_seed(0)
+    assert torch.equal(color_jitter(images, 0.2, 0.0), images)
+
+
+def test_blur_kernel_size_and_values():
+    assert [blur_kernel_size(size) for size in (512, 1024, 128, 100, 101, 5)] == [51, 103, 13, 9, 11, 1]
+    impulse = torch.zeros(1, 3, 41, 61)
+    impulse[:, :, 20, 30] = 1.0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        if float(torch.empty(()).uniform_(0.0, 1.0)) < 0.5:
+            break
+    sigma = float(torch.empty(()).uniform_(0.15, 1.15))
+    torch.manual_seed(seed)
+    out = gaussian_blur(impulse)
+    # A sampled, normalised Gaussian of the drawn sigma along each axis (kernels 5 x 7 here).
+    def kernel(length):
+        values = torch.tensor([math.exp(-0.5 * (x / sigma) ** 2) for x in range(-(length // 2), length // 2 + 1)])
+        return values / values.sum()
+    expected = torch.zeros(41, 61)
+    expected[18:23, 27:34] = torch.outer(kernel(5), kernel(7))
+    torch.testing.assert_close(out[0, 0], expected.double().float(), atol=1e-6, rtol=0)
 
 
 def test_strong_augment_range_and_determinism():

@@ -102,13 +102,13 @@ def test_dacs_teacher_classmix_and_eval_only(synthetic_datasets, repo_root, tmp_
     student, teacher = trainer.model, trainer.method.teacher.model
     student_state, teacher_state = student.state_dict(), teacher.state_dict()
     assert any(not torch.equal(v, teacher_state[k]) for k, v in student_state.items() if v.dtype.is_floating_point)
-    # The teacher follows teacher = a * teacher + (1 - a) * student with the ramped coefficient.
-    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    # The teacher's parameters follow teacher = a * teacher + (1 - a) * student with the ramped coefficient.
+    before_teacher = {k: v.clone() for k, v in teacher.named_parameters()}
     trainer.method.before_step(student, 2)
     alpha = ema_alpha(2, cfg.UDA.EMA_ALPHA)
-    for key, value in teacher.state_dict().items():
-        if value.dtype.is_floating_point:
-            torch.testing.assert_close(value, alpha * before_teacher[key] + (1 - alpha) * student.state_dict()[key])
+    student_params = dict(student.named_parameters())
+    for key, value in teacher.named_parameters():
+        torch.testing.assert_close(value, alpha * before_teacher[key] + (1 - alpha) * student_params[key])
 
     # ClassMix on a real batch (no colour augmentation): image and labels come from the same side.
     source_batch, target_batch = next(iter(trainer.data_loader))
@@ -125,7 +125,6 @@ def test_dacs_teacher_classmix_and_eval_only(synthetic_datasets, repo_root, tmp_
         assert torch.equal(record["sem_seg"][~mask], pseudo[index][~mask])
         assert torch.equal(record["sem_seg_weights"][~mask], weights[index][~mask])
         assert torch.equal(record["center_weights"][~mask], torch.zeros_like(weights[index][~mask]))
-        assert (source["sem_seg"][mask] != 255).all()
 
     # --eval-only on the trained checkpoint: semantic and panoptic metrics on the target val set.
     results = main(

@@ -124,7 +124,13 @@ def add_data_config(cfg: CN) -> None:
     cfg.INPUT.CENTER_ROUNDING = "floor"
     # Augmentation: random resize by a ratio of the base size, crop, flip.
     cfg.INPUT.RESIZE_RATIO_RANGE = [0.5, 2.0]
-    cfg.INPUT.BASE_SIZE = [1024, 2048]  # (height, width) the ratio range applies to
+    # (height, width) the ratio range applies to: the evaluation size, and the training size of any
+    # domain whose own size below is empty.
+    cfg.INPUT.BASE_SIZE = [1024, 2048]
+    # Training sizes of the labelled source and the unlabelled target images (empty: BASE_SIZE), as
+    # the references resize each dataset to its own scale (SYNTHIA 760x1280, GTA5 720x1280).
+    cfg.INPUT.SOURCE_BASE_SIZE = []
+    cfg.INPUT.TARGET_BASE_SIZE = []
     cfg.INPUT.CROP.ENABLED = True
     cfg.INPUT.CROP.TYPE = "absolute"
     cfg.INPUT.CROP.SIZE = [512, 512]
@@ -141,6 +147,9 @@ def add_data_config(cfg: CN) -> None:
     cfg.DATALOADER.RCS.ENABLED = True
     cfg.DATALOADER.RCS.TEMPERATURE = 0.01
     cfg.DATALOADER.RCS.MIN_PIXELS = 3000
+    # The crop of a drawn image is redrawn (up to 10 tries) until it holds more than
+    # MIN_CROP_RATIO * MIN_PIXELS pixels of the drawn class: 0.5 in DAFormer/EDAPS, 2.0 in HRDA; 0 = off.
+    cfg.DATALOADER.RCS.MIN_CROP_RATIO = 0.5
 
 
 def add_uda_config(cfg: CN) -> None:
@@ -149,12 +158,22 @@ def add_uda_config(cfg: CN) -> None:
     cfg.UDA.METHOD = "dacs"  # source_only | dacs | advent | minent
     # DACS self-training.
     cfg.UDA.EMA_ALPHA = 0.999
+    # "train": the teacher's batch norm uses the statistics of the target batch and only parameters are
+    # averaged (reference); "eval": running statistics, averaged with the parameters.
+    cfg.UDA.TEACHER_BATCH_NORM = "train"
     cfg.UDA.PSEUDO_THRESHOLD = 0.968
+    # Confident fraction of the pseudo-label weight counted over the "batch" (reference) or per "image".
+    cfg.UDA.PSEUDO_WEIGHT_SCOPE = "batch"
     cfg.UDA.PSEUDO_WEIGHT_IGNORE_TOP = 15
     cfg.UDA.PSEUDO_WEIGHT_IGNORE_BOTTOM = 120
     cfg.UDA.MIX_INSTANCES = False
+    # ClassMix draws half of the label values of the whole source "batch" (void included, reference)
+    # or half of the classes of each "image".
+    cfg.UDA.CLASS_MIX_CLASSES = "batch"
     cfg.UDA.COLOR_JITTER_STRENGTH = 0.2
-    cfg.UDA.COLOR_JITTER_PROB = 0.2
+    # Probability of jittering the batch: the reference applies it when a uniform draw exceeds its
+    # color_jitter_probability 0.2, i.e. with probability 0.8.
+    cfg.UDA.COLOR_JITTER_PROB = 0.8
     cfg.UDA.BLUR = True
     # ImageNet feature distance on thing-class pixels against the frozen initial encoder.
     cfg.UDA.FD = CN()

@@ -4,7 +4,7 @@ EMA teacher, ClassMix, optimizer and schedule, atomic checkpoints, and a gloo/NC
 Importing this package registers the methods in :data:`UDA_METHOD_REGISTRY`.
 """
 from .advent import AdvEnt, EntropyDiscriminator
-from .augment import class_mix_masks, color_jitter, gaussian_blur, mix, strong_augment
+from .augment import blur_kernel_size, class_mix_masks, color_jitter, gaussian_blur, hsv_to_rgb, mix, rgb_to_hsv, strong_augment
 from .checkpoint import AtomicCheckpointer, get_rng_state, preserved_rng_state, set_rng_state
 from .dacs import DACS, PseudoLabels, pseudo_labels
 from .feature_distance import FeatureDistance, downscale_labels
@@ -34,6 +34,7 @@ __all__ = [
     "build_lr_scheduler",
     "build_optimizer",
     "build_param_groups",
+    "blur_kernel_size",
     "build_uda_method",
     "check_uda_config",
     "class_mix_masks",
@@ -45,10 +46,12 @@ __all__ = [
     "entropy_map",
     "gaussian_blur",
     "get_rng_state",
+    "hsv_to_rgb",
     "launch",
     "mix",
     "preserved_rng_state",
     "pseudo_labels",
+    "rgb_to_hsv",
     "set_rng_state",
     "strong_augment",
     "uda_method_names",

@@ -3,28 +3,55 @@
 Images are float tensors ``B x 3 x H x W`` in RGB, 0-255 (the scale the model normalises). Randomness
 comes from ``torch``'s default generator on the CPU (checkpointed with the other RNG states), so runs are
 reproducible under a seed and the same on any device.
+
+The recipe is that of the DACS code DAFormer, HRDA and EDAPS share (``dacs_transforms.py``, with kornia
+0.5.8's ``ColorJitter`` and ``GaussianBlur2d``): whether the batch is jittered and whether it is blurred
+are one draw each per batch; the jitter factors, their order and the blur sigma are drawn per image.
 """
 import math
 from typing import Tuple
+
 import torch
 import torchvision.transforms.v2.functional as TF
 
-__all__ = ["class_mix_masks", "mix", "color_jitter", "gaussian_blur", "strong_augment"]
+__all__ = [
+    "CLASS_MIX_CANDIDATES",
+    "class_mix_masks",
+    "mix",
+    "rgb_to_hsv",
+    "hsv_to_rgb",
+    "color_jitter",
+    "blur_kernel_size",
+    "gaussian_blur",
+    "strong_augment",
+]
+
+# Where ClassMix takes the classes it draws from (UDA.CLASS_MIX_CLASSES).
+CLASS_MIX_CANDIDATES = ("batch", "image")
 
 
-def class_mix_masks(labels: torch.Tensor, ignore_value: int = 255) -> torch.Tensor:
-    """ClassMix masks: for each image, the pixels of a random half of the classes present.
+def class_mix_masks(labels: torch.Tensor, ignore_value: int = 255, candidates: str = "batch") -> torch.Tensor:
+    """ClassMix masks: for each image, the pixels of a random half of the candidate classes.
 
     Args:
         labels: int64 ``B x H x W`` semantic labels of the source images (``ignore_value`` = void).
+        candidates: "batch" (the reference): the candidates are every label value of the whole batch,
+            void included, and each image draws ``ceil(n / 2)`` of those ``n`` values, so a drawn class
+            may be absent from that image; "image": the non-void classes of each image, ``ceil(n / 2)``
+            of its ``n`` (none when the image is all void).
     Returns:
-        bool ``B x H x W``: True where the source pixel is pasted. With ``n`` classes present in an
-        image, ``ceil(n / 2)`` of them are chosen (none when the image is all void).
+        bool ``B x H x W``: True where the source pixel is pasted.
     """
+    if candidates not in CLASS_MIX_CANDIDATES:
+        raise ValueError(f"ClassMix candidates must be one of {CLASS_MIX_CANDIDATES}, got {candidates!r}")
     masks = torch.zeros_like(labels, dtype=torch.bool)
+    batch_classes = torch.unique(labels)
     for index, label in enumerate(labels):
-        classes = torch.unique(label)
-        classes = classes[classes != ignore_value]
+        if candidates == "batch":
+            classes = batch_classes
+        else:
+            classes = torch.unique(label)
+            classes = classes[classes != ignore_value]
         if classes.numel() == 0:
             continue
         num_chosen = (classes.numel() + 1) // 2
@@ -52,35 +79,108 @@ def _uniform(low: float, high: float) -> float:
     return float(torch.empty(()).uniform_(low, high))
 
 
+def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] to HSV, hue in turns [0, 1), saturation and value in [0, 1]; ``... x 3 x H x W``.
+
+    Grey pixels get hue 0 and black pixels saturation 0. Where two channels share the maximum, the
+    hue formula of the first (red, then green) is used.
+    """
+    red, green, blue = image.unbind(-3)
+    value, _ = image.max(dim=-3)
+    delta = value - image.min(dim=-3).values
+    saturation = torch.where(value > 0, delta / value.clamp(min=torch.finfo(image.dtype).tiny), 0.0)
+    safe_delta = torch.where(delta > 0, delta, 1.0)
+    hue = torch.where(
+        red == value,
+        (green - blue) / safe_delta,
+        torch.where(green == value, 2.0 + (blue - red) / safe_delta, 4.0 + (red - green) / safe_delta),
+    )
+    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
+    return torch.stack((hue, saturation, value), dim=-3)
+
+
+def hsv_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv` (hue in turns, any real value: taken modulo 1)."""
+    hue, saturation, value = image.unbind(-3)
+    channels = []
+    for offset in (5.0, 3.0, 1.0):  # red, green, blue
+        k = (offset + hue * 6.0) % 6.0
+        ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+        channels.append(value - value * saturation * ramp)
+    return torch.stack(channels, dim=-3)
+
+
+def _adjust_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
+    hsv = rgb_to_hsv(image)
+    hue, saturation, value = hsv.unbind(-3)
+    return hsv_to_rgb(torch.stack((hue, (saturation * factor).clamp(0.0, 1.0), value), dim=-3))
+
+
+def _adjust_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
+    hue, saturation, value = rgb_to_hsv(image).unbind(-3)
+    return hsv_to_rgb(torch.stack((hue + shift, saturation, value), dim=-3))
+
+
 def color_jitter(images: torch.Tensor, strength: float, probability: float) -> torch.Tensor:
-    """Random brightness, contrast, saturation (factors in ``[1 - s, 1 + s]``) and hue (shift in
-    ``[-s/2, s/2]``), applied to each image with ``probability``; float ``B x 3 x H x W``, 0-255."""
-    if strength <= 0 or probability <= 0:
+    """Colour jitter of the batch with ``probability`` (one draw for the whole batch).
+
+    Each image of a jittered batch gets its own factors, on [0, 1] intensities and each result clamped
+    to [0, 1], applied in a random order of its own (kornia 0.5.8's ``ColorJitter(s, s, s, s)``):
+
+    - brightness: ``x + b``, ``b`` uniform in ``[-s, s]`` (additive);
+    - contrast: ``x * c``, ``c`` uniform in ``[1 - s, 1 + s]`` (scaled about 0, not about the mean);
+    - saturation: the HSV saturation times a factor uniform in ``[1 - s, 1 + s]``;
+    - hue: the HSV hue shifted by a uniform ``[-s, s]`` of a full turn.
+
+    Args:
+        images: float ``B x 3 x H x W``, 0-255.
+        strength: ``s`` (0.2 in the reference).
+        probability: of jittering the batch (0.8 in the reference, whose code applies the jitter when a
+            uniform draw exceeds its ``color_jitter_probability`` 0.2).
+    Returns:
+        float ``B x 3 x H x W``, 0-255.
+    """
+    if strength <= 0 or probability <= 0 or _uniform(0.0, 1.0) >= probability:
         return images
     jittered = []
     for image in images / 255.0:
-        if _uniform(0.0, 1.0) < probability:
-            image = TF.adjust_brightness(image, _uniform(1 - strength, 1 + strength))
-            image = TF.adjust_contrast(image, _uniform(1 - strength, 1 + strength))
-            image = TF.adjust_saturation(image, _uniform(1 - strength, 1 + strength))
-            image = TF.adjust_hue(image, _uniform(-strength / 2, strength / 2))
+        low, high = max(1.0 - strength, 0.0), 1.0 + strength
+        brightness = _uniform(low, min(high, 2.0)) - 1.0
+        contrast, saturation = _uniform(low, high), _uniform(low, high)
+        hue = _uniform(max(-strength, -0.5), min(strength, 0.5))
+        operations = (
+            lambda x: (x + brightness).clamp(0.0, 1.0),
+            lambda x: (x * contrast).clamp(0.0, 1.0),
+            lambda x: _adjust_saturation(x, saturation),
+            lambda x: _adjust_hue(x, hue),
+        )
+        for index in torch.randperm(len(operations)).tolist():
+            image = operations[index](image)
         jittered.append(image)
     return torch.stack(jittered) * 255.0
+
+
+def blur_kernel_size(size: int) -> int:
+    """Blur kernel length along an axis of ``size`` pixels: the largest odd integer <= ceil(size / 10)
+    (51 for 512, 103 for 1024), as the reference."""
+    length = math.ceil(0.1 * size)
+    return length if length % 2 else length - 1
 
 
 def gaussian_blur(
     images: torch.Tensor, probability: float = 0.5, sigma_range: Tuple[float, float] = (0.15, 1.15)
 ) -> torch.Tensor:
-    """Gaussian blur of each image with ``probability``: sigma uniform in ``sigma_range`` (pixels), an
-    odd kernel of about a tenth of the image size; float ``B x 3 x H x W``."""
+    """Gaussian blur of the batch with ``probability`` (one draw for the whole batch); each image gets
+    its own sigma, uniform in ``sigma_range`` (pixels), with kernels of :func:`blur_kernel_size` and
+    reflected borders; float ``B x 3 x H x W``."""
+    if _uniform(0.0, 1.0) >= probability:
+        return images
     height, width = images.shape[-2:]
-    kernel = [2 * math.ceil(0.05 * size) + 1 for size in (width, height)]
+    kernel = [blur_kernel_size(width), blur_kernel_size(height)]
     blurred = []
     for image in images:
-        if _uniform(0.0, 1.0) < probability:
-            sigma = _uniform(*sigma_range)
-            image = TF.gaussian_blur(image, kernel_size=kernel, sigma=[sigma, sigma])
-        blurred.append(image)
+        sigma = _uniform(*sigma_range)
+        blurred.append(TF.gaussian_blur(image, kernel_size=kernel, sigma=[sigma, sigma]))
     return torch.stack(blurred)
 
 

@@ -1,10 +1,11 @@
 """DACS self-training (Tranheden et al., WACV 2021, as in DAFormer/HRDA/EDAPS).
 
 Per iteration: supervised source losses; the EMA teacher predicts pseudo-labels on the target crops;
-ClassMix pastes half of the classes of each source image onto a target image (image, semantic labels,
+ClassMix pastes half of the classes of the source batch onto each target image (image, semantic labels,
 pixel weights and, with ``UDA.MIX_INSTANCES``, the instance targets of the pasted pixels); colour jitter
 and blur; the student trains on the mixed batch through the model's normal forward (GBW weights logged
-under ``gbw/mixed``).
+under ``gbw/mixed``). The defaults are those of the reference code (DAFormer/EDAPS ``dacs.py``); the
+project's README compares every setting with it.
 """
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -13,15 +14,17 @@ from torch import nn
 
 from detectron2.config import CfgNode, configurable
 
-from .augment import class_mix_masks, mix, strong_augment
+from .augment import CLASS_MIX_CANDIDATES, class_mix_masks, mix, strong_augment
 from .method import UDA_METHOD_REGISTRY, StepOutput, UDAMethod, stack_field
 from .runner import StudentRunner, common_size, stack_images
 from .teacher import EMATeacher
 
-__all__ = ["PseudoLabels", "pseudo_labels", "DACS"]
+__all__ = ["PSEUDO_WEIGHT_SCOPES", "PseudoLabels", "pseudo_labels", "DACS"]
 
 # Instance targets pasted with their source pixels (UDA.MIX_INSTANCES).
 INSTANCE_FIELDS = ("center", "center_weights", "offset", "offset_weights")
+# Over which pixels the confident fraction of a pseudo-label weight is counted (UDA.PSEUDO_WEIGHT_SCOPE).
+PSEUDO_WEIGHT_SCOPES = ("batch", "image")
 
 
 class PseudoLabels(NamedTuple):
@@ -29,7 +32,7 @@ class PseudoLabels(NamedTuple):
 
     labels: torch.Tensor  # int64 B x H x W
     weights: torch.Tensor  # float32 B x H x W, in [0, 1]
-    confidence: torch.Tensor  # float32 B: fraction of pixels at or above the threshold
+    confidence: torch.Tensor  # float32 B: the weight of each image (fraction of confident pixels)
     max_probs: torch.Tensor  # float32 B x H x W
 
 
@@ -39,24 +42,31 @@ def pseudo_labels(
     ignore_top: int = 0,
     ignore_bottom: int = 0,
     valid: Optional[torch.Tensor] = None,
+    scope: str = "batch",
 ) -> PseudoLabels:
     """Hard pseudo-labels and their per-pixel weights from teacher logits.
 
-    The weight of an image is the fraction of its pixels whose maximum probability is at least
-    ``threshold`` (one scalar per image, as DACS), set to 0 on the ``ignore_top`` first and the
-    ``ignore_bottom`` last rows (absolute row counts, clipped to the image height).
+    The weight is the fraction of pixels whose maximum probability is at least ``threshold``, counted
+    over the whole batch (``scope="batch"``: one scalar for every image, as the reference code) or
+    over each image (``scope="image"``: one scalar per image), set to 0 on the ``ignore_top`` first and
+    the ``ignore_bottom`` last rows (absolute row counts, clipped to the image height).
 
     Args:
         logits: ``B x C x H x W`` (softmax computed in float32).
         valid: optional bool ``B x H x W``, False on padding: those pixels get weight 0 and do not
             count in the confident fraction.
+        scope: "batch" or "image".
     """
+    if scope not in PSEUDO_WEIGHT_SCOPES:
+        raise ValueError(f"UDA.PSEUDO_WEIGHT_SCOPE must be one of {PSEUDO_WEIGHT_SCOPES}, got {scope!r}")
     probs = torch.softmax(logits.float(), dim=1)
     max_probs, labels = probs.max(dim=1)
     if valid is None:
         valid = torch.ones_like(labels, dtype=torch.bool)
     confident = (max_probs >= threshold) & valid
-    confidence = confident.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp(min=1)
+    dims = (0, 1, 2) if scope == "batch" else (1, 2)
+    fraction = confident.sum(dim=dims) / valid.sum(dim=dims).clamp(min=1)
+    confidence = fraction.expand(labels.shape[0]).float()
     weights = confidence[:, None, None] * valid
     height = weights.shape[1]
     weights[:, : min(ignore_top, height)] = 0
@@ -66,8 +76,9 @@ def pseudo_labels(
 
 @UDA_METHOD_REGISTRY.register()
 class DACS(UDAMethod):
-    """DACS with an EMA teacher (``UDA.EMA_ALPHA``), confidence-weighted pseudo-labels
-    (``UDA.PSEUDO_THRESHOLD``, ``UDA.PSEUDO_WEIGHT_IGNORE_TOP/BOTTOM``), ClassMix and strong colour
+    """DACS with an EMA teacher (``UDA.EMA_ALPHA``, ``UDA.TEACHER_BATCH_NORM``), confidence-weighted
+    pseudo-labels (``UDA.PSEUDO_THRESHOLD``, ``UDA.PSEUDO_WEIGHT_SCOPE``,
+    ``UDA.PSEUDO_WEIGHT_IGNORE_TOP/BOTTOM``), ClassMix (``UDA.CLASS_MIX_CLASSES``) and strong colour
     augmentation (``UDA.COLOR_JITTER_*``, ``UDA.BLUR``)."""
 
     config_name = "dacs"
@@ -78,35 +89,49 @@ class DACS(UDAMethod):
         *,
         teacher: EMATeacher,
         pseudo_threshold: float,
+        pseudo_weight_scope: str,
         ignore_top: int,
         ignore_bottom: int,
         jitter_strength: float,
         jitter_probability: float,
         blur: bool,
+        class_mix_candidates: str,
         mix_instances: bool,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.teacher = teacher
         self.pseudo_threshold = pseudo_threshold
+        if pseudo_weight_scope not in PSEUDO_WEIGHT_SCOPES:
+            raise ValueError(
+                f"UDA.PSEUDO_WEIGHT_SCOPE must be one of {PSEUDO_WEIGHT_SCOPES}, got {pseudo_weight_scope!r}"
+            )
+        self.pseudo_weight_scope = pseudo_weight_scope
         self.ignore_top = ignore_top
         self.ignore_bottom = ignore_bottom
         self.jitter_strength = jitter_strength
         self.jitter_probability = jitter_probability
         self.blur = blur
+        if class_mix_candidates not in CLASS_MIX_CANDIDATES:
+            raise ValueError(
+                f"UDA.CLASS_MIX_CLASSES must be one of {CLASS_MIX_CANDIDATES}, got {class_mix_candidates!r}"
+            )
+        self.class_mix_candidates = class_mix_candidates
         self.mix_instances = mix_instances
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model: nn.Module) -> dict:
         ret = super().from_config(cfg, model)
         ret.update(
-            teacher=EMATeacher(model, cfg.UDA.EMA_ALPHA),
+            teacher=EMATeacher(model, cfg.UDA.EMA_ALPHA, cfg.UDA.TEACHER_BATCH_NORM),
             pseudo_threshold=cfg.UDA.PSEUDO_THRESHOLD,
+            pseudo_weight_scope=cfg.UDA.PSEUDO_WEIGHT_SCOPE,
             ignore_top=cfg.UDA.PSEUDO_WEIGHT_IGNORE_TOP,
             ignore_bottom=cfg.UDA.PSEUDO_WEIGHT_IGNORE_BOTTOM,
             jitter_strength=cfg.UDA.COLOR_JITTER_STRENGTH,
             jitter_probability=cfg.UDA.COLOR_JITTER_PROB,
             blur=cfg.UDA.BLUR,
+            class_mix_candidates=cfg.UDA.CLASS_MIX_CLASSES,
             mix_instances=cfg.UDA.MIX_INSTANCES,
         )
         return ret
@@ -135,7 +160,7 @@ class DACS(UDAMethod):
         source_images, _ = stack_images(source_batch, device, size)
         source_labels = stack_field(source_batch, "sem_seg", device, self.ignore_value, size)
         source_weights = stack_field(source_batch, "sem_seg_weights", device, 0.0, size).float()
-        masks = class_mix_masks(source_labels, self.ignore_value)
+        masks = class_mix_masks(source_labels, self.ignore_value, self.class_mix_candidates)
         images = strong_augment(
             mix(masks, source_images, target_images), self.jitter_strength, self.jitter_probability, self.blur
         )
@@ -170,7 +195,12 @@ class DACS(UDAMethod):
         with torch.no_grad(), runner.autocast():
             teacher_logits = self.teacher.model.predict_dense(runner.normalize(target_images))["sem_seg"]
         pseudo = pseudo_labels(
-            teacher_logits, self.pseudo_threshold, self.ignore_top, self.ignore_bottom, valid=target_valid
+            teacher_logits,
+            self.pseudo_threshold,
+            self.ignore_top,
+            self.ignore_bottom,
+            valid=target_valid,
+            scope=self.pseudo_weight_scope,
         )
         mixed, masks = self.mixed_batch(source_batch, target_images, pseudo.labels, pseudo.weights)
         mixed_losses = runner.losses(mixed, gbw_log_prefix="gbw/mixed")

@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["EMATeacher", "ema_alpha"]
+__all__ = ["TEACHER_BATCH_NORM_MODES", "EMATeacher", "ema_alpha"]
 
 
 def ema_alpha(iteration: int, alpha: float) -> float:
@@ -16,33 +16,54 @@ def ema_alpha(iteration: int, alpha: float) -> float:
     return min(1.0 - 1.0 / (iteration + 1), alpha)
 
 
+TEACHER_BATCH_NORM_MODES = ("train", "eval")
+
+
 class EMATeacher(nn.Module):
     """A frozen copy of the student updated as ``teacher = a * teacher + (1 - a) * student``.
 
-    The copy is made at construction (so the teacher starts equal to the student) and always stays in
-    eval mode (no dropout, batch norm with running statistics). Floating-point buffers (batch-norm
-    statistics) follow the same average; integer buffers are copied.
+    The copy is made at construction (so the teacher starts equal to the student). Dropout and drop
+    path are always off. ``batch_norm`` chooses how batch norm predicts and what is averaged:
+
+    - ``"train"`` (the reference, DAFormer/EDAPS ``dacs.py``): batch-norm layers run in training mode,
+      normalising with the statistics of the batch the teacher predicts on; only the parameters are
+      averaged (the teacher's buffers are its own, its running statistics are never used);
+    - ``"eval"``: the whole teacher runs in eval mode (batch norm with running statistics), and the
+      floating-point buffers (those running statistics) follow the same average as the parameters;
+      integer buffers are copied.
     """
 
-    def __init__(self, student: nn.Module, alpha: float = 0.999):
+    def __init__(self, student: nn.Module, alpha: float = 0.999, batch_norm: str = "train"):
         super().__init__()
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"UDA.EMA_ALPHA must be in [0, 1), got {alpha}")
+        if batch_norm not in TEACHER_BATCH_NORM_MODES:
+            raise ValueError(f"UDA.TEACHER_BATCH_NORM must be one of {TEACHER_BATCH_NORM_MODES}, got {batch_norm!r}")
         self.alpha = alpha
+        self.batch_norm = batch_norm
         self.model = copy.deepcopy(student)
         for param in self.model.parameters():
             param.requires_grad_(False)
-        self.model.eval()
+        self.train()
 
     def train(self, mode: bool = True) -> "EMATeacher":
-        """The teacher always predicts in eval mode, whatever the mode of its parent."""
+        """Whatever the mode of its parent, the teacher predicts in eval mode, except its batch-norm
+        layers with ``batch_norm="train"``."""
         super().train(False)
+        if self.batch_norm == "train":
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train(True)
         return self
 
     @torch.no_grad()
     def update(self, student: nn.Module, iteration: int) -> float:
         """Average ``student``'s current weights into the teacher; returns the coefficient used."""
         coefficient = ema_alpha(iteration, self.alpha)
+        if self.batch_norm == "train":
+            for teacher_param, student_param in zip(self.model.parameters(), student.parameters()):
+                teacher_param.mul_(coefficient).add_(student_param.detach(), alpha=1.0 - coefficient)
+            return coefficient
         student_state = student.state_dict()
         for name, teacher_tensor in self.model.state_dict().items():
             student_tensor = student_state[name].detach()
