@@ -389,6 +389,89 @@ def test_random_resize_follows_ratio_range(tiny_datasets):
     assert 48 <= min(widths) < 70 and 150 < max(widths) <= 192
 
 
+def test_domain_base_sizes():
+    cfg = make_cfg(**{"INPUT.SOURCE_BASE_SIZE": [24, 48], "INPUT.RESIZE_RATIO_RANGE": [1.0, 1.0]})
+    sizes = {}
+    for domain in ("source", "target", None):
+        resize = build_augmentations(cfg, is_train=True, domain=domain)[0]
+        sizes[domain] = (resize.target_height, resize.target_width)
+    assert sizes == {"source": (24, 48), "target": (48, 96), None: (48, 96)}
+    cfg.INPUT.TARGET_BASE_SIZE = [12, 24]
+    assert build_augmentations(cfg, is_train=True, domain="target")[0].target_height == 12
+    evaluation = build_augmentations(cfg, is_train=False, domain="target")[0]
+    assert (evaluation.target_height, evaluation.target_width) == (48, 96)  # always INPUT.BASE_SIZE
+    with pytest.raises(ValueError, match=r"INPUT.SOURCE_BASE_SIZE=\[512\]"):
+        build_augmentations(make_cfg(**{"INPUT.SOURCE_BASE_SIZE": [512]}), is_train=True, domain="source")
+    with pytest.raises(ValueError, match="domain"):
+        build_augmentations(cfg, is_train=True, domain="validation")
+
+
+@pytest.mark.parametrize(
+    "config, sizes",
+    [
+        # SYNTHIA 760x1280 stays as is, Cityscapes trains and tests at full size (EDAPS bottom-up).
+        ("synthia2cityscapes/mit_b5_gbw.yaml", {"source": ((760, 1280), (760, 1280)), "target": ((1024, 2048), (1024, 2048)), None: ((1024, 2048), (1024, 2048))}),
+        # GTA5 1914x1052 fits 1280x720 as 1280x704, as mmcv's rescale.
+        ("gta2cityscapes/mit_b5_gbw.yaml", {"source": ((1052, 1914), (704, 1280)), "target": ((1024, 2048), (1024, 2048)), None: ((1024, 2048), (1024, 2048))}),
+        # The semantic DAFormer setting: Cityscapes at 512x1024 for training and testing.
+        ("gta2cityscapes/semantic_mit_b5_gbw.yaml", {"source": ((1052, 1914), (704, 1280)), "target": ((1024, 2048), (512, 1024)), None: ((1024, 2048), (512, 1024))}),
+    ],
+)
+def test_reference_configs_resize_each_dataset_to_its_reference_scale(repo_root, config, sizes):
+    cfg = get_cfg()
+    add_gbw_panoptic_config(cfg)
+    cfg.merge_from_file(str(repo_root / "configs" / config))
+    for domain, (input_size, output_size) in sizes.items():
+        resize = build_augmentations(cfg, is_train=domain is not None, domain=domain)[0]
+        transform = resize.get_transform(np.zeros((*input_size, 3), dtype=np.uint8))
+        assert (transform.new_h, transform.new_w) == output_size, domain
+
+
+def test_rcs_crop_is_redrawn_until_it_holds_the_drawn_class(tiny_datasets):
+    cfg = make_cfg(**{"INPUT.CROP.SIZE": [12, 16], "INPUT.RESIZE_RATIO_RANGE": [1.0, 1.0], "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA": 1.0})
+    threshold = 20  # pixels of the rare class in a 12x16 crop
+
+    def share_of_crops(labels: np.ndarray, c: int) -> float:
+        """Fraction of the 12x16 crop positions holding more than ``threshold`` pixels of ``c``."""
+        windows = np.lib.stride_tricks.sliding_window_view(labels == c, (12, 16))
+        return float((windows.sum(axis=(-2, -1)) > threshold).mean())
+
+    # An image and class that one random crop in about 3 catches (11 draws miss it with p < 0.05).
+    record, rare_class = next(
+        (record, c)
+        for record in tiny_datasets["tiny_source"]
+        for labels in [np.asarray(Image.open(record["sem_seg_file_name"]))]
+        for c in np.unique(labels[labels != 255]).tolist()
+        if 0.25 < share_of_crops(labels, c) < 0.45
+    )
+
+    def enough(mapper, fields) -> float:
+        np.random.seed(5)
+        outs = [mapper({**record, **fields}) for _ in range(40)]
+        assert all("rcs_class" not in out for out in outs)
+        return float(np.mean([int((out["sem_seg"] == rare_class).sum()) > threshold for out in outs]))
+
+    mapper = GBWPanopticDatasetMapper(cfg, is_train=True, load_labels=True)
+    mapper.rcs_min_crop_pixels = threshold
+    without, with_class = enough(mapper, {}), enough(mapper, {"rcs_class": rare_class})
+    assert without < 0.6 and with_class > 0.9, (without, with_class)
+    # From the config: MIN_CROP_RATIO * MIN_PIXELS; an unreachable threshold stops after 1 + 10 draws.
+    assert GBWPanopticDatasetMapper(cfg, is_train=True, load_labels=True).rcs_min_crop_pixels == 0.5 * 20
+    draws = []
+    mapper.augmentations = _counting(mapper.augmentations, draws)
+    mapper.rcs_min_crop_pixels = 12 * 16
+    mapper({**record, "rcs_class": rare_class})
+    assert len(draws) == 11
+
+
+def _counting(augmentations, draws):
+    def call(aug_input):
+        draws.append(1)
+        return augmentations(aug_input)
+
+    return call
+
+
 def test_target_train_mapper_outputs_image_only(tiny_datasets):
     cfg = make_cfg()
     record = {k: v for k, v in tiny_datasets["tiny_target"][0].items() if k in ("file_name", "image_id", "height", "width")}

@@ -30,7 +30,7 @@ def expected_image_probabilities(class_pixels: np.ndarray, temperature: float, m
     class_probability = weights / weights.sum()
     image_probability = np.zeros(len(class_pixels))
     for c, p in enumerate(class_probability):
-        qualifying = class_pixels[:, c] >= min_pixels
+        qualifying = class_pixels[:, c] > min_pixels
         if not qualifying.any():
             qualifying = class_pixels[:, c] > 0
         if p > 0:
@@ -95,6 +95,22 @@ def test_sampler_reads_from_any_position(start):
     sampler = RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, chunk_size=256)
     full = list(itertools.islice(sampler.indices(3, 0), 3000))
     assert list(itertools.islice(sampler.indices(3, start), 3000 - start)) == full[start:]
+
+
+def test_sampler_with_class_key_yields_the_drawn_class_with_the_same_indices():
+    plain = RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, chunk_size=256)
+    keyed = RareClassSampler(CLASS_PIXELS, 0.1, MIN_PIXELS, chunk_size=256, class_key="rcs_class")
+    items = list(itertools.islice(keyed.indices(4, 100), 2000))
+    assert [index for index, _ in items] == list(itertools.islice(plain.indices(4, 100), 2000))
+    drawn_classes = set()
+    for index, fields in items:
+        c = fields["rcs_class"]
+        drawn_classes.add(c)
+        assert index in keyed.images_of_class[list(keyed.classes).index(c)]
+    assert {1, 2, 3} <= drawn_classes  # class 0 is too frequent to be drawn at T = 0.1
+    # An image qualifies with strictly more than MIN_PIXELS pixels of the class, as the reference.
+    at_threshold = np.array([[100, 40], [100, 41]])
+    assert RareClassSampler(at_threshold, 0.1, 40).images_of_class[1].tolist() == [1]
 
 
 def test_sampler_rejects_empty_statistics():

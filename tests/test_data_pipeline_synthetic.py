@@ -90,11 +90,14 @@ def test_rcs_uses_the_prepared_class_statistics(cfg):
     assert sampler.classes.tolist() == np.flatnonzero(expected).tolist()
     np.testing.assert_allclose(sampler.class_probabilities, expected[sampler.classes], rtol=1e-12)
     for c, images in zip(sampler.classes, sampler.images_of_class):
-        qualifying = np.flatnonzero(counts[:, c] >= cfg.DATALOADER.RCS.MIN_PIXELS)
+        qualifying = np.flatnonzero(counts[:, c] > cfg.DATALOADER.RCS.MIN_PIXELS)
         assert images.tolist() == (qualifying if len(qualifying) else np.flatnonzero(counts[:, c])).tolist()
     # The most probable class is drawn at least as often as uniform image sampling would.
     rarest = int(sampler.classes[np.argmax(sampler.class_probabilities)])
-    draws = np.fromiter(itertools.islice(sampler.indices(0, 0), 2000), dtype=np.int64)
+    items = list(itertools.islice(sampler.indices(0, 0), 2000))
+    # Each index travels with its class (for the mapper's crop, DATALOADER.RCS.MIN_CROP_RATIO > 0).
+    assert all(counts[index, fields["rcs_class"]] > 0 for index, fields in items)
+    draws = np.array([index for index, _ in items])
     has_rarest = counts[:, rarest] > 0
     assert has_rarest[draws].mean() >= has_rarest.mean()
 

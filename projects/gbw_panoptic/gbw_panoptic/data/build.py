@@ -24,7 +24,7 @@ from detectron2.data import MetadataCatalog, build_detection_test_loader, get_de
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 
-from .mapper import GBWPanopticDatasetMapper
+from .mapper import RCS_CLASS_KEY, GBWPanopticDatasetMapper
 from .rcs import RareClassSampler, load_class_pixel_counts
 from .stream import IndexStream, ShuffledIndexStream, TrainStream, build_stream_loader
 
@@ -47,7 +47,8 @@ def _dataset_dicts(names: Sequence[str], config_key: str) -> List[Dict[str, Any]
 
 
 def build_rcs_sampler(cfg: CfgNode, dataset_names: Sequence[str]) -> RareClassSampler:
-    """Rare class sampler over the concatenation of ``dataset_names`` (in order).
+    """Rare class sampler over the concatenation of ``dataset_names`` (in order); with
+    ``DATALOADER.RCS.MIN_CROP_RATIO`` > 0 its items carry the drawn class for the mapper's crop.
 
     Each dataset's metadata must name its ``class_stats_file``.
     """
@@ -63,7 +64,12 @@ def build_rcs_sampler(cfg: CfgNode, dataset_names: Sequence[str]) -> RareClassSa
             )
         dicts = get_detection_dataset_dicts(name, filter_empty=False)
         counts.append(load_class_pixel_counts(stats_file, dicts, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES))
-    return RareClassSampler(np.concatenate(counts), cfg.DATALOADER.RCS.TEMPERATURE, cfg.DATALOADER.RCS.MIN_PIXELS)
+    return RareClassSampler(
+        np.concatenate(counts),
+        cfg.DATALOADER.RCS.TEMPERATURE,
+        cfg.DATALOADER.RCS.MIN_PIXELS,
+        class_key=RCS_CLASS_KEY if cfg.DATALOADER.RCS.MIN_CROP_RATIO > 0 else None,
+    )
 
 
 def _train_loader(
@@ -91,14 +97,14 @@ def build_source_train_loader(cfg: CfgNode, seed: Optional[int] = None) -> DataL
     else:
         index_stream = ShuffledIndexStream(len(dicts))
     logger.info(f"Source training indices: {type(index_stream).__name__} over {len(dicts)} images")
-    mapper = GBWPanopticDatasetMapper(cfg, is_train=True, load_labels=True)
+    mapper = GBWPanopticDatasetMapper(cfg, is_train=True, load_labels=True, domain="source")
     return _train_loader(cfg, dicts, mapper, index_stream, cfg.SOLVER.IMS_PER_BATCH, seed)
 
 
 def build_target_train_loader(cfg: CfgNode, seed: Optional[int] = None) -> DataLoader:
     """Infinite loader of unlabelled target batches (``DATASETS.TARGET_IMS_PER_BATCH / world`` dicts)."""
     dicts = _dataset_dicts(cfg.DATASETS.TARGET_TRAIN, "DATASETS.TARGET_TRAIN")
-    mapper = GBWPanopticDatasetMapper(cfg, is_train=True, load_labels=False)
+    mapper = GBWPanopticDatasetMapper(cfg, is_train=True, load_labels=False, domain="target")
     return _train_loader(
         cfg, dicts, mapper, ShuffledIndexStream(len(dicts)), cfg.DATASETS.TARGET_IMS_PER_BATCH, seed
     )

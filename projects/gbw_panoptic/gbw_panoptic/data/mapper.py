@@ -9,18 +9,23 @@ One mapper serves the three roles of UDA training (Detectron2 style, built from 
 - labelled evaluation (``is_train=False``): the image, plus the targets when ``load_labels``.
 
 Training augmentations (DAFormer / EDAPS recipe, all from ``detectron2.data.transforms``): resize
-so that the image fits ``ratio * INPUT.BASE_SIZE`` (aspect ratio kept, ratio uniform in
-``INPUT.RESIZE_RATIO_RANGE``), a random ``INPUT.CROP.SIZE`` crop (re-drawn up to 10 times until no
-single class covers more than ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` of it when labels are
-loaded; a plain random crop without labels, so that unlabelled target images never look at
-labels), and a random flip. Evaluation resizes the image to fit ``INPUT.BASE_SIZE`` (the ratio-1
-training scale; the identity for Cityscapes at 1024x2048).
+so that the image fits ``ratio * base size`` (aspect ratio kept, ratio uniform in
+``INPUT.RESIZE_RATIO_RANGE``; the base size of the domain: ``INPUT.SOURCE_BASE_SIZE`` for the
+labelled source, ``INPUT.TARGET_BASE_SIZE`` for the unlabelled target, ``INPUT.BASE_SIZE`` where
+those are empty), a random ``INPUT.CROP.SIZE`` crop (re-drawn up to 10 times until no single class
+covers more than ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` of it when labels are loaded; a plain random
+crop without labels, so that unlabelled target images never look at labels), and a random flip.
+Evaluation resizes the image to fit ``INPUT.BASE_SIZE`` (the identity for Cityscapes at 1024x2048).
+
+With rare class sampling, a source dict carries the class it was drawn for (``"rcs_class"``) and the
+mapper redraws the augmentation (up to 10 tries in all, as DAFormer) until the crop holds more than
+``rcs_min_crop_pixels`` pixels of that class (``DATALOADER.RCS.MIN_CROP_RATIO * MIN_PIXELS``).
 
 Every label tensor is aligned with ``"image"`` (same transforms, nearest-neighbour resampling).
 """
 import copy
 import logging
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,20 +38,52 @@ from detectron2.data import transforms as T
 
 from .panoptic_target import PanopticTargetGenerator
 
-__all__ = ["GBWPanopticDatasetMapper", "build_augmentations", "build_target_generator"]
+__all__ = [
+    "DOMAINS",
+    "RCS_CLASS_KEY",
+    "RCS_CROP_TRIES",
+    "GBWPanopticDatasetMapper",
+    "base_size",
+    "build_augmentations",
+    "build_target_generator",
+]
 
 logger = logging.getLogger(__name__)
 
+# The training domains, each with its own base size.
+DOMAINS = ("source", "target")
+# Dataset-dict key of the class rare class sampling drew the image for.
+RCS_CLASS_KEY = "rcs_class"
+# Augmentations drawn at most per image until the crop holds enough of that class (DAFormer: 10).
+RCS_CROP_TRIES = 10
 
-def build_augmentations(cfg: CfgNode, is_train: bool, load_labels: bool = True) -> List[T.Augmentation]:
+
+def base_size(cfg: CfgNode, domain: Optional[str]) -> Tuple[int, int]:
+    """(height, width) the resize ratio applies to: ``INPUT.SOURCE_BASE_SIZE`` or
+    ``INPUT.TARGET_BASE_SIZE`` for training images of that ``domain`` when set, else (and for
+    evaluation, ``domain`` None) ``INPUT.BASE_SIZE``."""
+    if domain is not None and domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS} or None, got {domain!r}")
+    key = f"{domain.upper()}_BASE_SIZE" if domain is not None and cfg.INPUT[f"{domain.upper()}_BASE_SIZE"] else "BASE_SIZE"
+    size = cfg.INPUT[key]
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"INPUT.{key}={list(size)} must be [height, width] in pixels, both > 0")
+    return int(size[0]), int(size[1])
+
+
+def build_augmentations(
+    cfg: CfgNode, is_train: bool, load_labels: bool = True, domain: Optional[str] = None
+) -> List[T.Augmentation]:
     """The augmentations of the module docstring.
 
     Args:
         cfg: config with ``INPUT.*`` keys.
         is_train: training (random resize, crop, flip) or evaluation (fit to ``INPUT.BASE_SIZE``).
         load_labels: labels are available, so the crop may use the category area constraint.
+        domain: "source" or "target" for training images: which base size applies (see
+            :func:`base_size`); None: ``INPUT.BASE_SIZE``.
     """
-    base_height, base_width = cfg.INPUT.BASE_SIZE
+    base_height, base_width = base_size(cfg, domain if is_train else None)
     if not is_train:
         return [T.ResizeScale(1.0, 1.0, base_height, base_width)]
     min_ratio, max_ratio = cfg.INPUT.RESIZE_RATIO_RANGE
@@ -101,6 +138,10 @@ class GBWPanopticDatasetMapper:
     ``"center"`` (float32 ``1xHxW``), ``"center_weights"`` (float32 ``HxW``), ``"offset"``
     (float32 ``2xHxW``, dy, dx in pixels) and ``"offset_weights"`` (float32 ``HxW``); images
     without instances get none of these, so that the instance losses skip them.
+
+    A dict with ``"rcs_class"`` (set by rare class sampling) has its augmentation redrawn, up to
+    :data:`RCS_CROP_TRIES` times, until its crop holds more than ``rcs_min_crop_pixels`` pixels of
+    that class (labels loaded only; the key is not passed on).
     """
 
     @configurable
@@ -112,6 +153,7 @@ class GBWPanopticDatasetMapper:
         image_format: str,
         load_labels: bool,
         target_generator: Optional[PanopticTargetGenerator] = None,
+        rcs_min_crop_pixels: float = 0.0,
     ):
         """
         Args:
@@ -122,12 +164,14 @@ class GBWPanopticDatasetMapper:
             load_labels: read ``sem_seg_file_name`` (and ``pan_seg_file_name``) and emit targets.
             target_generator: builds the instance targets from the panoptic labels; None for a
                 semantic-only model.
+            rcs_min_crop_pixels: pixels of the drawn rare class a crop must exceed (0: no redraws).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.load_labels = load_labels
         self.target_generator = target_generator
+        self.rcs_min_crop_pixels = rcs_min_crop_pixels
         mode = "training" if is_train else "inference"
         logger.info(f"[GBWPanopticDatasetMapper] augmentations used in {mode}: {augmentations}")
 
@@ -138,6 +182,7 @@ class GBWPanopticDatasetMapper:
         is_train: bool = True,
         load_labels: bool = True,
         dataset_name: Optional[str] = None,
+        domain: Optional[str] = None,
     ) -> Dict[str, Any]:
         """
         Args:
@@ -145,16 +190,19 @@ class GBWPanopticDatasetMapper:
             is_train, load_labels: see ``__init__``.
             dataset_name: dataset whose metadata gives the thing classes of the instance targets
                 (default ``DATASETS.TRAIN[0]``).
+            domain: "source" or "target" for training images (their base size, see
+                :func:`base_size`); None: ``INPUT.BASE_SIZE``.
         """
         generator = None
         if load_labels and cfg.MODEL.INS_EMBED_HEAD.ENABLED:
             generator = build_target_generator(cfg, dataset_name or cfg.DATASETS.TRAIN[0])
         return {
             "is_train": is_train,
-            "augmentations": build_augmentations(cfg, is_train, load_labels),
+            "augmentations": build_augmentations(cfg, is_train, load_labels, domain),
             "image_format": cfg.INPUT.FORMAT,
             "load_labels": load_labels,
             "target_generator": generator,
+            "rcs_min_crop_pixels": cfg.DATALOADER.RCS.MIN_CROP_RATIO * cfg.DATALOADER.RCS.MIN_PIXELS,
         }
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -170,8 +218,15 @@ class GBWPanopticDatasetMapper:
         utils.check_image_size(dataset_dict, image)
         semantic = self._read_label(dataset_dict, "sem_seg_file_name", image) if self.load_labels else None
 
+        rare_class = dataset_dict.pop(RCS_CLASS_KEY, None)
         aug_input = T.AugInput(image, sem_seg=semantic)
         transforms = self.augmentations(aug_input)
+        if semantic is not None and rare_class is not None and self.rcs_min_crop_pixels > 0:
+            for _ in range(RCS_CROP_TRIES):
+                if np.count_nonzero(aug_input.sem_seg == rare_class) > self.rcs_min_crop_pixels:
+                    break
+                aug_input = T.AugInput(image, sem_seg=semantic)
+                transforms = self.augmentations(aug_input)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
 
         if semantic is not None:

@@ -6,9 +6,10 @@ Each draw first picks a class ``c`` with probability
 
 where ``f_c`` is the fraction of labelled source pixels of class ``c`` (classes without pixels
 are never picked) and ``T`` the temperature (``DATALOADER.RCS.TEMPERATURE``, 0.01 in DAFormer:
-small T favours rare classes strongly), then picks uniformly an image with at least
-``DATALOADER.RCS.MIN_PIXELS`` pixels of ``c``, or any image containing ``c`` when none has that
-many.
+small T favours rare classes strongly), then picks uniformly an image with more than
+``DATALOADER.RCS.MIN_PIXELS`` pixels of ``c`` (as DAFormer), or any image containing ``c`` when none
+has that many. The drawn class can travel with the index (``class_key``), so that the mapper redraws
+the crop until it holds enough of ``c`` (``DATALOADER.RCS.MIN_CROP_RATIO``).
 
 The per-image class pixel counts come from the class statistics file written by the
 ``datasets/prepare_*.py`` scripts (metadata ``class_stats_file``)::
@@ -16,7 +17,7 @@ The per-image class pixel counts come from the class statistics file written by 
     {"classes": [C class names], "images": {image_id: [C pixel counts, indexed by train id]}}
 """
 import json
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -102,14 +103,18 @@ class RareClassSampler:
         temperature: float,
         min_pixels: int,
         chunk_size: int = 1024,
+        class_key: Optional[str] = None,
     ):
         """
         Args:
             class_pixels: (N, C) pixel counts of each class in each of the N images.
             temperature: RCS temperature T.
-            min_pixels: an image is drawn for class c only if it has at least this many pixels
+            min_pixels: an image is drawn for class c only if it has more than this many pixels
                 of c (unless no image has, then any image containing c qualifies).
             chunk_size: indices drawn per vectorised step.
+            class_key: None: the stream yields dataset indices; else ``(index, {class_key: c})``
+                pairs, ``c`` the class the image was drawn for (see
+                :class:`~gbw_panoptic.data.stream.IndexStream`).
         """
         class_pixels = np.asarray(class_pixels, dtype=np.int64)
         if class_pixels.ndim != 2 or class_pixels.shape[0] == 0:
@@ -119,14 +124,16 @@ class RareClassSampler:
         self.class_probabilities = probabilities[self.classes]
         self.images_of_class: List[np.ndarray] = []
         for c in self.classes:
-            images = np.flatnonzero(class_pixels[:, c] >= min_pixels)
+            images = np.flatnonzero(class_pixels[:, c] > min_pixels)
             if len(images) == 0:
                 images = np.flatnonzero(class_pixels[:, c] > 0)
             self.images_of_class.append(images)
         self._chunk_size = chunk_size
+        self.class_key = class_key
 
-    def indices(self, seed: int, start: int) -> Iterator[int]:
-        """The indices at positions ``start, start + 1, ...`` of the stream of ``seed``."""
+    def indices(self, seed: int, start: int) -> Iterator[Union[int, Tuple[int, Dict[str, int]]]]:
+        """The indices (with ``class_key``: index and drawn class) at positions ``start, start + 1,
+        ...`` of the stream of ``seed``."""
         class_probabilities = torch.as_tensor(self.class_probabilities)
         num_images = torch.as_tensor([len(images) for images in self.images_of_class])
         chunk, offset = divmod(start, self._chunk_size)
@@ -136,5 +143,9 @@ class RareClassSampler:
             uniform = torch.rand(self._chunk_size, generator=generator, dtype=torch.float64)
             position = (uniform * num_images[picked]).long().clamp_max(num_images[picked] - 1)
             for class_index, image_position in zip(picked[offset:].tolist(), position[offset:].tolist()):
-                yield int(self.images_of_class[class_index][image_position])
+                index = int(self.images_of_class[class_index][image_position])
+                if self.class_key is None:
+                    yield index
+                else:
+                    yield index, {self.class_key: int(self.classes[class_index])}
             chunk, offset = chunk + 1, 0

@@ -16,7 +16,7 @@ worker ``w`` of ``W`` maps the steps ``s`` with ``s − start ≡ w (mod W)``, s
 step order. Consequences: resuming at step ``s`` starts the stream there (no replay of earlier
 batches), and the data of a run do not depend on ``DATALOADER.NUM_WORKERS``.
 """
-from typing import Any, Callable, Dict, Iterator, Protocol, Sequence
+from typing import Any, Callable, Dict, Iterator, Protocol, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -33,10 +33,14 @@ _AUGMENTATION, _INDICES = 0, 1
 
 
 class IndexStream(Protocol):
-    """An infinite sequence of dataset indices determined by a seed, readable from any position."""
+    """An infinite sequence of dataset indices determined by a seed, readable from any position.
 
-    def indices(self, seed: int, start: int) -> Iterator[int]:
-        """The indices at positions ``start, start + 1, ...`` of the stream of ``seed``."""
+    An item is a dataset index, or a pair of an index and fields added to a copy of that dataset
+    dict before it is mapped (rare class sampling: the class the image was drawn for).
+    """
+
+    def indices(self, seed: int, start: int) -> Iterator[Union[int, Tuple[int, Dict[str, Any]]]]:
+        """The items at positions ``start, start + 1, ...`` of the stream of ``seed``."""
         ...
 
 
@@ -106,12 +110,16 @@ class TrainStream(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         first = self.start_step * self.total_batch_size
         positions = self.index_stream.indices(self.seed, first)
-        for position, index in enumerate(positions, start=first):
+        for position, item in enumerate(positions, start=first):
             step, offset = divmod(position, self.total_batch_size)
             if (step - self.start_step) % num_workers != worker_id or offset // self.batch_size != self.rank:
                 continue
+            index, fields = item if isinstance(item, tuple) else (item, None)
+            record = self.dataset_dicts[index]
+            if fields:
+                record = {**record, **fields}
             with seeded_rng(derived_seed(self.seed, _AUGMENTATION, position)):
-                sample = self.mapper(self.dataset_dicts[index])
+                sample = self.mapper(record)
             # Outside the block: the consumer runs between two samples with its own generator states.
             yield sample
 
