@@ -392,6 +392,10 @@ def test_registered_methods():
         ({"UDA.EMA_ALPHA": 1.0}, "UDA.EMA_ALPHA=1.0"),
         ({"UDA.PSEUDO_WEIGHT_IGNORE_TOP": -1}, "UDA.PSEUDO_WEIGHT_IGNORE_TOP=-1"),
         ({"DATASETS.TRAIN": ()}, "DATASETS.TRAIN is empty"),
+        ({"UDA.TEACHER_BATCH_NORM": "frozen"}, "UDA.TEACHER_BATCH_NORM='frozen' must be one of"),
+        ({"UDA.PSEUDO_WEIGHT_SCOPE": "pixel"}, "UDA.PSEUDO_WEIGHT_SCOPE='pixel' must be one of"),
+        ({"UDA.CLASS_MIX_CLASSES": "all"}, "UDA.CLASS_MIX_CLASSES='all' must be one of"),
+        ({"DATALOADER.RCS.MIN_CROP_RATIO": -1.0}, "DATALOADER.RCS.MIN_CROP_RATIO=-1.0 must be >= 0"),
     ],
 )
 def test_bad_configs_raise_clear_errors(overrides, message):

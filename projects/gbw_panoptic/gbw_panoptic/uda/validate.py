@@ -1,7 +1,10 @@
 """Checks of the UDA config keys, run before anything is built, with errors that say what to change."""
 from detectron2.config import CfgNode
 
+from .augment import CLASS_MIX_CANDIDATES
+from .dacs import PSEUDO_WEIGHT_SCOPES
 from .method import UDA_METHOD_REGISTRY, uda_method_names
+from .teacher import TEACHER_BATCH_NORM_MODES
 
 __all__ = ["check_uda_config"]
 
@@ -43,4 +46,12 @@ def check_uda_config(cfg: CfgNode) -> None:
         0.0 < cfg.UDA.FD.SCALE_MIN_RATIO <= 1.0,
         f"UDA.FD.SCALE_MIN_RATIO={cfg.UDA.FD.SCALE_MIN_RATIO} must lie in (0, 1]",
     )
+    for key, choices in (
+        ("TEACHER_BATCH_NORM", TEACHER_BATCH_NORM_MODES),
+        ("PSEUDO_WEIGHT_SCOPE", PSEUDO_WEIGHT_SCOPES),
+        ("CLASS_MIX_CLASSES", CLASS_MIX_CANDIDATES),
+    ):
+        _require(cfg.UDA[key] in choices, f"UDA.{key}={cfg.UDA[key]!r} must be one of {list(choices)}")
+    ratio = cfg.DATALOADER.RCS.MIN_CROP_RATIO
+    _require(ratio >= 0, f"DATALOADER.RCS.MIN_CROP_RATIO={ratio} must be >= 0 (0.5 DAFormer, 2.0 HRDA, 0 off)")
     _require(cfg.SOLVER.MAX_ITER > 0, f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER} must be > 0")
