@@ -1,0 +1,37 @@
+"""tools/check_cuda.sh and tools/check_gbw_sync.py: syntax, and a clear refusal without a CUDA device
+(the device is hidden with CUDA_VISIBLE_DEVICES, so these tests mean the same on a GPU machine)."""
+import os
+import subprocess
+import sys
+
+SCRIPT = "tools/check_cuda.sh"
+
+
+def _without_cuda(tmp_path) -> dict:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+
+
+def test_check_cuda_script_parses(repo_root):
+    result = subprocess.run(["bash", "-n", str(repo_root / SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert os.access(repo_root / SCRIPT, os.X_OK)
+
+
+def test_check_cuda_without_gpu_says_so_and_runs_nothing(repo_root, tmp_path):
+    result = subprocess.run(
+        [str(repo_root / SCRIPT)], capture_output=True, text=True, env=_without_cuda(tmp_path), timeout=120
+    )
+    assert result.returncode == 2
+    assert "no CUDA device" in result.stderr and "nothing was run" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_gbw_sync_without_gpu_says_so(repo_root, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(repo_root / "tools" / "check_gbw_sync.py"), "--config-file",
+         str(repo_root / "configs" / "synthia2cityscapes" / "mit_b5_gbw.yaml"), "--out", str(tmp_path / "sync.json")],
+        capture_output=True, text=True, env={**_without_cuda(tmp_path), "PYTHONPATH": str(repo_root / "projects" / "gbw_panoptic")},
+        timeout=300,
+    )
+    assert result.returncode == 2 and "no CUDA device" in result.stderr
+    assert not (tmp_path / "sync.json").exists()
