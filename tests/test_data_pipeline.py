@@ -413,6 +413,8 @@ def test_domain_base_sizes():
         ("synthia2cityscapes/mit_b5_gbw.yaml", {"source": ((760, 1280), (760, 1280)), "target": ((1024, 2048), (1024, 2048)), None: ((1024, 2048), (1024, 2048))}),
         # GTA5 1914x1052 fits 1280x720 as 1280x704, as mmcv's rescale.
         ("gta2cityscapes/mit_b5_gbw.yaml", {"source": ((1052, 1914), (704, 1280)), "target": ((1024, 2048), (1024, 2048)), None: ((1024, 2048), (1024, 2048))}),
+        # Mapillary is stored fitted into 768x1024 (EDAPS's ResizeWithPad box) and kept; SYNTHIA as is.
+        ("synthia2mapillary/mit_b5_gbw.yaml", {"source": ((760, 1280), (760, 1280)), "target": ((768, 1024), (768, 1024)), None: ((576, 1024), (576, 1024))}),
         # The semantic DAFormer setting: Cityscapes at 512x1024 for training and testing.
         ("gta2cityscapes/semantic_mit_b5_gbw.yaml", {"source": ((1052, 1914), (704, 1280)), "target": ((1024, 2048), (512, 1024)), None: ((1024, 2048), (512, 1024))}),
     ],
