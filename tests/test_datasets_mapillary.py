@@ -443,7 +443,8 @@ def _config_args(repo_root, output_dir, config, extra=()):
     tiny = [
         "MODEL.DEVICE", "cpu", "MODEL.MIT.VARIANT", "b0", "MODEL.MIT.PRETRAINED", "",
         "MODEL.SEM_SEG_HEAD.EMBED_DIM", "32", "MODEL.INS_EMBED_HEAD.EMBED_DIM", "32",
-        "INPUT.BASE_SIZE", "[48, 64]", "INPUT.CROP.SIZE", "[32, 32]", "DATALOADER.NUM_WORKERS", "0",
+        "INPUT.BASE_SIZE", "[48, 64]", "INPUT.SOURCE_BASE_SIZE", "[48, 64]", "INPUT.CROP.SIZE", "[32, 32]",
+        "DATALOADER.NUM_WORKERS", "0",
         "SOLVER.WARMUP_ITERS", "2", "TEST.EVAL_PERIOD", "0", "UDA.LOG_PERIOD", "1", "SEED", "7",
     ]  # fmt: skip
     argv = ["--config-file", str(repo_root / "configs" / "synthia2mapillary" / config)]
