@@ -36,7 +36,7 @@ def _small_model(opts: List = ()) -> GBWPanopticSegmentor:
     base = [
         "MODEL.SEM_SEG_HEAD.EMBED_DIM", 16, "MODEL.INS_EMBED_HEAD.EMBED_DIM", 16,
         "MODEL.SEM_SEG_HEAD.DROPOUT", 0.0, "MODEL.INS_EMBED_HEAD.DROPOUT", 0.0,
-        "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+        "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "UDA.LOG_PERIOD", 1,  # GBW weights logged every call
     ]  # fmt: skip
     return build_model(_cfg(opts=[*base, *opts]))
 

@@ -3,10 +3,11 @@
 
 Builds the model of a config twice, with GBW off and with GBW on for the losses the config enables,
 and counts the synchronising CUDA operations (``torch.cuda.set_sync_debug_mode("warn")``) of one
-training forward and backward on the same random batch (inside an ``EventStorage``, as in training,
-so that the per-iteration logging of the class weights counts too). The check passes when GBW on
-synchronises no more often than GBW off; it prints where each extra synchronisation happens and
-writes the counts as JSON.
+training forward and backward on the same random batch (inside an ``EventStorage`` at iteration 0, as
+in training; the class weights are read back only at the iterations whose metrics are written, every
+``UDA.LOG_PERIOD``: not iteration 0 unless ``UDA.LOG_PERIOD`` or ``SOLVER.MAX_ITER`` is 1). The check
+passes when GBW on synchronises no more often than GBW off; it prints where each extra
+synchronisation happens and writes the counts as JSON.
 
     python tools/check_gbw_sync.py --config-file configs/synthia2cityscapes/mit_b5_gbw.yaml \\
         --out output/check_cuda/gbw_sync.json MODEL.MIT.PRETRAINED ""

@@ -3,8 +3,11 @@
 GBW needs, for every class c, the squared norm g_c^2 of the gradient of
 the sum of per-class mean losses ``sum_c L_c`` with respect to the network output. Both functions
 here evaluate that gradient in closed form in a few fused tensor passes, in float32 whatever the
-input precision, without a second backward pass and, on a GPU, without host synchronisation apart
-from the input checks (they read back the label range and whether the norms are finite).
+input precision, without a second backward pass and, on a GPU, without host synchronisation.
+The input checks read values back only where that costs nothing (:func:`host_checks`): on the CPU a
+label outside ``[0, C) ∪ {ignore_index}`` or a NaN/inf input raises ``ValueError`` naming the tensor
+and the value; on a GPU the label check is a device-side assertion and non-finite inputs make the
+norms NaN (see :func:`check_class_map` and :func:`check_finite_norms`).
 The cross-entropy norms have one implementation, :class:`_CrossEntropyWithGradNorms`: the loss
 computes them from the log-softmax of its forward pass, and :func:`ce_grad_sq_norms` runs the same
 forward without a graph.
@@ -29,32 +32,53 @@ __all__ = [
     "regression_sq_norms_from_groups",
     "check_shapes",
     "check_finite_norms",
+    "host_checks",
 ]
 
 CE_MODES = ("channel", "class")
 REGRESSION_KINDS = ("mse", "l1")
 
 
+def host_checks(tensor: torch.Tensor) -> bool:
+    """Whether the input checks may read values of ``tensor`` back to the host: True on the CPU,
+    where that costs nothing. Elsewhere a readback would make the host wait for the device at every
+    loss call, so the checks stay on the device (a device-side assertion, NaN propagation)."""
+    return tensor.device.type == "cpu"
+
+
 def _safe_class_map(
     class_map: torch.Tensor, num_classes: int, ignore_index: int, name: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Validate a class map and return ``(safe, ignored)``: int64 with ``ignore_index`` replaced by
-    0, and the bool mask of ignored entries. Reads back two values (min and max) from the device."""
+    """Validate a class map (:func:`check_class_map`) and return ``(safe, ignored)``: int64 with
+    ``ignore_index`` replaced by 0, and the bool mask of ignored entries."""
     _check_dtype(class_map, name)
     ignored = class_map == ignore_index
     safe = torch.where(ignored, 0, class_map.long())
-    if safe.numel() > 0:
-        low, high = torch.stack(torch.aminmax(safe)).tolist()
+    if safe.numel() == 0:
+        return safe, ignored
+    low, high = torch.aminmax(safe)
+    if host_checks(safe):
+        low, high = low.item(), high.item()
         if low < 0 or high >= num_classes:
             raise _invalid_class_error(name, low if low < 0 else high, num_classes, ignore_index)
+    else:
+        torch._assert_async(
+            (low >= 0) & (high < num_classes),
+            f"{name} holds a value outside [0, {num_classes}) that is not the ignore value {ignore_index}",
+        )
     return safe, ignored
 
 
 def check_class_map(
     class_map: torch.Tensor, num_classes: int, ignore_index: int, name: str = "labels"
 ) -> None:
-    """Raise ``ValueError`` (naming ``name`` and the offending value) unless every entry of
-    ``class_map`` is in ``[0, num_classes)`` or is ``ignore_index``."""
+    """Check that every entry of ``class_map`` is in ``[0, num_classes)`` or is ``ignore_index``.
+
+    On the CPU a bad entry raises ``ValueError`` naming ``name`` and the value. Elsewhere the check
+    is a device-side assertion (``torch._assert_async``), with no host synchronisation: a bad
+    entry stops the process with a CUDA error at a later kernel launch, as PyTorch's own
+    ``cross_entropy`` does for an out-of-range target.
+    """
     _safe_class_map(class_map, num_classes, ignore_index, name)
 
 
@@ -71,9 +95,18 @@ def _raise_non_finite(tensors: Tuple[Tuple[str, Optional[torch.Tensor]], ...]) -
 
 
 def check_finite_norms(sq_norms: torch.Tensor, *tensors: Tuple[str, Optional[torch.Tensor]]) -> torch.Tensor:
-    """Return ``sq_norms`` if finite, else raise naming the non-finite input among ``(name, tensor)``
-    pairs: non-finite inputs make the norms non-finite, so only the C-vector is checked."""
-    if not bool(torch.isfinite(sq_norms).all()):
+    """Check that the squared norms [C] are finite: non-finite inputs make them non-finite, so only
+    the C-vector is checked.
+
+    On the CPU return ``sq_norms`` if finite, else raise ``ValueError`` naming the non-finite input
+    among the ``(name, tensor)`` pairs. Elsewhere (no host synchronisation) return ``sq_norms`` if
+    finite, else all NaN: the class weights and the weighted loss are then NaN, which the trainer
+    reports at its per-step loss readback (Detectron2: ``FloatingPointError``, loss became NaN).
+    """
+    finite = torch.isfinite(sq_norms).all()
+    if not host_checks(sq_norms):
+        return torch.where(finite, sq_norms, torch.nan)
+    if not finite.item():
         _raise_non_finite(tensors)
     return sq_norms
 
@@ -155,13 +188,14 @@ def group_pixels(
         name: name of ``class_map`` in error messages.
 
     Raises:
-        ValueError: ``class_map`` is not an integer tensor or holds a value outside
-            ``[0, C) ∪ {ignore_index}`` (named in the message).
+        ValueError: ``class_map`` is not an integer tensor or, on the CPU, holds a value outside
+            ``[0, C) ∪ {ignore_index}`` (named in the message; elsewhere a device-side assertion,
+            see :func:`check_class_map`).
     """
     _check_dtype(class_map, name)
-    if class_map.device.type == "cpu" and class_map.numel() > 0:
+    if host_checks(class_map) and class_map.numel() > 0:
         # On the CPU a histogram is the fastest way to validate and count; elsewhere (where
-        # bincount reads its size back from the device) the general path reads back only min/max.
+        # bincount reads its size back from the device) the general path checks on the device.
         low, high = torch.stack(torch.aminmax(class_map.flatten())).tolist()
         if low >= 0 and high <= max(HISTOGRAM_MAX_LABEL, num_classes - 1):
             return _group_pixels_by_histogram(class_map, num_classes, ignore_index, pixel_weights, name)

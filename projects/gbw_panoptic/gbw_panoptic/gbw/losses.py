@@ -16,6 +16,9 @@ pixel counts in N_c, and q_i enters only the final reduction. With ``pixel_weigh
 the norms are those of the gradient of the weighted loss: q_i scales each pixel's gradient and
 pixels with q_i = 0 leave N_c. The regression losses always take their pixel weights into the
 norms: there the weights say which pixels the loss covers at all (crowd, stuff in the offsets).
+
+On a GPU a call adds no host synchronisation (with the default ``solver="projection"``): the input
+checks stay on the device, as :mod:`.grad_norms` describes, and ``last_weights`` stays there too.
 """
 from typing import Optional, Sequence, Union
 
@@ -187,9 +190,9 @@ class GBWCrossEntropyLoss(_ClassWeighting):
             self.last_weights = None
             pixel_losses = F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index, reduction="none")
             loss = self._weighted_mean(pixel_losses, pixel_weights)
-            if not bool(torch.isfinite(loss)):
-                check_finite_norms(loss.detach().reshape(1), ("logits", logits), ("pixel_weights", pixel_weights))
-            return loss
+            # The finiteness check of the norms applied to the loss: on the CPU it raises naming the
+            # non-finite input; elsewhere it passes the loss through (a non-finite loss stays so).
+            return check_finite_norms(loss.reshape(1), ("logits", logits), ("pixel_weights", pixel_weights))[0]
         norm_weights = pixel_weights if self.pixel_weights_in_norms else None
         groups = group_pixels(labels, self.num_classes, self.ignore_index, norm_weights, "labels")
         pixel_losses, sq_norms = cross_entropy_with_grad_sq_norms(logits, groups, self.mode)
@@ -199,7 +202,7 @@ class GBWCrossEntropyLoss(_ClassWeighting):
             probe = sq_norms + 0.0 * pixel_weights.sum()
         else:
             probe = sq_norms
-        check_finite_norms(probe, ("logits", logits), ("pixel_weights", pixel_weights))
+        sq_norms = check_finite_norms(probe, ("logits", logits), ("pixel_weights", pixel_weights))
         weights = self.class_weights(sq_norms, groups.counts)
         return self._weighted_mean(pixel_losses * weights.take(groups.safe_class_map), pixel_weights)
 

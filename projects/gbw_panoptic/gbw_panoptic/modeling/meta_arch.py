@@ -81,6 +81,12 @@ def _dataset_classes(cfg: CfgNode) -> Tuple[List[str], List[int], int]:
     return list(meta["stuff_classes"]), thing_ids, meta.get("label_divisor", 1000)
 
 
+def _writes_metrics(iteration: int, period: int, max_iter: int) -> bool:
+    """Whether Detectron2's ``PeriodicWriter(period)`` writes the metrics after ``iteration`` of a run
+    of ``max_iter`` iterations (the condition of its ``after_step``)."""
+    return (iteration + 1) % period == 0 or iteration == max_iter - 1
+
+
 def _active_event_storage() -> Optional[EventStorage]:
     """The current Detectron2 EventStorage, or None outside ``with EventStorage():``."""
     return get_event_storage() if _CURRENT_STORAGE_STACK else None
@@ -116,6 +122,8 @@ class GBWPanopticSegmentor(nn.Module):
         nms_kernel: int,
         top_k: int,
         predict_instances: bool,
+        gbw_log_period: int = 1,
+        gbw_log_max_iter: int = 0,
     ):
         """
         Args:
@@ -138,6 +146,12 @@ class GBWPanopticSegmentor(nn.Module):
             label_divisor: panoptic label = class * label_divisor + instance.
             stuff_area, center_threshold, nms_kernel, top_k: Panoptic-DeepLab post-processing.
             predict_instances: also return ``instances`` at inference.
+            gbw_log_period, gbw_log_max_iter: the GBW class weights are read back from the device
+                and logged only at the event-storage iterations after which Detectron2's
+                ``PeriodicWriter(gbw_log_period)`` writes the metrics in a run of
+                ``gbw_log_max_iter`` iterations (``UDA.LOG_PERIOD``, ``SOLVER.MAX_ITER``), the only
+                values that reach ``metrics.json``: a readback at every step would make the host
+                wait for the GPU. A period of 1 logs every call.
         """
         super().__init__()
         if (ins_embed_head is None) != (center_loss is None) or (center_loss is None) != (offset_loss is None):
@@ -153,6 +167,8 @@ class GBWPanopticSegmentor(nn.Module):
         self.offset_loss_weight = offset_loss_weight
         if center_loss_zero_above < 0:
             raise ValueError(f"center_loss_zero_above must be >= 0 (0 disables it), got {center_loss_zero_above}")
+        if gbw_log_period < 1:
+            raise ValueError(f"gbw_log_period must be >= 1, got {gbw_log_period}")
         if center_pixel_class not in CENTER_PIXEL_CLASSES:
             raise ValueError(f"center_pixel_class must be one of {CENTER_PIXEL_CLASSES}, got {center_pixel_class!r}")
         self.center_loss_zero_above = center_loss_zero_above
@@ -168,6 +184,8 @@ class GBWPanopticSegmentor(nn.Module):
         self.nms_kernel = nms_kernel
         self.top_k = top_k
         self.predict_instances = predict_instances
+        self.gbw_log_period = gbw_log_period
+        self.gbw_log_max_iter = gbw_log_max_iter
         self.ignore_value = sem_seg_loss.ignore_index
         if len(self.class_names) != sem_seg_loss.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {sem_seg_loss.num_classes} classes")
@@ -227,6 +245,8 @@ class GBWPanopticSegmentor(nn.Module):
             "nms_kernel": post.NMS_KERNEL,
             "top_k": post.TOP_K_INSTANCE,
             "predict_instances": post.PREDICT_INSTANCES,
+            "gbw_log_period": cfg.UDA.LOG_PERIOD,
+            "gbw_log_max_iter": cfg.SOLVER.MAX_ITER,
         }
 
     @property
@@ -374,15 +394,21 @@ class GBWPanopticSegmentor(nn.Module):
 
     def log_gbw_weights(self, prefix: str = "gbw") -> None:
         """Put the class weights of each GBW loss's last call into the active EventStorage as
-        ``{prefix}/{loss}/{class name}`` (only the classes the loss covers); no-op without one."""
+        ``{prefix}/{loss}/{class name}`` (only the classes the loss covers), with one readback from
+        the device; a no-op without an EventStorage or at an iteration whose metrics are not
+        written (see ``gbw_log_period`` in :meth:`__init__`)."""
         storage = _active_event_storage()
-        if storage is None:
+        if storage is None or not _writes_metrics(storage.iter, self.gbw_log_period, self.gbw_log_max_iter):
             return
-        for loss_name, module in self.gbw_losses().items():
-            if module.last_weights is None:
-                continue
-            covered = module.fixed_active.tolist()
-            for class_name, weight, is_covered in zip(self.class_names, module.last_weights.tolist(), covered):
+        logged = [(name, module) for name, module in self.gbw_losses().items() if module.last_weights is not None]
+        if not logged:
+            return
+        # [losses, 2, C]: the weights and whether the loss covers each class, read back at once.
+        readback = torch.stack(
+            [torch.stack((module.last_weights, module.fixed_active.to(module.last_weights))) for _, module in logged]
+        ).tolist()
+        for (loss_name, _), (loss_weights, covered) in zip(logged, readback):
+            for class_name, weight, is_covered in zip(self.class_names, loss_weights, covered):
                 if is_covered:
                     storage.put_scalar(f"{prefix}/{loss_name}/{class_name}", weight, smoothing_hint=False)
 
