@@ -1,10 +1,14 @@
 """The synthetic-benchmark experiment (`make demo` / `make experiment`), shortened: the smoke preset
 trains each arm for 2 iterations on a tiny generated benchmark and writes the full report."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from gbw_panoptic.utils.experiment import ARMS, PRESETS, plan_runs, run_experiment
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from experiment import run_experiment  # noqa: E402
+from experiment.runs import ARMS, PRESETS, plan_runs  # noqa: E402
 
 
 def test_presets_name_existing_configs(tmp_path):

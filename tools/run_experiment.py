@@ -12,7 +12,7 @@
    figures: recall change per class, GBW weights during training, example predictions) and
    OUT/results.json.
 
-The logic lives in gbw_panoptic.utils.experiment.
+The logic lives in tools/experiment/ (runs.py: arms, presets, training; report.py: the report).
 """
 import argparse
 import logging
@@ -20,7 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from gbw_panoptic.utils.experiment import ARMS, PRESETS, run_experiment
+from experiment import run_experiment
+from experiment.runs import ARMS, PRESETS
 
 
 def main() -> int:

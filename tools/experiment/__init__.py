@@ -1,0 +1,67 @@
+"""The synthetic-benchmark experiment behind ``make demo`` and ``make experiment``
+(``tools/run_experiment.py``): :mod:`experiment.runs` plans, trains and evaluates the runs,
+:mod:`experiment.report` writes the report. Repository tooling, not part of the ``gbw_panoptic``
+package: it runs ``datasets/prepare_synthetic.py`` and ``tools/*.py`` of this checkout.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .report import write_report
+from .runs import ARMS, PRESETS, plan_runs, prepare_benchmark, train_and_evaluate
+
+__all__ = ["run_experiment"]
+
+logger = logging.getLogger("experiment")
+
+
+def run_experiment(
+    preset_name: str,
+    out: Path,
+    datasets_root: Path,
+    jobs: int = 2,
+    arms: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    max_iter: Optional[int] = None,
+) -> Path:
+    """Prepare the benchmark, train and evaluate every run (``jobs`` at a time), write the report.
+
+    Returns the path of ``report.md``.
+    """
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    overrides = {}
+    if arms:
+        overrides["arms"] = tuple(arms)
+    if seeds:
+        overrides["seeds"] = tuple(seeds)
+    if max_iter:
+        overrides["max_iter"] = max_iter
+    if overrides:
+        preset = replace(preset, **overrides)
+        unknown = [name for name in preset.arms if name not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {', '.join(unknown)}; known arms: {', '.join(ARMS)}")
+        labels = ", ".join(ARMS[name].label for name in preset.arms)
+        preset = replace(
+            preset,
+            description=f"{len(preset.seeds)} seed(s) of {labels}, {preset.max_iter} iterations (preset {preset_name!r} modified)",
+        )
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_benchmark(preset, datasets_root, workers=max(jobs, 1))
+    runs = plan_runs(preset, out)
+    threads = max((os.cpu_count() or 1) // max(jobs, 1), 1)
+    logger.info("%d runs (%s), %d at a time with %d thread(s) each", len(runs), preset.description, jobs, threads)
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        list(pool.map(lambda run: train_and_evaluate(run, datasets_root, threads), runs))
+    report = write_report(preset_name, preset, runs, out, datasets_root, time.perf_counter() - start)
+    logger.info("Report: %s", report)
+    return report

@@ -1,0 +1,193 @@
+"""Arms, presets and runs of the synthetic-benchmark experiment (``make demo``, ``make experiment``).
+
+One experiment = a set of *arms* (a training config: a UDA method with or without GBW) × a set of
+seeds, on the synthetic two-domain benchmark. Each run is an ordinary ``tools/train_net.py`` run
+(its own process and ``OUTPUT_DIR``), evaluated on the target val set by the project's evaluators at
+the end of training. The experiment then reads those evaluation reports and writes
+``<out>/report.md`` (:mod:`experiment.report`).
+
+Runs are resumable: a finished run (its evaluation reports exist and its command is unchanged) is
+skipped, an interrupted one continues from its last checkpoint (``--resume``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from gbw_panoptic.evaluation.panoptic_io import write_json
+
+__all__ = [
+    "Arm", "Preset", "ARMS", "PRESETS", "RunSpec", "REPO_ROOT", "VAL_DATASET",
+    "environment", "plan_runs", "prepare_benchmark", "train_and_evaluate",
+]
+
+logger = logging.getLogger("experiment")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VAL_DATASET = "synthetic_target_panoptic_val"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training setting: ``config`` (relative to ``configs/``) and the arm it is compared to."""
+
+    name: str
+    config: str
+    label: str
+    baseline: Optional[str] = None
+
+
+ARMS: "OrderedDict[str, Arm]" = OrderedDict(
+    (arm.name, arm)
+    for arm in (
+        Arm("source_only", "synthetic/mit_b0_source_only.yaml", "source only"),
+        Arm("source_only_gbw", "synthetic/mit_b0_source_only_gbw.yaml", "source only + GBW", "source_only"),
+        Arm("dacs", "synthetic/dacs.yaml", "DACS"),
+        Arm("dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", "dacs"),
+        Arm("dacs_gbw_absolute", "synthetic/dacs_gbw_absolute.yaml", "DACS + GBW (absolute λ)", "dacs"),
+        Arm("advent", "synthetic/advent.yaml", "AdvEnt"),
+        Arm("advent_gbw", "synthetic/advent_gbw.yaml", "AdvEnt + GBW", "advent"),
+        Arm("minent", "synthetic/minent.yaml", "MinEnt"),
+        Arm("minent_gbw", "synthetic/minent_gbw.yaml", "MinEnt + GBW", "minent"),
+    )
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one experiment: arms, seeds, iterations and the synthetic benchmark it runs on."""
+
+    arms: Tuple[str, ...]
+    seeds: Tuple[int, ...]
+    max_iter: int
+    num_source: int = 400
+    num_target_train: int = 100
+    num_target_val: int = 50
+    image_size: Tuple[int, int] = (256, 512)  # generated image (height, width)
+    extra_opts: Tuple[str, ...] = ()
+    description: str = ""
+
+
+PRESETS: Dict[str, Preset] = {
+    # `make demo`: one seed of the three main arms, within ~20 minutes on a 2-core CPU.
+    "demo": Preset(
+        arms=("source_only", "dacs", "dacs_gbw"),
+        seeds=(0,),
+        max_iter=300,
+        description="one seed of source-only, DACS and DACS + GBW",
+    ),
+    # `make experiment`: enough seeds to tell a difference from noise.
+    "experiment": Preset(
+        arms=("source_only", "dacs", "dacs_gbw", "dacs_gbw_absolute"),
+        seeds=(0, 1, 2),
+        max_iter=300,
+        description="3 seeds of source-only, DACS, DACS + GBW (relative λ) and DACS + GBW (absolute λ)",
+    ),
+    # CI smoke test: a few iterations per arm on a tiny benchmark; numbers are meaningless.
+    "smoke": Preset(
+        arms=("source_only", "dacs", "dacs_gbw"),
+        seeds=(0,),
+        max_iter=2,
+        num_source=6,
+        num_target_train=4,
+        num_target_val=3,
+        image_size=(128, 256),
+        description="smoke test (2 iterations per arm; the numbers mean nothing)",
+    ),
+}
+
+
+@dataclass
+class RunSpec:
+    """One training run of the experiment."""
+
+    arm: Arm
+    seed: int
+    output_dir: Path
+    command: List[str] = field(default_factory=list)
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.output_dir / "inference" / VAL_DATASET
+
+    def is_done(self) -> bool:
+        """Evaluated, and with the same command as now (a changed preset retrains)."""
+        marker = self.output_dir / "experiment_run.json"
+        if not (self.eval_dir / "sem_seg.json").is_file() or not marker.is_file():
+            return False
+        return json.loads(marker.read_text()).get("command") == self.command
+
+
+def prepare_benchmark(preset: Preset, datasets_root: Path, workers: int) -> None:
+    """Generate and prepare the synthetic benchmark under ``datasets_root/synthetic`` (idempotent)."""
+    height, width = preset.image_size
+    command = [
+        sys.executable, str(REPO_ROOT / "datasets" / "prepare_synthetic.py"), str(datasets_root / "synthetic"),
+        "--num-source", str(preset.num_source), "--num-target-train", str(preset.num_target_train),
+        "--num-target-val", str(preset.num_target_val), "--height", str(height), "--width", str(width),
+        "--workers", str(workers),
+    ]
+    logger.info("Preparing the synthetic benchmark: %s", " ".join(command))
+    subprocess.run(command, check=True, env=environment(datasets_root, threads=1))
+
+
+def environment(datasets_root: Path, threads: int) -> Dict[str, str]:
+    """The environment of a child process: ``DETECTRON2_DATASETS`` and ``threads`` OpenMP/MKL threads."""
+    env = dict(os.environ)
+    env["DETECTRON2_DATASETS"] = str(datasets_root)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def plan_runs(preset: Preset, out: Path) -> List[RunSpec]:
+    """The runs of ``preset``, each with its ``tools/train_net.py`` command."""
+    runs = []
+    for arm_name in preset.arms:
+        if arm_name not in ARMS:
+            raise ValueError(f"unknown arm {arm_name!r}; known arms: {', '.join(ARMS)}")
+        arm = ARMS[arm_name]
+        config = REPO_ROOT / "configs" / arm.config
+        if not config.is_file():
+            raise FileNotFoundError(f"config {config} of arm {arm_name!r} does not exist")
+        for seed in preset.seeds:
+            # One folder per schedule: a longer run is a new run, not a continuation of a short one.
+            output_dir = out / "runs" / arm.name / f"{preset.max_iter}it_seed{seed}"
+            command = [
+                sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", str(config), "--resume",
+                "OUTPUT_DIR", str(output_dir), "SEED", str(seed),
+                "SOLVER.MAX_ITER", str(preset.max_iter), "SOLVER.CHECKPOINT_PERIOD", str(max(preset.max_iter // 3, 1)),
+                "TEST.EVAL_PERIOD", "0", *preset.extra_opts,
+            ]
+            runs.append(RunSpec(arm, seed, output_dir, command))
+    return runs
+
+
+def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int) -> float:
+    """Run one training (skipped when already done); returns its wall time in seconds (0 if skipped)."""
+    if run.is_done():
+        logger.info("%s seed %d: already trained and evaluated (%s)", run.arm.name, run.seed, run.output_dir)
+        return 0.0
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run.output_dir / "train_stdout.log"
+    logger.info("%s seed %d: training (log: %s)", run.arm.name, run.seed, log_path)
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        result = subprocess.run(run.command, stdout=log, stderr=subprocess.STDOUT, env=environment(datasets_root, threads))
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"training run {run.arm.name} seed {run.seed} failed (exit {result.returncode}); see {log_path}"
+        )
+    marker = run.output_dir / "experiment_run.json"
+    write_json(marker, {"command": run.command, "seconds": elapsed})
+    logger.info("%s seed %d: done in %.0f s", run.arm.name, run.seed, elapsed)
+    return elapsed
