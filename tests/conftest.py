@@ -17,8 +17,8 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_datasets(tmp_path_factory) -> Path:
-    """Root of a small synthetic benchmark (16 source, 8 target train, 6 target val images of
-    128x256), generated and prepared with the real converters; ``register_all(root)`` already called.
+    """Root of a small synthetic benchmark (16 source, 4 source val, 8 target train, 6 target val
+    images of 128x256), generated and prepared with the real converters; ``register_all(root)`` already called.
 
     Each pytest worker builds its own copy.
     """
@@ -27,7 +27,8 @@ def synthetic_datasets(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("datasets")
     reports = prepare_synthetic(
-        str(root / "synthetic"), seed=0, num_source=16, num_target_train=8, num_target_val=6, height=128, width=256
+        str(root / "synthetic"), seed=0, num_source=16, num_target_train=8, num_target_val=6, height=128, width=256,
+        num_source_val=4,
     )
     failures = [(name, report.failures) for name, report in reports if report.failures]
     assert not failures, failures

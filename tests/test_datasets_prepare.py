@@ -126,7 +126,8 @@ def test_rerun_converts_nothing_and_keeps_files(synthetic_datasets):
 
 def _small_benchmark(tmp_path: Path) -> dict:
     return synthetic.generate_synthetic(
-        str(tmp_path / "synthetic"), seed=3, num_source=4, num_target_train=0, num_target_val=3, height=64, width=128
+        str(tmp_path / "synthetic"), seed=3, num_source=4, num_target_train=0, num_target_val=3, height=64, width=128,
+        num_source_val=0,
     )
 
 

@@ -8,7 +8,12 @@ from PIL import Image
 
 from gbw_panoptic.data.datasets import DATASET_NAMES, register_all
 
-SYNTHETIC = ("synthetic_source_panoptic_train", "synthetic_target_panoptic_train", "synthetic_target_panoptic_val")
+SYNTHETIC = (
+    "synthetic_source_panoptic_train",
+    "synthetic_source_panoptic_val",
+    "synthetic_target_panoptic_train",
+    "synthetic_target_panoptic_val",
+)
 THINGS = {"person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"}
 
 
@@ -22,7 +27,7 @@ def other_root(tmp_path, synthetic_datasets):
 
 def test_all_names_registered(synthetic_datasets):
     assert set(DATASET_NAMES) <= set(DatasetCatalog.list())
-    assert len(DATASET_NAMES) == 9
+    assert len(DATASET_NAMES) == 10
 
 
 @pytest.mark.parametrize("name", DATASET_NAMES)
@@ -50,8 +55,8 @@ def test_metadata(synthetic_datasets, name):
 @pytest.mark.parametrize("name", SYNTHETIC)
 def test_synthetic_dataset_dicts(synthetic_datasets, name):
     dataset_dicts = DatasetCatalog.get(name)
-    assert len(dataset_dicts) == {"synthetic_source_panoptic_train": 16, "synthetic_target_panoptic_train": 8,
-                                  "synthetic_target_panoptic_val": 6}[name]
+    assert len(dataset_dicts) == {"synthetic_source_panoptic_train": 16, "synthetic_source_panoptic_val": 4,
+                                  "synthetic_target_panoptic_train": 8, "synthetic_target_panoptic_val": 6}[name]
     root = str(synthetic_datasets)
     for record in dataset_dicts:
         assert isinstance(record["image_id"], str)

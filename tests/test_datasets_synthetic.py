@@ -18,7 +18,7 @@ from gbw_panoptic.data.datasets import prepare_cityscapes, prepare_synthia
 from gbw_panoptic.data.datasets.builtin_meta import LABEL_ID_TO_TRAIN_ID, SYNTHIA_TO_LABEL_ID, THING_TRAIN_IDS
 from gbw_panoptic.data.datasets.synthetic import generate_synthetic
 
-SMALL = dict(num_source=2, num_target_train=1, num_target_val=1, height=64, width=128)
+SMALL = dict(num_source=2, num_source_val=1, num_target_train=1, num_target_val=1, height=64, width=128)
 
 
 def _files(folder: str):
@@ -30,9 +30,9 @@ def test_generation_is_deterministic_and_independent_of_workers(tmp_path):
     generate_synthetic(str(tmp_path / "b"), seed=5, workers=2, **SMALL)
     generate_synthetic(str(tmp_path / "c"), seed=6, workers=1, **SMALL)
     files = _files(str(tmp_path / "a"))
-    # source: RGB image + label PNG; target: image, polygons JSON, labelIds and instanceIds PNGs;
-    # plus generation.json.
-    assert len(files) == 2 * 2 + 2 * 4 + 1
+    # source and source val: RGB image + label PNG; target: image, polygons JSON, labelIds and
+    # instanceIds PNGs; plus generation.json.
+    assert len(files) == 3 * 2 + 2 * 4 + 1
     assert files == _files(str(tmp_path / "b"))
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)
     assert mismatch == [] and errors == []

@@ -10,6 +10,7 @@ name                                  folder (layout)             prepared by
 ``cityscapes_panoptic_train``         ``cityscapes`` (Cityscapes)  ``datasets/prepare_cityscapes.py``
 ``cityscapes_panoptic_val``           ``cityscapes``              ``datasets/prepare_cityscapes.py``
 ``synthetic_source_panoptic_train``   ``synthetic/source`` (SYNTHIA)  ``datasets/prepare_synthetic.py``
+``synthetic_source_panoptic_val``     ``synthetic/source_val`` (SYNTHIA)  ``datasets/prepare_synthetic.py``
 ``synthetic_target_panoptic_train``   ``synthetic/target`` (Cityscapes)  ``datasets/prepare_synthetic.py``
 ``synthetic_target_panoptic_val``     ``synthetic/target``        ``datasets/prepare_synthetic.py``
 ``mapillary_panoptic_train``          ``mapillary`` (Mapillary)   ``datasets/prepare_mapillary.py``
@@ -53,6 +54,7 @@ DATASET_NAMES = (
     "cityscapes_panoptic_train",
     "cityscapes_panoptic_val",
     "synthetic_source_panoptic_train",
+    "synthetic_source_panoptic_val",
     "synthetic_target_panoptic_train",
     "synthetic_target_panoptic_val",
     "mapillary_panoptic_train",
@@ -246,6 +248,9 @@ def register_all(root: Optional[str] = None) -> List[str]:
     )
     _register_flat_layout(
         "synthetic_source_panoptic_train", synthia_paths(source), synthetic_command, SYNTHIA_EVAL_TRAIN_IDS
+    )
+    _register_flat_layout(
+        "synthetic_source_panoptic_val", synthia_paths(f"{source}_val"), synthetic_command, SYNTHIA_EVAL_TRAIN_IDS
     )
     for split in ("train", "val"):
         _register_cityscapes_layout(

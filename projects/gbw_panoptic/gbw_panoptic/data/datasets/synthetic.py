@@ -6,18 +6,20 @@ persons, riders on motorcycles and bicycles) drawn in painter's order, far objec
 list is rasterised with cityscapesScripts' own ``createLabelImage`` / ``createInstanceImage``, so the
 label images and the polygon JSONs agree exactly with what the Cityscapes converters produce.
 
-Two domains with a real gap:
+Two domains with one class palette and a gap in rendering and layout (an appearance shift that
+self-training can bridge, as between a game engine and a camera):
 
-- **source** (SYNTHIA-RAND-CITYSCAPES layout): saturated flat rendering, sharp edges, little noise,
-  random camera pitch (horizon anywhere in 25-60 % of the height), many pedestrians and riders, few
-  cars, no terrain;
-- **target** (Cityscapes layout, ``train`` and ``val``): a different, desaturated palette with texture
-  (facade windows, road grain), a colour cast and vignetting, Gaussian blur and sensor noise, a fixed
-  camera (horizon at 40-48 %), many cars, few riders, terrain patches.
+- **source** (SYNTHIA-RAND-CITYSCAPES layout, ``train`` plus a held-out ``source_val`` folder):
+  saturated flat rendering, sharp edges, little noise, random camera pitch (horizon anywhere in
+  25-60 % of the height), many pedestrians and riders, few cars, no terrain;
+- **target** (Cityscapes layout, ``train`` and ``val``): the palette desaturated and tinted blue,
+  texture (facade windows, road grain), a per-image colour cast, vignetting, Gaussian blur and sensor
+  noise, a fixed camera (horizon at 40-48 %), many cars, few riders, terrain patches.
 
-Thin structures (poles, lights, signs) and riders/two-wheelers stay around or below 1 % of the pixels,
-so the class imbalance resembles Cityscapes. Everything is drawn from ``numpy.random.default_rng``
-seeded with ``(seed, domain, split, index)``: the output does not depend on the number of workers.
+Thin structures (poles, lights, signs; at least 3 px wide) and riders/two-wheelers stay around or
+below 1 % of the pixels, so the class imbalance resembles Cityscapes. Everything is drawn from
+``numpy.random.default_rng`` seeded with ``(seed, domain, split, index)``: the output does not depend
+on the number of workers.
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ from .prepare_cityscapes import prepare_cityscapes
 from .prepare_synthia import prepare_synthia
 
 __all__ = [
+    "DEFAULT_SIZES",
+    "PALETTE",
     "DomainStyle",
     "SOURCE_STYLE",
     "TARGET_STYLE",
@@ -78,9 +82,11 @@ class DomainStyle:
             inclusive); ``buses`` and ``riders`` may be 0.
         terrain_probability: probability of a terrain patch on each side of the road.
         saturation: factor applied to the palette's distance from grey.
+        instance_variation: range (0-255 units, +-) of the random colour offset of each thing instance.
         texture: amplitude (0-255 units) of the low-frequency texture per class.
         windows: draw facade window patterns on buildings.
-        colour_cast: multiplicative RGB cast range; ``vignetting``: darkening of the corners (0-1).
+        tint: fixed multiplicative RGB factors of the domain (its white balance).
+        colour_cast: multiplicative RGB cast range drawn per image and channel; ``vignetting``: darkening of the corners (0-1).
         blur_sigma: Gaussian blur in pixels (0 = none); ``noise_sigma``: sensor noise, 0-255 units.
     """
 
@@ -93,40 +99,39 @@ class DomainStyle:
     poles: Tuple[int, int]
     terrain_probability: float
     saturation: float
+    instance_variation: float
     texture: float
     windows: bool
+    tint: Tuple[float, float, float]
     colour_cast: Tuple[float, float]
     vignetting: float
     blur_sigma: float
     noise_sigma: float
 
 
+# One class palette for both domains (roads are grey and trees green in either): the domains differ
+# in how the scenes are rendered and laid out, a gap that self-training can bridge.
+PALETTE = {
+    "sky": (120, 170, 235), "building": (150, 110, 90), "vegetation": (60, 160, 50),
+    "sidewalk": (200, 190, 170), "terrain": (140, 170, 80), "road": (90, 90, 100),
+    "wall": (190, 170, 120), "fence": (120, 80, 50), "pole": (220, 220, 40),
+    "traffic light": (30, 30, 30), "traffic sign": (230, 40, 40), "car": (200, 40, 40),
+    "bus": (240, 170, 20), "person": (240, 160, 120), "rider": (60, 60, 220),
+    "motorcycle": (40, 40, 40), "bicycle": (30, 160, 200),
+}
+
 SOURCE_STYLE = DomainStyle(
-    palette={
-        "sky": (120, 170, 235), "building": (150, 110, 90), "vegetation": (60, 160, 50),
-        "sidewalk": (200, 190, 170), "terrain": (140, 170, 80), "road": (90, 90, 100),
-        "wall": (190, 170, 120), "fence": (120, 80, 50), "pole": (220, 220, 40),
-        "traffic light": (30, 30, 30), "traffic sign": (230, 40, 40), "car": (200, 40, 40),
-        "bus": (240, 170, 20), "person": (240, 160, 120), "rider": (60, 60, 220),
-        "motorcycle": (40, 40, 40), "bicycle": (30, 160, 200),
-    },
+    palette=PALETTE,
     horizon=(0.25, 0.6), cars=(1, 4), persons=(6, 14), riders=(1, 4), buses=(0, 1), poles=(2, 5),
-    terrain_probability=0.0, saturation=1.3, texture=6.0, windows=False,
-    colour_cast=(1.0, 1.0), vignetting=0.0, blur_sigma=0.0, noise_sigma=2.0,
+    terrain_probability=0.0, saturation=1.3, instance_variation=30.0, texture=6.0, windows=False,
+    tint=(1.0, 1.0, 1.0), colour_cast=(1.0, 1.0), vignetting=0.0, blur_sigma=0.0, noise_sigma=2.0,
 )
 
 TARGET_STYLE = DomainStyle(
-    palette={
-        "sky": (180, 195, 210), "building": (95, 95, 100), "vegetation": (85, 110, 60),
-        "sidewalk": (150, 140, 140), "terrain": (120, 130, 75), "road": (110, 100, 110),
-        "wall": (120, 115, 105), "fence": (140, 130, 120), "pole": (110, 110, 110),
-        "traffic light": (50, 50, 40), "traffic sign": (200, 190, 60), "car": (60, 70, 110),
-        "bus": (80, 110, 140), "person": (90, 60, 70), "rider": (120, 50, 50),
-        "motorcycle": (70, 70, 80), "bicycle": (110, 60, 60),
-    },
+    palette=PALETTE,
     horizon=(0.40, 0.48), cars=(4, 10), persons=(2, 6), riders=(0, 2), buses=(0, 1), poles=(2, 6),
-    terrain_probability=0.6, saturation=0.7, texture=18.0, windows=True,
-    colour_cast=(0.85, 1.15), vignetting=0.35, blur_sigma=1.2, noise_sigma=7.0,
+    terrain_probability=0.6, saturation=0.6, instance_variation=30.0, texture=14.0, windows=True,
+    tint=(0.85, 0.95, 1.15), colour_cast=(0.9, 1.1), vignetting=0.3, blur_sigma=1.0, noise_sigma=6.0,
 )
 
 
@@ -237,7 +242,7 @@ def generate_scene(
         left, right = road_x(ground)
         x = left - rng.uniform(0.02, 0.1) * W if rng.random() < 0.5 else right + rng.uniform(0.02, 0.1) * W
         pole_height = (0.3 + 0.6 * depth) * H * 0.8
-        pole_width = max(1.5, 2.5 * (0.3 + depth))
+        pole_width = max(3.0, 0.025 * H * (0.3 + depth))
         top = ground - pole_height
         parts = [("pole", _rect(x - pole_width / 2, top, x + pole_width / 2, ground))]
         box = pole_width * 2.5
@@ -313,7 +318,7 @@ def render_image(
     instances = np.flatnonzero(np.bincount(instance_ids.ravel()))
     instances = instances[instances >= 1000]
     offsets = np.zeros((instance_ids.max() + 1, 3), dtype=np.float32)
-    offsets[instances] = rng.uniform(-60, 60, size=(len(instances), 3))
+    offsets[instances] = rng.uniform(-style.instance_variation, style.instance_variation, size=(len(instances), 3))
     image += offsets[instance_ids]
 
     # Low-frequency texture, different per class.
@@ -333,7 +338,7 @@ def render_image(
     # Lighting: global brightness, vertical gradient, colour cast, vignetting.
     brightness = rng.uniform(0.75, 1.15)
     gradient = np.linspace(1.1, 0.9, H, dtype=np.float32)[:, None, None]
-    cast = rng.uniform(*style.colour_cast, size=3).astype(np.float32)
+    cast = np.asarray(style.tint, dtype=np.float32) * rng.uniform(*style.colour_cast, size=3).astype(np.float32)
     image = image * brightness * gradient * cast
     if style.vignetting > 0:
         yy, xx = np.mgrid[-1:1:complex(0, H), -1:1:complex(0, W)].astype(np.float32)
@@ -343,6 +348,11 @@ def render_image(
     image += style.noise_sigma * rng.standard_normal(size=image.shape, dtype=np.float32)
     return np.clip(image, 0, 255).astype(np.uint8)
 
+
+# Benchmark size of ``prepare_synthetic.py`` without options (images are height x width pixels).
+DEFAULT_SIZES = {
+    "num_source": 400, "num_source_val": 50, "num_target_train": 200, "num_target_val": 50, "height": 128, "width": 256,
+}
 
 _LABEL_ID_TO_SYNTHIA = {label_id: synthia_id for synthia_id, label_id in SYNTHIA_TO_LABEL_ID.items()}
 
@@ -395,7 +405,9 @@ def _write_target_image(files: List[str], rng: np.random.Generator, height: int,
     save_png(instance_file, instance_ids.astype(np.uint16))
 
 
-_DOMAIN_CODES = {("source", "train"): (0, 0), ("target", "train"): (1, 1), ("target", "val"): (1, 2)}
+_DOMAIN_CODES = {
+    ("source", "train"): (0, 0), ("target", "train"): (1, 1), ("target", "val"): (1, 2), ("source", "val"): (0, 3)
+}
 
 
 def _write_image(task: Tuple[str, str, str, int, int, int, int]) -> None:
@@ -408,26 +420,28 @@ def _write_image(task: Tuple[str, str, str, int, int, int, int]) -> None:
 def generate_synthetic(
     out_dir: str,
     seed: int = 0,
-    num_source: int = 400,
-    num_target_train: int = 100,
-    num_target_val: int = 50,
-    height: int = 256,
-    width: int = 512,
+    num_source: int = DEFAULT_SIZES["num_source"],
+    num_target_train: int = DEFAULT_SIZES["num_target_train"],
+    num_target_val: int = DEFAULT_SIZES["num_target_val"],
+    height: int = DEFAULT_SIZES["height"],
+    width: int = DEFAULT_SIZES["width"],
     workers: int = 1,
+    num_source_val: int = DEFAULT_SIZES["num_source_val"],
 ) -> Dict[str, str]:
     """Generate the raw benchmark under ``out_dir``.
 
-    Writes ``out_dir/source`` (SYNTHIA-RAND-CITYSCAPES layout) and ``out_dir/target`` (Cityscapes
-    layout, train and val), and the settings in ``out_dir/generation.json``. Deterministic in ``seed``
+    Writes ``out_dir/source`` (SYNTHIA-RAND-CITYSCAPES layout), ``out_dir/source_val`` (held-out
+    source images, same layout), ``out_dir/target`` (Cityscapes layout, train and val), and the settings in ``out_dir/generation.json``. Deterministic in ``seed``
     whatever ``workers``. Re-running with the same settings only writes missing images; a folder
     generated with other settings is refused (the converters would mix both).
 
     Returns:
-        ``{"source": path, "target": path}``.
+        ``{"source": path, "source_val": path, "target": path}``.
     """
     settings = {
         "seed": seed,
         "num_source": num_source,
+        "num_source_val": num_source_val,
         "num_target_train": num_target_train,
         "num_target_val": num_target_val,
         "height": height,
@@ -445,7 +459,9 @@ def generate_synthetic(
     save_json(settings_file, settings)
 
     source_dir, target_dir = os.path.join(out_dir, "source"), os.path.join(out_dir, "target")
+    source_val_dir = os.path.join(out_dir, "source_val")
     tasks = [("source", source_dir, "train", i, seed, height, width) for i in range(num_source)]
+    tasks += [("source", source_val_dir, "val", i, seed, height, width) for i in range(num_source_val)]
     tasks += [("target", target_dir, "train", i, seed, height, width) for i in range(num_target_train)]
     tasks += [("target", target_dir, "val", i, seed, height, width) for i in range(num_target_val)]
     tasks = [task for task in tasks if not all(map(os.path.isfile, _output_files(*task[:4])))]
@@ -457,29 +473,32 @@ def generate_synthetic(
         with process_pool(workers, preload=[__name__]) as pool:
             for _ in tqdm(pool.imap_unordered(_write_image, tasks, chunksize=8), **progress):
                 pass
-    return {"source": source_dir, "target": target_dir}
+    return {"source": source_dir, "source_val": source_val_dir, "target": target_dir}
 
 
 def prepare_synthetic(
     out_dir: str,
     seed: int = 0,
-    num_source: int = 400,
-    num_target_train: int = 100,
-    num_target_val: int = 50,
-    height: int = 256,
-    width: int = 512,
+    num_source: int = DEFAULT_SIZES["num_source"],
+    num_target_train: int = DEFAULT_SIZES["num_target_train"],
+    num_target_val: int = DEFAULT_SIZES["num_target_val"],
+    height: int = DEFAULT_SIZES["height"],
+    width: int = DEFAULT_SIZES["width"],
     workers: int = 1,
+    num_source_val: int = DEFAULT_SIZES["num_source_val"],
 ) -> List[Tuple[str, ConversionReport]]:
     """Generate the benchmark (:func:`generate_synthetic`) and prepare it with the real converters:
-    ``prepare_synthia`` on ``out_dir/source``, ``prepare_cityscapes`` on ``out_dir/target``.
+    ``prepare_synthia`` on ``out_dir/source`` and ``out_dir/source_val``, ``prepare_cityscapes`` on
+    ``out_dir/target``.
 
     Returns:
-        ``[(name, report)]`` of the three conversions (source, target train, target val).
+        ``[(name, report)]`` of the four conversions (source, source val, target train, target val).
     """
     folders = generate_synthetic(
-        out_dir, seed, num_source, num_target_train, num_target_val, height, width, workers
+        out_dir, seed, num_source, num_target_train, num_target_val, height, width, workers, num_source_val
     )
     reports = [("synthetic source", prepare_synthia(folders["source"], workers))]
+    reports.append(("synthetic source val", prepare_synthia(folders["source_val"], workers)))
     for split in ("train", "val"):
         reports.append((f"synthetic target {split}", prepare_cityscapes(folders["target"], split, workers)))
     return reports
@@ -491,13 +510,15 @@ the real datasets.
 
 Writes (OUT = e.g. datasets/synthetic):
   OUT/source/   SYNTHIA-RAND-CITYSCAPES layout (RGB/, GT/LABELS/), converted by prepare_synthia
+  OUT/source_val/  held-out source images, same layout
   OUT/target/   Cityscapes layout (leftImg8bit/, gtFine/ with *_polygons.json, *_labelIds.png,
                 *_instanceIds.png; splits train and val), converted by prepare_cityscapes
 
-Registered as synthetic_source_panoptic_train, synthetic_target_panoptic_train and
-synthetic_target_panoptic_val when OUT is <datasets root>/synthetic. The source domain is saturated,
-sharp and person-heavy with a random camera pitch; the target domain has another palette, textures,
-colour cast, vignetting, blur and noise, a fixed camera, more cars and terrain. Deterministic in --seed.
+Registered as synthetic_source_panoptic_{train,val}, synthetic_target_panoptic_train and
+synthetic_target_panoptic_val when OUT is <datasets root>/synthetic. Both domains share one class
+palette; the source is saturated, sharp and person-heavy with a random camera pitch; the target is
+desaturated and tinted, with textures, colour cast, vignetting, blur and noise, a fixed camera, more
+cars and terrain. Deterministic in --seed.
 """
 
 
@@ -505,17 +526,18 @@ colour cast, vignetting, blur and noise, a fixed camera, more cars and terrain. 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = conversion_parser(DESCRIPTION, "synthetic")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--num-source", type=int, default=400, help="source images (default: %(default)s)")
-    parser.add_argument(
-        "--num-target-train", type=int, default=100, help="target train images (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--num-target-val", type=int, default=50, help="target val images (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--height", type=int, default=256, help="image height in pixels (default: %(default)s)"
-    )
-    parser.add_argument("--width", type=int, default=512, help="image width in pixels (default: %(default)s)")
+    for option, help_text in (
+        ("num_source", "source images"),
+        ("num_source_val", "held-out source images"),
+        ("num_target_train", "target train images"),
+        ("num_target_val", "target val images"),
+        ("height", "image height in pixels"),
+        ("width", "image width in pixels"),
+    ):
+        parser.add_argument(
+            "--" + option.replace("_", "-"), type=int, default=DEFAULT_SIZES[option],
+            help=f"{help_text} (default: %(default)s)",
+        )
     args = parser.parse_args(argv)
     reports = prepare_synthetic(
         args.root,
@@ -526,5 +548,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.height,
         args.width,
         args.workers,
+        args.num_source_val,
     )
     return max(print_report(report, name) for name, report in reports)
