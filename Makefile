@@ -20,10 +20,12 @@ $(STAMP): pyproject.toml setup.py projects/gbw_panoptic/gbw_panoptic/evaluation/
 	$(PY) tools/install_detectron2.py
 	touch $(STAMP)
 
+# One seed of source-only, DACS, DACS + GBW and the target oracle; output/demo/report.md.
 demo: $(STAMP)
 	$(PY) tools/run_experiment.py --preset demo
 
-# Several seeds per arm (longer than the demo); results in output/experiment/report.md.
+# Every arm (GBW on/off, relative/absolute lambda, GBW ablation, oracle), 3 seeds each, finished
+# runs reused; output/experiment/report.md.
 experiment: $(STAMP)
 	$(PY) tools/run_experiment.py --preset experiment
 

@@ -1,14 +1,21 @@
-"""The synthetic-benchmark experiment (`make demo` / `make experiment`), shortened: the smoke preset
-trains each arm for 2 iterations on a tiny generated benchmark and writes the full report."""
+"""The synthetic-benchmark experiment (`make demo` / `make experiment`, tools/experiment/): the
+presets, the statistics and conclusion of the report on constructed results, and, shortened, the whole
+pipeline (the smoke preset trains two arms for 2 iterations on a tiny benchmark and writes the report)."""
 import json
+import math
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from experiment import run_experiment  # noqa: E402
+from experiment.report import ExperimentResults, conclusion_section, design_checks  # noqa: E402
 from experiment.runs import ARMS, PRESETS, plan_runs  # noqa: E402
+from experiment.stats import gap_closed, t_interval  # noqa: E402
 
 
 def test_presets_name_existing_configs(tmp_path):
@@ -18,6 +25,80 @@ def test_presets_name_existing_configs(tmp_path):
         for run in runs:
             assert run.arm.baseline is None or run.arm.baseline in ARMS
             assert "--resume" in run.command and str(run.output_dir) in run.command
+    assert {"source_only", "dacs", "dacs_gbw", "target_oracle"} <= set(PRESETS["demo"].arms)
+    assert len(PRESETS["experiment"].seeds) >= 3
+
+
+def test_t_interval_matches_scipy_and_needs_two_values():
+    values = [31.0, 35.5, 33.0, 30.25]
+    interval = t_interval(values)
+    low, high = scipy_stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=scipy_stats.sem(values))
+    assert interval.mean == pytest.approx(np.mean(values))
+    assert (interval.low, interval.high) == (pytest.approx(low), pytest.approx(high))
+    assert interval.format() == f"{np.mean(values):.2f} [{low:.2f}, {high:.2f}]"
+    single = t_interval([4.0, math.nan])
+    assert single.n == 1 and math.isnan(single.low) and not single.excludes_zero()
+    assert single.format(signed=True) == "+4.00"
+    assert t_interval([]).format() == "n/a"
+
+
+def test_gap_closed_is_paired_by_seed():
+    lower, upper = {0: 20.0, 1: 30.0, 2: 10.0}, {0: 60.0, 1: 50.0}
+    # Seed 2 has no oracle: left out; seed 0 closes 10 of 40 points, seed 1 10 of 20.
+    assert gap_closed({0: 30.0, 1: 40.0, 2: 99.0}, lower, upper) == [25.0, 50.0]
+
+
+def _experiment(differences, miou_differences, seeds=(0, 1, 2)):
+    """Constructed results of DACS and DACS + GBW: GBW's rare recall and mIoU are DACS's plus the
+    given per-seed differences; ten classes, the last four rare."""
+    preset = PRESETS["smoke"].__class__(arms=("dacs", "dacs_gbw"), seeds=seeds, max_iter=1)
+    metrics, per_class, curves = {}, {}, {}
+    for seed in seeds:
+        base = OrderedDict([("mIoU", 40.0 + seed), ("recall (rare)", 10.0 + 2 * seed), ("precision (rare)", 50.0),
+                            ("recall (frequent)", 70.0), ("confident fraction", 60.0)])
+        gbw = OrderedDict(base)
+        gbw["recall (rare)"] += differences[seed]
+        gbw["mIoU"] += miou_differences[seed]
+        metrics[("dacs", seed)], metrics[("dacs_gbw", seed)] = base, gbw
+        for arm in ("dacs", "dacs_gbw"):
+            per_class[(arm, seed)] = {key: np.full(10, 50.0) for key in ("IoU", "recall", "precision")}
+            curves[(arm, seed)] = (np.arange(10), np.linspace(0, 0.6, 10))
+    fractions = np.array([0.3, 0.2, 0.2, 0.15, 0.1, 0.03, 0.008, 0.006, 0.004, 0.002])
+    return ExperimentResults(
+        "test", preset, [ARMS["dacs"], ARMS["dacs_gbw"]], {}, metrics, per_class, curves,
+        [f"class{c}" for c in range(10)], fractions, fractions < 0.01, fractions >= 0.01,
+    )
+
+
+@pytest.mark.parametrize(
+    "rare, miou, verdict",
+    [
+        ((3.0, 4.0, 5.0), (0.5, -0.5, 0.0), "the claim is supported"),
+        ((-3.0, -4.0, -5.0), (0.0, 0.0, 0.0), "the claim is contradicted"),
+        ((3.0, 4.0, 5.0), (-1.0, -1.2, -0.9), "the claim is contradicted"),
+        ((3.0, -4.0, 2.0), (0.5, -0.5, 0.0), "neither supported nor contradicted"),
+    ],
+)
+def test_conclusion_follows_the_intervals(rare, miou, verdict):
+    experiment = _experiment(dict(enumerate(rare)), dict(enumerate(miou)))
+    interval = experiment.difference("dacs_gbw", "dacs", "recall (rare)")
+    assert interval.mean == pytest.approx(np.mean(rare))
+    text = "\n".join(conclusion_section(experiment))
+    assert verdict in text and "DACS + GBW" in text
+    assert interval.format(signed=True) in text
+
+
+def test_conclusion_with_one_seed_claims_nothing():
+    experiment = _experiment({0: 10.0}, {0: 5.0}, seeds=(0,))
+    text = "\n".join(conclusion_section(experiment))
+    assert "cannot be judged from one seed" in text and "supported" not in text
+
+
+def test_design_checks_report_only_what_the_arms_allow():
+    checks = {check: (measured, passed) for check, measured, passed in design_checks(_experiment({0: 0, 1: 0, 2: 0}, {0: 0, 1: 0, 2: 0}))}
+    assert checks["≥ 6 classes under 1 % of the target pixels"] == ("4", False)
+    assert checks["DACS teacher confident fraction > 50 % at the end"][1] is True
+    assert not any("oracle" in check for check in checks)  # no oracle arm, no oracle bound
 
 
 def test_unknown_preset_is_rejected(tmp_path):
@@ -25,28 +106,31 @@ def test_unknown_preset_is_rejected(tmp_path):
         run_experiment("nope", tmp_path / "out", tmp_path / "datasets")
 
 
+def test_unknown_arm_is_rejected_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown arm.*nope"):
+        run_experiment("smoke", tmp_path / "out", tmp_path / "datasets", arms=["dacs", "nope"])
+    assert not (tmp_path / "datasets").exists()
+
+
 @pytest.mark.slow
-def test_smoke_experiment_writes_full_report_and_skips_finished_runs(tmp_path):
+def test_smoke_experiment_writes_the_report_and_skips_finished_runs(tmp_path):
     out, datasets = tmp_path / "out", tmp_path / "datasets"
     report = run_experiment("smoke", out, datasets, jobs=2)
     text = report.read_text()
-    for label in ("source only", "DACS", "DACS + GBW"):
-        assert f"| {label} |" in text
-    assert "DACS + GBW vs DACS" in text and "recall (rare)" in text
-    for figure in ("recall_delta.png", "dacs_gbw/gbw_weights.png"):
-        assert (out / "figures" / figure).stat().st_size > 1000
-    assert list((out / "figures" / "predictions_dacs_gbw").glob("*.png"))
+    for section in ("## Domain gap", "## Semantic segmentation", "## Panoptic segmentation", "## Paired differences",
+                    "## Conclusion", "## Benchmark design checks", "## Per-class precision",
+                    "## Pseudo-label confidence during training", "## GBW class weights"):
+        assert section in text, section
+    assert "| DACS + GBW − DACS |" in text and "cannot be judged from one seed" in text
+    for figure in ("recall_delta.png", "pseudo_confidence.png", "dacs_gbw/gbw_weights.png"):
+        assert (out / "figures" / figure).stat().st_size > 1000, figure
     results = json.loads((out / "results.json").read_text())
-    assert set(results["runs"]) == {"source_only/seed0", "dacs/seed0", "dacs_gbw/seed0"}
-    assert all(0.0 <= run["mIoU"] <= 100.0 for run in results["runs"].values())
+    assert set(results["runs"]) == {"dacs/seed0", "dacs_gbw/seed0"}
+    for run in results["runs"].values():
+        assert 0.0 <= run["mIoU"] <= 100.0 and 0.0 <= run["source-val mIoU"] <= 100.0
+        assert 0.0 <= run["confident fraction"] <= 100.0
 
     # A second call finds every run done: nothing is trained again.
     logs = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/train_stdout.log")}
     run_experiment("smoke", out, datasets, jobs=2)
     assert {p: p.stat().st_mtime_ns for p in logs} == logs
-
-
-def test_unknown_arm_is_rejected_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="unknown arm.*nope"):
-        run_experiment("smoke", tmp_path / "out", tmp_path / "datasets", arms=["dacs", "nope"])
-    assert not (tmp_path / "datasets").exists()

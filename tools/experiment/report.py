@@ -1,8 +1,11 @@
 """The report of an experiment: ``<out>/report.md`` and ``<out>/results.json``.
 
-:func:`write_report` reads every run's evaluation reports and writes one section after another:
-setting, results per arm, effect of GBW against its baseline (paired by seed), per-class recall, GBW
-weight curves and example predictions.
+:func:`write_report` reads every run's evaluation reports (target val and source val) and its
+``metrics.json``, then writes one section after another: setting; domain gap (source-val and
+target-val mIoU, fraction of the source-only → oracle gap closed); semantic and panoptic results per
+arm; paired differences against DACS with 95 % Student-t intervals over seeds; per-class IoU,
+recall and precision; the GBW weight and teacher confidence curves; the benchmark's design checks; a
+conclusion worded from the intervals; example predictions.
 """
 from __future__ import annotations
 
@@ -22,129 +25,122 @@ import numpy as np
 from gbw_panoptic.evaluation.panoptic_io import atomic_write, write_json
 from gbw_panoptic.evaluation.report import read_report
 
-from .runs import ARMS, REPO_ROOT, VAL_DATASET, Arm, Preset, RunSpec, environment
+from plot_training import read_metrics  # tools/plot_training.py: tools/ is on sys.path
 
-__all__ = ["ExperimentResults", "collect_results", "write_report"]
+from .figures import plot_curves, plot_recall_deltas
+from .runs import (
+    ARMS, ORACLE, REFERENCE, REPO_ROOT, SOURCE_ONLY, SOURCE_VAL_DATASET, VAL_DATASET, Arm, Preset, RunSpec, environment,
+)
+from .stats import Interval, gap_closed, paired_differences, t_interval
+
+__all__ = [
+    "RARE_PIXEL_FRACTION",
+    "ExperimentResults",
+    "run_metrics",
+    "collect_results",
+    "conclusion_section",
+    "write_report",
+]
 
 # A class is "rare" when it covers less than this fraction of the target train pixels
 # (Cityscapes' pole, rider, motorcycle ... are all below 1%).
 RARE_PIXEL_FRACTION = 0.01
+# The teacher's confident fraction at the end of training: mean over this last fraction of the run.
+FINAL_FRACTION = 0.1
+CONFIDENCE_KEY = "dacs/pseudo_confidence"
+
+SEMANTIC_METRICS = (
+    "mIoU", "mIoU16", "mRecall", "mPrecision",
+    "IoU (rare)", "recall (rare)", "precision (rare)",
+    "IoU (frequent)", "recall (frequent)", "precision (frequent)",
+)
+PANOPTIC_METRICS = ("mPQ", "mSQ", "mRQ", "mPQ16", "mSQ16", "mRQ16")
+# The metrics of the paired comparison and of the conclusion.
+COMPARED_METRICS = ("mIoU", "mPQ", "recall (rare)", "precision (rare)", "recall (frequent)", "precision (frequent)")
 
 
-def _read_report(path: Path) -> Optional[dict]:
-    return read_report(str(path)) if path.is_file() else None
-
-
-def load_results(run: RunSpec) -> Dict[str, dict]:
-    """The evaluation reports of one run: ``{"sem_seg": report, "panoptic_seg": report}``."""
+def _read_reports(eval_dir: Path) -> Dict[str, dict]:
+    """``{"sem_seg": report, "panoptic_seg": report}`` of one evaluation folder (panoptic optional)."""
     reports = {}
     for name in ("sem_seg", "panoptic_seg"):
-        report = _read_report(run.eval_dir / f"{name}.json")
-        if report is not None:
-            reports[name] = report
+        path = eval_dir / f"{name}.json"
+        if path.is_file():
+            reports[name] = read_report(str(path))
     if "sem_seg" not in reports:
-        raise FileNotFoundError(f"{run.eval_dir / 'sem_seg.json'} is missing: run {run.output_dir} was not evaluated")
+        raise FileNotFoundError(f"{eval_dir / 'sem_seg.json'} is missing: the run was not evaluated")
     return reports
 
 
-def class_pixel_fractions(datasets_root: Path) -> Tuple[List[str], np.ndarray]:
-    """Class names and pixel fractions of the target train split (what defines 'rare')."""
-    path = datasets_root / "synthetic" / "target" / "gtFine" / "class_frequencies_train.json"
-    stats = json.loads(path.read_text())
-    return list(stats["classes"]), np.asarray(stats["pixel_fraction"], dtype=np.float64)
+def confidence_curve(run_dir: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """Iterations and the teacher's confident fraction logged in ``run_dir/metrics.json`` (empty
+    arrays for a method without a teacher)."""
+    records = [r for r in read_metrics(run_dir) if CONFIDENCE_KEY in r]
+    return (
+        np.asarray([r["iteration"] for r in records], dtype=np.int64),
+        np.asarray([r[CONFIDENCE_KEY] for r in records], dtype=np.float64),
+    )
 
 
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    array = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
-    if array.size == 0:
-        return float("nan"), float("nan")
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else float("nan")
+def _group_mean(values: np.ndarray, mask: np.ndarray) -> float:
+    chosen = values[mask]
+    return float(np.nanmean(chosen)) if np.isfinite(chosen).any() else math.nan
 
 
-def _format(mean: float, std: float, signed: bool = False) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
-    return text if math.isnan(std) else f"{text} ± {std:.2f}"
+def run_metrics(
+    target: Mapping[str, dict],
+    source: Mapping[str, dict],
+    curve: Tuple[np.ndarray, np.ndarray],
+    rare: np.ndarray,
+    frequent: np.ndarray,
+) -> "OrderedDict[str, float]":
+    """Headline numbers of one run (percent, NaN where undefined).
 
-
-def run_metrics(reports: Mapping[str, dict], rare: np.ndarray, frequent: np.ndarray) -> "OrderedDict[str, float]":
-    """Headline numbers of one run (percent): mIoU, mean recall, recall of rare / frequent classes, PQ."""
-    sem = reports["sem_seg"]
-    recall = np.array([row["recall"] for row in sem["per_class"]], dtype=np.float64)
+    Args:
+        target, source: evaluation reports on target val and source val (:func:`_read_reports`).
+        curve: the teacher's confident fraction over iterations (:func:`confidence_curve`).
+        rare, frequent: boolean masks over the train ids.
+    Returns:
+        :data:`SEMANTIC_METRICS` and :data:`PANOPTIC_METRICS` on target val, ``source-val mIoU`` and
+        ``confident fraction`` (percent of pixels over the pseudo-label threshold, mean over the last
+        :data:`FINAL_FRACTION` of the run).
+    """
+    sem = target["sem_seg"]
+    per_class = {key: np.array([row[key] for row in sem["per_class"]], dtype=np.float64) for key in ("IoU", "recall", "precision")}
     metrics: "OrderedDict[str, float]" = OrderedDict()
     metrics["mIoU"] = sem["summary"]["mIoU"]
+    metrics["mIoU16"] = sem["summary"].get("mIoU16", math.nan)
     metrics["mRecall"] = sem["summary"]["mACC"]
-    metrics["recall (rare)"] = float(np.nanmean(recall[rare])) if np.isfinite(recall[rare]).any() else float("nan")
-    metrics["recall (frequent)"] = (
-        float(np.nanmean(recall[frequent])) if np.isfinite(recall[frequent]).any() else float("nan")
-    )
-    pan = reports.get("panoptic_seg")
-    for key in ("mPQ", "mSQ", "mRQ"):
-        metrics[key] = pan["summary"][key] if pan is not None else float("nan")
+    metrics["mPrecision"] = _group_mean(per_class["precision"], rare | frequent)
+    for group, mask in (("rare", rare), ("frequent", frequent)):
+        for key in ("IoU", "recall", "precision"):
+            metrics[f"{key} ({group})"] = _group_mean(per_class[key], mask)
+    pan = target.get("panoptic_seg")
+    for key in PANOPTIC_METRICS:
+        metrics[key] = pan["summary"].get(key, math.nan) if pan is not None else math.nan
+    metrics["source-val mIoU"] = source["sem_seg"]["summary"]["mIoU"]
+    iterations, confidence = curve
+    if iterations.size:
+        final = iterations >= iterations.max() * (1 - FINAL_FRACTION)
+        metrics["confident fraction"] = 100 * float(confidence[final].mean())
+    else:
+        metrics["confident fraction"] = math.nan
     return metrics
-
-
-def _markdown(rows: List[List[str]], header: List[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def plot_recall_deltas(
-    class_names: Sequence[str], fractions: np.ndarray, deltas: Mapping[str, np.ndarray], path: Path
-) -> None:
-    """Bar chart of the per-class recall change (GBW − baseline, mean over seeds ± std), classes
-    sorted by target pixel frequency (most frequent left)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = [c for c in np.argsort(-fractions) if fractions[c] > 0]
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    width = 0.8 / max(len(deltas), 1)
-    for index, (label, per_seed) in enumerate(deltas.items()):
-        with warnings.catch_warnings():  # classes absent from the val split are all-NaN columns
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmean(per_seed, axis=0)[order]
-            std = np.nanstd(per_seed, axis=0, ddof=1)[order] if per_seed.shape[0] > 1 else None
-        xs = np.arange(len(order)) + (index - (len(deltas) - 1) / 2) * width
-        ax.bar(xs, np.nan_to_num(mean), width, yerr=std, label=label, capsize=2)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(np.arange(len(order)))
-    ax.set_xticklabels([f"{class_names[c]}\n{100 * fractions[c]:.1f}%" for c in order], rotation=60, fontsize=8)
-    ax.set_ylabel("recall change (points)")
-    ax.set_title("Per-class recall: with GBW − without (classes by target pixel frequency)")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp_path: fig.savefig(tmp_path, format="png", dpi=110))
-    plt.close(fig)
-
-
-def _tool(name: str, *args: str, datasets_root: Path) -> None:
-    command = [sys.executable, str(REPO_ROOT / "tools" / name), *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=environment(datasets_root, threads=2))
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
 
 
 @dataclass
 class ExperimentResults:
-    """Everything the report sections read: the runs, their evaluation reports and headline metrics.
-
-    ``results`` and ``metrics`` are keyed by ``(arm name, seed)``; ``fractions`` are the pixel
-    fractions of the target train split per class (train id order), ``rare`` / ``frequent`` boolean
-    masks over the same classes.
-    """
+    """What the report sections read. ``metrics``, ``per_class`` and ``curves`` are keyed by
+    ``(arm name, seed)``; ``per_class[key]`` holds the target-val ``{"IoU", "recall", "precision"}``
+    arrays (train id order); ``fractions`` are the target train pixel fractions per class, ``rare`` /
+    ``frequent`` boolean masks over the same classes."""
 
     preset_name: str
     preset: Preset
     arms: List[Arm]
     run_of: Dict[Tuple[str, int], RunSpec]
-    results: Dict[Tuple[str, int], Dict[str, dict]]
     metrics: Dict[Tuple[str, int], "OrderedDict[str, float]"]
+    per_class: Dict[Tuple[str, int], Dict[str, np.ndarray]]
+    curves: Dict[Tuple[str, int], Tuple[np.ndarray, np.ndarray]]
     class_names: List[str]
     fractions: np.ndarray
     rare: np.ndarray
@@ -154,27 +150,73 @@ class ExperimentResults:
     def seeds(self) -> Tuple[int, ...]:
         return self.preset.seeds
 
-    @property
-    def metric_names(self) -> List[str]:
-        return list(next(iter(self.metrics.values())).keys())
+    def has(self, arm_name: str) -> bool:
+        return any(arm.name == arm_name for arm in self.arms)
+
+    def by_seed(self, arm_name: str, metric: str) -> Dict[int, float]:
+        """``{seed: value}`` of one metric of one arm."""
+        return {seed: self.metrics[(arm_name, seed)][metric] for seed in self.seeds}
+
+    def interval(self, arm_name: str, metric: str) -> Interval:
+        return t_interval(list(self.by_seed(arm_name, metric).values()))
+
+    def difference(self, arm_name: str, reference: str, metric: str) -> Interval:
+        """``arm - reference`` paired by seed, with its 95 % t-interval."""
+        return t_interval(paired_differences(self.by_seed(arm_name, metric), self.by_seed(reference, metric)))
+
+    def gap_closed(self, arm_name: str, metric: str = "mIoU") -> Interval:
+        """Percent of the source-only → oracle gap the arm closes, paired by seed (NaN without both bounds)."""
+        if not (self.has(SOURCE_ONLY) and self.has(ORACLE)):
+            return t_interval([])
+        return t_interval(
+            gap_closed(self.by_seed(arm_name, metric), self.by_seed(SOURCE_ONLY, metric), self.by_seed(ORACLE, metric))
+        )
+
+
+def class_pixel_fractions(datasets_root: Path) -> Tuple[List[str], np.ndarray]:
+    """Class names and pixel fractions of the target train split (what defines 'rare')."""
+    path = datasets_root / "synthetic" / "target" / "gtFine" / "class_frequencies_train.json"
+    stats = json.loads(path.read_text())
+    return list(stats["classes"]), np.asarray(stats["pixel_fraction"], dtype=np.float64)
 
 
 def collect_results(preset_name: str, preset: Preset, runs: List[RunSpec], datasets_root: Path) -> ExperimentResults:
-    """Read the evaluation reports of every run and compute their headline metrics."""
+    """Read the evaluation reports and training logs of every run; compute their metrics."""
     class_names, fractions = class_pixel_fractions(datasets_root)
     rare = (fractions > 0) & (fractions < RARE_PIXEL_FRACTION)
     frequent = fractions >= RARE_PIXEL_FRACTION
     run_of = {(run.arm.name, run.seed): run for run in runs}
-    results = {key: load_results(run) for key, run in run_of.items()}
-    metrics = {key: run_metrics(reports, rare, frequent) for key, reports in results.items()}
+    metrics, per_class, curves = {}, {}, {}
+    for key, run in run_of.items():
+        target = _read_reports(run.eval_dir(VAL_DATASET))
+        source = _read_reports(run.eval_dir(SOURCE_VAL_DATASET))
+        curves[key] = confidence_curve(run.output_dir)
+        metrics[key] = run_metrics(target, source, curves[key], rare, frequent)
+        per_class[key] = {
+            name: np.array([row[name] for row in target["sem_seg"]["per_class"]], dtype=np.float64)
+            for name in ("IoU", "recall", "precision")
+        }
     arms = [ARMS[name] for name in preset.arms]
     return ExperimentResults(
-        preset_name, preset, arms, run_of, results, metrics, class_names, fractions, rare, frequent
+        preset_name, preset, arms, run_of, metrics, per_class, curves, class_names, fractions, rare, frequent
     )
 
 
+def _markdown(rows: List[List[str]], header: List[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _tool(name: str, *args: str, datasets_root: Path) -> None:
+    command = [sys.executable, str(REPO_ROOT / "tools" / name), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment(datasets_root, threads=2))
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+
+
 def setting_section(experiment: ExperimentResults, seconds: float) -> List[str]:
-    """Title, how the report was made, the benchmark and the rare classes."""
+    """Title, how the report was made, the benchmark and its rare classes."""
     preset, runs = experiment.preset, list(experiment.run_of.values())
     train_minutes = sum(json.loads((run.output_dir / "experiment_run.json").read_text())["seconds"] for run in runs) / 60
     height, width = preset.image_size
@@ -189,111 +231,224 @@ def setting_section(experiment: ExperimentResults, seconds: float) -> List[str]:
         f"runs' wall times; `--jobs` of them run in parallel), this call {seconds / 60:.1f} min. Every number below "
         "was computed by these runs.",
         "",
-        "Setting: synthetic two-domain benchmark (`datasets/prepare_synthetic.py`), "
-        f"{preset.num_source} source images, {preset.num_target_train} target train and "
-        f"{preset.num_target_val} target val images of {height}×{width} px; configs under `configs/synthetic/` "
-        f"(MiT-B0 encoder from random weights, 64-channel DAFormer decoders), {preset.max_iter} iterations per "
-        f"run, seeds {', '.join(map(str, preset.seeds))}. Evaluation on the target val split.",
+        f"Setting: the synthetic two-domain benchmark (`datasets/prepare_synthetic.py`, design in "
+        f"`datasets/README.md`): {preset.num_source} source, {preset.num_source_val} held-out source, "
+        f"{preset.num_target_train} target train and {preset.num_target_val} target val images of {height}×{width} px; "
+        f"configs under `configs/synthetic/` (MiT-B0 encoder from random weights, 64-channel DAFormer decoders), "
+        f"{preset.max_iter} iterations per run, seeds {', '.join(map(str, preset.seeds))}. Unless said otherwise, "
+        "numbers are on the target val split, in percent; `mean [low, high]` is the mean over seeds with its 95 % "
+        "Student-t interval (none with one seed).",
         "",
-        f"Rare classes (< {100 * RARE_PIXEL_FRACTION:.0f}% of the target train pixels): {rare_classes}. "
-        "Classes absent from the target are left out of every mean.",
+        f"Rare classes (< {100 * RARE_PIXEL_FRACTION:.0f}% of the target train pixels): {rare_classes}. Classes absent "
+        "from the target are left out of every mean; precision is undefined (left out) for a class never predicted.",
         "",
     ]
 
 
-def arms_section(experiment: ExperimentResults) -> List[str]:
-    """Headline metrics per arm, mean ± std over seeds."""
+def domain_section(experiment: ExperimentResults) -> List[str]:
+    """Per arm: source-val and target-val mIoU, the gap closed and the teacher's final confident fraction."""
     rows = []
     for arm in experiment.arms:
-        row = [arm.label]
-        for name in experiment.metric_names:
-            row.append(_format(*_mean_std([experiment.metrics[(arm.name, s)][name] for s in experiment.seeds])))
-        rows.append(row)
-    return ["## Results per arm (mean ± std over seeds, percent)", "", _markdown(rows, ["arm", *experiment.metric_names])]
-
-
-def gbw_effect_section(experiment: ExperimentResults, figures: Path) -> List[str]:
-    """GBW arm − its baseline, paired by seed, per headline metric; the per-class recall change figure."""
-    names = [arm.name for arm in experiment.arms]
-    pairs = [(ARMS[arm.baseline], arm) for arm in experiment.arms if arm.baseline in names]
-    if not pairs:
-        return []
-    seeds = experiment.seeds
-    lines = [
-        "## Effect of GBW (with − without, paired by seed)",
+        rows.append([
+            arm.label,
+            experiment.interval(arm.name, "source-val mIoU").format(),
+            experiment.interval(arm.name, "mIoU").format(),
+            experiment.gap_closed(arm.name).format(signed=True),
+            experiment.interval(arm.name, "confident fraction").format(),
+        ])
+    header = ["arm", "source val mIoU (16 classes)", "target val mIoU", "gap closed (%)", "teacher confident (%)"]
+    return [
+        "## Domain gap",
         "",
-        "A difference is called *clear* when its mean is more than twice its standard error "
-        "(std/√seeds); with one seed there is no noise estimate.",
+        "*gap closed*: `100 · (arm − source only) / (oracle − source only)` of the target mIoU, per seed; "
+        "*teacher confident*: pixels whose teacher probability reaches the pseudo-label threshold, mean over the last "
+        f"{100 * FINAL_FRACTION:.0f}% of the iterations.",
         "",
+        _markdown(rows, header),
     ]
+
+
+def metrics_section(experiment: ExperimentResults, title: str, names: Sequence[str]) -> List[str]:
+    """One table: the metrics ``names`` per arm."""
+    rows = [[arm.label] + [experiment.interval(arm.name, name).format() for name in names] for arm in experiment.arms]
+    return [f"## {title}", "", _markdown(rows, ["arm", *names])]
+
+
+def differences_section(experiment: ExperimentResults, figures: Path) -> List[str]:
+    """Every arm − DACS (and each GBW arm − its own baseline when that is not DACS), paired by seed."""
+    comparisons = [(arm, ARMS[REFERENCE]) for arm in experiment.arms if arm.name != REFERENCE and experiment.has(REFERENCE)]
+    comparisons += [
+        (arm, ARMS[arm.baseline])
+        for arm in experiment.arms
+        if arm.baseline not in (None, REFERENCE) and experiment.has(arm.baseline)
+    ]
+    if not comparisons:
+        return []
     rows = []
-    recall_deltas: Dict[str, np.ndarray] = {}
-    for baseline, arm in pairs:
-        for name in experiment.metric_names:
-            diffs = [experiment.metrics[(arm.name, s)][name] - experiment.metrics[(baseline.name, s)][name] for s in seeds]
-            mean, std = _mean_std(diffs)
-            if len(seeds) < 2 or math.isnan(std):
-                verdict = "single seed"
-            elif abs(mean) > 2 * std / math.sqrt(len(seeds)):
-                verdict = "clear " + ("gain" if mean > 0 else "loss")
-            else:
-                verdict = "within noise"
-            rows.append([f"{arm.label} vs {baseline.label}", name, _format(mean, std, signed=True), verdict])
-        recall_deltas[f"{arm.label} − {baseline.label}"] = np.array(
-            [
-                [
-                    row_b["recall"] - row_a["recall"]
-                    for row_a, row_b in zip(
-                        experiment.results[(baseline.name, s)]["sem_seg"]["per_class"],
-                        experiment.results[(arm.name, s)]["sem_seg"]["per_class"],
-                    )
-                ]
-                for s in seeds
-            ],
-            dtype=np.float64,
+    for arm, reference in comparisons:
+        rows.append(
+            [f"{arm.label} − {reference.label}"]
+            + [experiment.difference(arm.name, reference.name, name).format(signed=True) for name in COMPARED_METRICS]
         )
-    lines.append(_markdown(rows, ["comparison", "metric", "difference", "verdict"]))
-    plot_recall_deltas(experiment.class_names, experiment.fractions, recall_deltas, figures / "recall_delta.png")
-    return lines + ["![per-class recall change](figures/recall_delta.png)", ""]
+    deltas = {
+        arm.label: np.stack([
+            experiment.per_class[(arm.name, s)]["recall"] - experiment.per_class[(REFERENCE, s)]["recall"]
+            for s in experiment.seeds
+        ])
+        for arm, reference in comparisons
+        if reference.name == REFERENCE and arm.baseline == REFERENCE
+    }
+    lines = [
+        "## Paired differences (95 % t-interval over seeds)",
+        "",
+        f"Differences of the target-val metrics, paired by seed ({len(experiment.seeds)} seed(s)); an interval that "
+        "contains 0 does not show a difference.",
+        "",
+        _markdown(rows, ["comparison", *COMPARED_METRICS]),
+    ]
+    if deltas:
+        plot_recall_deltas(experiment.class_names, experiment.fractions, deltas, figures / "recall_delta.png")
+        lines += ["![per-class recall change against DACS](figures/recall_delta.png)", ""]
+    return lines
 
 
 def per_class_section(experiment: ExperimentResults) -> List[str]:
-    """Per-class recall of every arm, classes by target pixel frequency."""
+    """Per-class IoU, recall and precision of every arm (mean over seeds), classes by target frequency."""
     order = [c for c in np.argsort(-experiment.fractions) if experiment.fractions[c] > 0]
-    rows = []
-    for c in order:
-        row = [experiment.class_names[c], f"{100 * experiment.fractions[c]:.2f}%"]
-        for arm in experiment.arms:
-            values = [experiment.results[(arm.name, s)]["sem_seg"]["per_class"][c]["recall"] for s in experiment.seeds]
-            row.append(_format(*_mean_std(values)))
-        rows.append(row)
-    header = ["class", "target pixels", *[arm.label for arm in experiment.arms]]
-    return ["## Per-class recall (mean over seeds, percent; classes by target frequency)", "", _markdown(rows, header)]
+    lines = []
+    for key in ("IoU", "recall", "precision"):
+        rows = []
+        for c in order:
+            mark = " (rare)" if experiment.rare[c] else ""
+            row = [experiment.class_names[c] + mark, f"{100 * experiment.fractions[c]:.2f}%"]
+            for arm in experiment.arms:
+                row.append(t_interval([experiment.per_class[(arm.name, s)][key][c] for s in experiment.seeds]).format())
+            rows.append(row)
+        header = ["class", "target pixels", *[arm.label for arm in experiment.arms]]
+        lines += [f"## Per-class {key} (target val)", "", _markdown(rows, header)]
+    return lines
 
 
-def gbw_weights_section(experiment: ExperimentResults, figures: Path, datasets_root: Path) -> List[str]:
-    """The GBW class weights during training of each GBW arm (first seed), plotted by plot_training.py."""
-    seed = experiment.seeds[0]
+def curves_section(experiment: ExperimentResults, figures: Path, datasets_root: Path) -> List[str]:
+    """The teacher's confident fraction over training (mean over seeds) and the GBW weight curves (first seed)."""
     lines: List[str] = []
+    curves = {}
+    for arm in experiment.arms:
+        per_seed = [experiment.curves[(arm.name, s)] for s in experiment.seeds]
+        if all(iterations.size for iterations, _ in per_seed):
+            length = min(iterations.size for iterations, _ in per_seed)
+            curves[arm.label] = (per_seed[0][0][:length], np.mean([values[:length] for _, values in per_seed], axis=0))
+    if curves:
+        plot_curves(
+            curves, "confident fraction", "Teacher pixels at or above the pseudo-label threshold (mean over seeds)",
+            figures / "pseudo_confidence.png",
+        )
+        lines += ["## Pseudo-label confidence during training", "", "![teacher confidence](figures/pseudo_confidence.png)", ""]
+    seed = experiment.seeds[0]
     for arm in [arm for arm in experiment.arms if arm.baseline is not None]:
         run_dir = experiment.run_of[(arm.name, seed)].output_dir
         _tool("plot_training.py", str(run_dir), "--output-dir", str(figures / arm.name), datasets_root=datasets_root)
-        lines += [
-            f"## GBW class weights during training: {arm.label} (seed {seed})",
-            "",
-            f"![GBW weights](figures/{arm.name}/gbw_weights.png)",
-            "",
-        ]
+        lines += [f"## GBW class weights during training: {arm.label} (seed {seed})", "", f"![GBW weights](figures/{arm.name}/gbw_weights.png)", ""]
+    return lines
+
+
+def design_checks(experiment: ExperimentResults) -> List[Tuple[str, str, Optional[bool]]]:
+    """The bounds the benchmark was designed to meet on the baseline arms: ``(check, measured, passed)``;
+    ``passed`` is None when the arms it needs are not in the experiment."""
+    checks: List[Tuple[str, str, Optional[bool]]] = []
+    if experiment.has(ORACLE):
+        oracle = experiment.interval(ORACLE, "mIoU")
+        checks.append(("oracle mIoU ≥ 50", oracle.format(), oracle.mean >= 50))
+        with warnings.catch_warnings():  # classes absent from target val are all-NaN columns
+            warnings.simplefilter("ignore", RuntimeWarning)
+            recall = np.nanmean([experiment.per_class[(ORACLE, s)]["recall"] for s in experiment.seeds], axis=0)
+        present = np.isfinite(recall)
+        worst = int(np.flatnonzero(present)[np.argmin(recall[present])])
+        checks.append((
+            "oracle recall ≥ 20 on every class in target val",
+            f"lowest: {experiment.class_names[worst]} {recall[worst]:.1f}",
+            bool(recall[worst] >= 20),
+        ))
+    if experiment.has(ORACLE) and experiment.has(SOURCE_ONLY):
+        gap = experiment.difference(ORACLE, SOURCE_ONLY, "mIoU")
+        checks.append(("oracle − source only ≥ 15 mIoU", gap.format(signed=True), gap.mean >= 15))
+        if experiment.has(REFERENCE):
+            closed = experiment.gap_closed(REFERENCE)
+            text = f"{closed.format(signed=True)}, std error {closed.std_error:.1f}"
+            checks.append(("DACS closes ≥ 25 % of the gap, beyond 2 std errors", text, closed.beyond_two_std_errors(25)))
+    if experiment.has(REFERENCE):
+        confident = experiment.interval(REFERENCE, "confident fraction")
+        checks.append(("DACS teacher confident fraction > 50 % at the end", confident.format(), confident.mean > 50))
+    rare_count = int(experiment.rare.sum())
+    checks.append(("≥ 6 classes under 1 % of the target pixels", str(rare_count), rare_count >= 6))
+    for name in (SOURCE_ONLY, REFERENCE):
+        if experiment.has(name):
+            rare = experiment.interval(name, "recall (rare)").mean
+            frequent = experiment.interval(name, "recall (frequent)").mean
+            checks.append((
+                f"{ARMS[name].label}: rare-class recall clearly below frequent",
+                f"{rare:.1f} vs {frequent:.1f}",
+                bool(rare < frequent - 10),
+            ))
+    return checks
+
+
+def checks_section(experiment: ExperimentResults) -> List[str]:
+    rows = [[check, measured, {True: "yes", False: "**no**", None: "n/a"}[passed]] for check, measured, passed in design_checks(experiment)]
+    return [
+        "## Benchmark design checks (baseline arms only)",
+        "",
+        "The bounds the benchmark was designed to meet (`datasets/README.md`, \"Design\"); "
+        "\"clearly below\" means more than 10 points.",
+        "",
+        _markdown(rows, ["check", "measured", "met"]),
+    ]
+
+
+def _describe(label: str, reference: str, metric: str, interval: Interval) -> str:
+    if interval.n < 2:
+        return f"{label} − {reference}, {metric}: {interval.format(signed=True)} (one seed, no interval)"
+    if not interval.excludes_zero():
+        return f"{label} − {reference}, {metric}: no difference shown ({interval.format(signed=True)} contains 0)"
+    direction = "higher" if interval.mean > 0 else "lower"
+    return f"{label} − {reference}, {metric}: {direction} ({interval.format(signed=True)})"
+
+
+def conclusion_section(experiment: ExperimentResults) -> List[str]:
+    """The conclusion, worded from the intervals only: for each GBW arm against its baseline, whether
+    rare-class recall rises without a loss of mIoU (supported), whether it falls or mIoU falls
+    (contradicted), or neither at this number of seeds (undecided)."""
+    gbw_arms = [arm for arm in experiment.arms if arm.baseline is not None and experiment.has(arm.baseline)]
+    if not gbw_arms:
+        return []
+    lines = ["## Conclusion", "", "The claim tested: GBW raises the recall of rare classes without lowering mIoU.", ""]
+    for arm in gbw_arms:
+        baseline = ARMS[arm.baseline]
+        rare = experiment.difference(arm.name, baseline.name, "recall (rare)")
+        miou = experiment.difference(arm.name, baseline.name, "mIoU")
+        if rare.n < 2:
+            verdict = "cannot be judged from one seed"
+        elif rare.low > 0 and not miou.high < 0:
+            verdict = "is supported"
+        elif rare.high < 0 or miou.high < 0:
+            verdict = "is contradicted"
+        else:
+            verdict = "is neither supported nor contradicted at this number of seeds"
+        details = "; ".join(
+            _describe(arm.label, baseline.label, metric, experiment.difference(arm.name, baseline.name, metric))
+            for metric in ("recall (rare)", "precision (rare)", "mIoU")
+        )
+        lines += [f"- **{arm.label}** vs {baseline.label}: the claim {verdict}. {details}.", ""]
     return lines
 
 
 def examples_section(experiment: ExperimentResults, out: Path, datasets_root: Path) -> List[str]:
     """Two target val images with ground truth and prediction of DACS and DACS + GBW (or the last arm)."""
     figures = out / "figures"
-    shown = [arm for arm in experiment.arms if arm.name in ("dacs", "dacs_gbw")] or experiment.arms[-1:]
+    shown = [arm for arm in experiment.arms if arm.name in (REFERENCE, "dacs_gbw")] or experiment.arms[-1:]
     lines = ["## Example predictions (target val; input | ground truth | prediction)", ""]
     for arm in shown:
-        eval_dir = experiment.run_of[(arm.name, experiment.seeds[0])].eval_dir
+        eval_dir = experiment.run_of[(arm.name, experiment.seeds[0])].eval_dir()
         target = figures / f"predictions_{arm.name}"
         _tool("visualize.py", "--dataset", VAL_DATASET, "--predictions", str(eval_dir), "--output-dir", str(target),
               "--max-images", "2", datasets_root=datasets_root)
@@ -310,15 +465,19 @@ def write_report(
     datasets_root: Path,
     seconds: float,
 ) -> Path:
-    """Read every run's evaluation, write ``out/report.md`` with tables and figures and
-    ``out/results.json``; returns the path of the report."""
+    """Read every run, write ``out/report.md`` (sections above, figures under ``out/figures``) and
+    ``out/results.json`` (the metrics of every run); returns the path of the report."""
     experiment = collect_results(preset_name, preset, runs, datasets_root)
     figures = out / "figures"
     lines = setting_section(experiment, seconds)
-    lines += arms_section(experiment)
-    lines += gbw_effect_section(experiment, figures)
+    lines += domain_section(experiment)
+    lines += metrics_section(experiment, "Semantic segmentation (target val)", SEMANTIC_METRICS)
+    lines += metrics_section(experiment, "Panoptic segmentation (target val; 19 and 16 classes)", PANOPTIC_METRICS)
+    lines += differences_section(experiment, figures)
+    lines += conclusion_section(experiment)
+    lines += checks_section(experiment)
     lines += per_class_section(experiment)
-    lines += gbw_weights_section(experiment, figures, datasets_root)
+    lines += curves_section(experiment, figures, datasets_root)
     lines += examples_section(experiment, out, datasets_root)
     report = out / "report.md"
     atomic_write(report, lambda tmp_path: Path(tmp_path).write_text("\n".join(lines)))
@@ -326,6 +485,7 @@ def write_report(
         "preset": preset_name,
         "seconds": seconds,
         "runs": {f"{arm}/seed{seed}": values for (arm, seed), values in experiment.metrics.items()},
+        "design_checks": [{"check": c, "measured": m, "met": p} for c, m, p in design_checks(experiment)],
     }
     write_json(out / "results.json", summary)
     return report

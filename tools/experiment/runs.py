@@ -22,22 +22,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from gbw_panoptic.data.datasets.synthetic import DEFAULT_SIZES
 from gbw_panoptic.evaluation.panoptic_io import write_json
 
 __all__ = [
-    "Arm", "Preset", "ARMS", "PRESETS", "RunSpec", "REPO_ROOT", "VAL_DATASET",
+    "Arm", "Preset", "ARMS", "PRESETS", "RunSpec", "REPO_ROOT", "VAL_DATASET", "SOURCE_VAL_DATASET",
+    "SOURCE_ONLY", "ORACLE", "REFERENCE",
     "environment", "plan_runs", "prepare_benchmark", "train_and_evaluate",
 ]
 
 logger = logging.getLogger("experiment")
 
+# Training iterations of every run of the demo and the experiment (datasets/README.md, "Design").
+ITERATIONS = 600
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VAL_DATASET = "synthetic_target_panoptic_val"
+SOURCE_VAL_DATASET = "synthetic_source_panoptic_val"
+# Lower and upper bound of the gap an adaptation method closes, and the arm every other one is
+# compared to.
+SOURCE_ONLY, ORACLE, REFERENCE = "source_only", "target_oracle", "dacs"
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One training setting: ``config`` (relative to ``configs/``) and the arm it is compared to."""
+    """One training setting: ``config`` (relative to ``configs/``) and the arm it adds GBW to."""
 
     name: str
     config: str
@@ -48,58 +57,67 @@ class Arm:
 ARMS: "OrderedDict[str, Arm]" = OrderedDict(
     (arm.name, arm)
     for arm in (
-        Arm("source_only", "synthetic/mit_b0_source_only.yaml", "source only"),
-        Arm("source_only_gbw", "synthetic/mit_b0_source_only_gbw.yaml", "source only + GBW", "source_only"),
-        Arm("dacs", "synthetic/dacs.yaml", "DACS"),
-        Arm("dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", "dacs"),
-        Arm("dacs_gbw_absolute", "synthetic/dacs_gbw_absolute.yaml", "DACS + GBW (absolute λ)", "dacs"),
-        Arm("advent", "synthetic/advent.yaml", "AdvEnt"),
-        Arm("advent_gbw", "synthetic/advent_gbw.yaml", "AdvEnt + GBW", "advent"),
-        Arm("minent", "synthetic/minent.yaml", "MinEnt"),
-        Arm("minent_gbw", "synthetic/minent_gbw.yaml", "MinEnt + GBW", "minent"),
+        Arm(SOURCE_ONLY, "synthetic/mit_b0_source_only.yaml", "source only"),
+        Arm("source_only_gbw", "synthetic/mit_b0_source_only_gbw.yaml", "source only + GBW", SOURCE_ONLY),
+        Arm(REFERENCE, "synthetic/dacs.yaml", "DACS"),
+        Arm("dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", REFERENCE),
+        Arm("dacs_gbw_absolute", "synthetic/dacs_gbw_absolute.yaml", "DACS + GBW (absolute λ)", REFERENCE),
+        Arm("dacs_gbw_semantic", "synthetic/dacs_gbw_semantic.yaml", "DACS + GBW (semantic loss only)", REFERENCE),
+        Arm(
+            "dacs_gbw_semantic_center",
+            "synthetic/dacs_gbw_semantic_center.yaml",
+            "DACS + GBW (semantic + center)",
+            REFERENCE,
+        ),
+        Arm(ORACLE, "synthetic/target_oracle.yaml", "target oracle"),
     )
 )
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Sizes of one experiment: arms, seeds, iterations and the synthetic benchmark it runs on."""
+    """Sizes of one experiment: arms, seeds, iterations and the synthetic benchmark it runs on
+    (defaults: those of ``datasets/prepare_synthetic.py``)."""
 
     arms: Tuple[str, ...]
     seeds: Tuple[int, ...]
     max_iter: int
-    num_source: int = 400
-    num_target_train: int = 100
-    num_target_val: int = 50
-    image_size: Tuple[int, int] = (256, 512)  # generated image (height, width)
+    num_source: int = DEFAULT_SIZES["num_source"]
+    num_source_val: int = DEFAULT_SIZES["num_source_val"]
+    num_target_train: int = DEFAULT_SIZES["num_target_train"]
+    num_target_val: int = DEFAULT_SIZES["num_target_val"]
+    image_size: Tuple[int, int] = (DEFAULT_SIZES["height"], DEFAULT_SIZES["width"])  # (height, width)
     extra_opts: Tuple[str, ...] = ()
     description: str = ""
 
 
 PRESETS: Dict[str, Preset] = {
-    # `make demo`: one seed of the three main arms, within ~20 minutes on a 2-core CPU.
+    # `make demo`: one seed of the main arms, within 20 minutes on a 2-core CPU.
     "demo": Preset(
-        arms=("source_only", "dacs", "dacs_gbw"),
+        arms=(SOURCE_ONLY, REFERENCE, "dacs_gbw", ORACLE),
         seeds=(0,),
-        max_iter=300,
-        description="one seed of source-only, DACS and DACS + GBW",
+        max_iter=ITERATIONS,
+        description="one seed of source-only, DACS, DACS + GBW and the target oracle",
     ),
-    # `make experiment`: enough seeds to tell a difference from noise.
+    # `make experiment`: every arm, enough seeds for confidence intervals.
     "experiment": Preset(
-        arms=("source_only", "dacs", "dacs_gbw", "dacs_gbw_absolute"),
+        arms=tuple(ARMS),
         seeds=(0, 1, 2),
-        max_iter=300,
-        description="3 seeds of source-only, DACS, DACS + GBW (relative λ) and DACS + GBW (absolute λ)",
+        max_iter=ITERATIONS,
+        description="3 seeds of every arm: source-only (± GBW), DACS (± GBW, relative and absolute λ, "
+        "GBW ablation) and the target oracle",
     ),
-    # CI smoke test: a few iterations per arm on a tiny benchmark; numbers are meaningless.
+    # CI smoke test: a few iterations of two arms on a tiny benchmark; the numbers mean nothing.
     "smoke": Preset(
-        arms=("source_only", "dacs", "dacs_gbw"),
+        arms=(REFERENCE, "dacs_gbw"),
         seeds=(0,),
         max_iter=2,
-        num_source=6,
-        num_target_train=4,
-        num_target_val=3,
-        image_size=(128, 256),
+        num_source=4,
+        num_source_val=2,
+        num_target_train=2,
+        num_target_val=2,
+        image_size=(64, 128),
+        extra_opts=("INPUT.BASE_SIZE", "[64,128]", "INPUT.CROP.SIZE", "[64,64]"),
         description="smoke test (2 iterations per arm; the numbers mean nothing)",
     ),
 }
@@ -114,14 +132,15 @@ class RunSpec:
     output_dir: Path
     command: List[str] = field(default_factory=list)
 
-    @property
-    def eval_dir(self) -> Path:
-        return self.output_dir / "inference" / VAL_DATASET
+    def eval_dir(self, dataset: str = VAL_DATASET) -> Path:
+        """Folder of the evaluation reports on ``dataset`` (``sem_seg.json``, ``panoptic_seg.json``)."""
+        return self.output_dir / "inference" / dataset
 
     def is_done(self) -> bool:
-        """Evaluated, and with the same command as now (a changed preset retrains)."""
+        """Evaluated on both val sets, and with the same command as now (a changed preset retrains)."""
         marker = self.output_dir / "experiment_run.json"
-        if not (self.eval_dir / "sem_seg.json").is_file() or not marker.is_file():
+        evaluated = all((self.eval_dir(name) / "sem_seg.json").is_file() for name in (VAL_DATASET, SOURCE_VAL_DATASET))
+        if not evaluated or not marker.is_file():
             return False
         return json.loads(marker.read_text()).get("command") == self.command
 
@@ -131,7 +150,8 @@ def prepare_benchmark(preset: Preset, datasets_root: Path, workers: int) -> None
     height, width = preset.image_size
     command = [
         sys.executable, str(REPO_ROOT / "datasets" / "prepare_synthetic.py"), str(datasets_root / "synthetic"),
-        "--num-source", str(preset.num_source), "--num-target-train", str(preset.num_target_train),
+        "--num-source", str(preset.num_source), "--num-source-val", str(preset.num_source_val),
+        "--num-target-train", str(preset.num_target_train),
         "--num-target-val", str(preset.num_target_val), "--height", str(height), "--width", str(width),
         "--workers", str(workers),
     ]
@@ -149,25 +169,27 @@ def environment(datasets_root: Path, threads: int) -> Dict[str, str]:
 
 
 def plan_runs(preset: Preset, out: Path) -> List[RunSpec]:
-    """The runs of ``preset``, each with its ``tools/train_net.py`` command."""
-    runs = []
+    """The runs of ``preset``, each with its ``tools/train_net.py`` command; seed by seed, so that
+    an interrupted experiment has complete seeds first."""
+    configs = {}
     for arm_name in preset.arms:
         if arm_name not in ARMS:
             raise ValueError(f"unknown arm {arm_name!r}; known arms: {', '.join(ARMS)}")
-        arm = ARMS[arm_name]
-        config = REPO_ROOT / "configs" / arm.config
-        if not config.is_file():
-            raise FileNotFoundError(f"config {config} of arm {arm_name!r} does not exist")
-        for seed in preset.seeds:
+        configs[arm_name] = REPO_ROOT / "configs" / ARMS[arm_name].config
+        if not configs[arm_name].is_file():
+            raise FileNotFoundError(f"config {configs[arm_name]} of arm {arm_name!r} does not exist")
+    runs = []
+    for seed in preset.seeds:
+        for arm_name, config in configs.items():
             # One folder per schedule: a longer run is a new run, not a continuation of a short one.
-            output_dir = out / "runs" / arm.name / f"{preset.max_iter}it_seed{seed}"
+            output_dir = out / "runs" / arm_name / f"{preset.max_iter}it_seed{seed}"
             command = [
                 sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", str(config), "--resume",
                 "OUTPUT_DIR", str(output_dir), "SEED", str(seed),
                 "SOLVER.MAX_ITER", str(preset.max_iter), "SOLVER.CHECKPOINT_PERIOD", str(max(preset.max_iter // 3, 1)),
                 "TEST.EVAL_PERIOD", "0", *preset.extra_opts,
             ]
-            runs.append(RunSpec(arm, seed, output_dir, command))
+            runs.append(RunSpec(ARMS[arm_name], seed, output_dir, command))
     return runs
 
 
