@@ -14,7 +14,7 @@ from scipy import stats as scipy_stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from experiment import run_experiment  # noqa: E402
 from experiment.report import ExperimentResults, conclusion_section, design_checks  # noqa: E402
-from experiment.runs import ARMS, PRESETS, plan_runs  # noqa: E402
+from experiment.runs import ARMS, PRESETS, plan_runs, train_and_evaluate  # noqa: E402
 from experiment.stats import gap_closed, t_interval  # noqa: E402
 
 
@@ -130,7 +130,8 @@ def test_smoke_experiment_writes_the_report_and_skips_finished_runs(tmp_path):
         assert 0.0 <= run["mIoU"] <= 100.0 and 0.0 <= run["source-val mIoU"] <= 100.0
         assert 0.0 <= run["confident fraction"] <= 100.0
 
-    # A second call finds every run done: nothing is trained again.
+    # Run again, every run is found done: nothing is trained again.
     logs = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/train_stdout.log")}
-    run_experiment("smoke", out, datasets, jobs=2)
+    assert len(logs) == 2
+    assert [train_and_evaluate(run, datasets, threads=1) for run in plan_runs(PRESETS["smoke"], out)] == [0.0, 0.0]
     assert {p: p.stat().st_mtime_ns for p in logs} == logs
