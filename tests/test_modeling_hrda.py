@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.projects.deeplab.loss import DeepLabCE
 from detectron2.utils.events import EventStorage
 from PIL import Image
+from test_modeling_meta_arch import _cfg
 from test_uda_training import _Killed, _KillBeforeIteration
 
-from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.data.mapper import GBWPanopticDatasetMapper
 from gbw_panoptic.modeling import HRDASegmentor
 from gbw_panoptic.modeling.hrda import (
@@ -37,22 +36,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/synthetic/hrda_source_only.yaml"
 
 
-def _cfg(opts: List = (), config: str = CONFIG):
-    cfg = get_cfg()
-    add_gbw_panoptic_config(cfg)
-    cfg.merge_from_file(str(REPO_ROOT / config))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
-    return cfg
-
-
 def _model(opts: List = ()) -> HRDASegmentor:
     """MiT-B0, 16-channel decoders, no dropout; 32x32 detail crops, whole-image test."""
     torch.manual_seed(0)
     base = [
         "MODEL.SEM_SEG_HEAD.EMBED_DIM", 16, "MODEL.HRDA.ATTENTION_EMBED_DIM", 16, "MODEL.SEM_SEG_HEAD.DROPOUT", 0.0,
         "MODEL.HRDA.DETAIL_CROP_SIZE", [32, 32], "MODEL.HRDA.TEST_WINDOW_SIZE", [], "MODEL.HRDA.TEST_WINDOW_STRIDE", [],
+        "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
     ]  # fmt: skip
-    return build_model(_cfg([*base, *opts]))
+    return build_model(_cfg(CONFIG, [*base, *opts]))
 
 
 def _batch(seed: int = 0, height: int = 64, width: int = 96, size: int = 2) -> List[Dict]:
@@ -273,7 +265,7 @@ def test_bad_hrda_configs_are_rejected(opts, message):
 def test_every_hrda_config_builds_hrda_with_the_published_settings():
     for config in ("gta2cityscapes", "synthia2cityscapes"):
         for suffix, gbw in (("", False), ("_gbw", True)):
-            cfg = _cfg(["MODEL.MIT.PRETRAINED", ""], f"configs/{config}/semantic_hrda_mit_b5{suffix}.yaml")
+            cfg = _cfg(f"configs/{config}/semantic_hrda_mit_b5{suffix}.yaml")
             hrda = cfg.MODEL.HRDA
             assert (hrda.CONTEXT_SCALE, hrda.DETAIL_SCALE, hrda.DETAIL_CROP_SIZE) == (0.5, 1.0, [512, 512])
             assert (hrda.DETAIL_LOSS_WEIGHT, hrda.CROP_COORD_DIVISIBLE, hrda.ATTENTION_CLASSWISE) == (0.1, 8, True)
