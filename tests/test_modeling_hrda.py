@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.projects.deeplab.loss import DeepLabCE
 from detectron2.utils.events import EventStorage
 from PIL import Image
-from test_modeling_meta_arch import _cfg
+from test_modeling_meta_arch import _batch, _cfg
 from test_uda_training import _Killed, _KillBeforeIteration
 
 from gbw_panoptic.data.mapper import GBWPanopticDatasetMapper
@@ -47,21 +47,13 @@ def _model(opts: List = ()) -> HRDASegmentor:
     return build_model(_cfg(CONFIG, [*base, *opts]))
 
 
-def _batch(seed: int = 0, height: int = 64, width: int = 96, size: int = 2) -> List[Dict]:
-    generator = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(size):
-        coarse = torch.randint(0, 19, (1, 1, height // 8, width // 8), generator=generator).float()
-        labels = F.interpolate(coarse, size=(height, width), mode="nearest")[0, 0].long()
-        labels[:4] = 255
-        batch.append(
-            {
-                "image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
-                "sem_seg": labels,
-                "sem_seg_weights": torch.rand((height, width), generator=generator) + 0.5,
-            }
-        )
-    return batch
+def _no_gradient(model) -> List[str]:
+    """Trainable parameters without a non-zero gradient."""
+    return [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and (parameter.grad is None or not parameter.grad.abs().sum() > 0)
+    ]
 
 
 # ---------------------------------------------------------------------- geometry
@@ -96,17 +88,18 @@ def test_training_detail_crop_lies_inside_the_context_crop_and_maps_back():
     torch.manual_seed(3)
     assert box == random_crop_box(64, 96, (32, 32), 8)
     assert 0 <= box.top < box.bottom <= 64 and 0 <= box.left < box.right <= 96
-    assert predictions["sem_seg"].shape == (2, 19, 64, 96)
-    assert predictions["detail"].shape == (2, 19, 32, 32)
+    assert predictions["fused"]["sem_seg"].shape == (2, 19, 64, 96)
+    assert predictions["detail"]["sem_seg"].shape == (2, 19, 32, 32)
     assert predictions["features"]["res2"].shape[-2:] == (8, 12)  # the context crop: 32x48 at stride 4
 
     # The detail logits are those of the image region of the box, and the labels of the detail loss
     # are that region's labels.
     detail = model.sem_seg_head(model.backbone(images[..., box.top : box.bottom, box.left : box.right]))
     torch.testing.assert_close(
-        predictions["detail"], F.interpolate(detail, size=(32, 32), mode="bilinear", align_corners=False)
+        predictions["detail"]["sem_seg"], F.interpolate(detail, size=(32, 32), mode="bilinear", align_corners=False)
     )
-    labels, weights = model._detail_targets(batch, (64, 96), box)
+    targets = model._detail_targets(batch, (64, 96), box)
+    labels, weights = targets["sem_seg"], targets["sem_seg_weights"]
     region = (slice(None), slice(box.top, box.bottom), slice(box.left, box.right))
     assert torch.equal(labels, torch.stack([x["sem_seg"] for x in batch])[region])
     assert torch.equal(weights, torch.stack([x["sem_seg_weights"] for x in batch])[region])
@@ -195,7 +188,7 @@ def test_sliding_detail_windows_average_the_per_window_predictions():
 # ---------------------------------------------------------------------- losses and gradients
 def test_losses_follow_hrda_weights_and_every_head_gets_a_gradient():
     model = _model().train()
-    batch = _batch()
+    batch = _batch(height=64, width=96)
     torch.manual_seed(5)
     losses = model(batch)
     assert set(losses) == {"loss_sem_seg", "loss_sem_seg_detail"}
@@ -206,18 +199,12 @@ def test_losses_follow_hrda_weights_and_every_head_gets_a_gradient():
     weights = torch.stack([x["sem_seg_weights"] for x in batch])
     box = predictions["detail_box"]
     ce = DeepLabCE(ignore_label=255)
-    torch.testing.assert_close(losses["loss_sem_seg"], 0.9 * ce(predictions["sem_seg"], labels, weights))
-    torch.testing.assert_close(
-        losses["loss_sem_seg_detail"], 0.1 * ce(predictions["detail"], crop(labels, box), crop(weights, box))
-    )
+    fused, detail = predictions["fused"]["sem_seg"], predictions["detail"]["sem_seg"]
+    torch.testing.assert_close(losses["loss_sem_seg"], 0.9 * ce(fused, labels, weights))
+    torch.testing.assert_close(losses["loss_sem_seg_detail"], 0.1 * ce(detail, crop(labels, box), crop(weights, box)))
 
     sum(losses.values()).backward()
-    no_gradient = [
-        name
-        for name, parameter in model.named_parameters()
-        if parameter.requires_grad and (parameter.grad is None or not parameter.grad.abs().sum() > 0)
-    ]
-    assert not no_gradient
+    assert not _no_gradient(model)
     assert {name.split(".")[0] for name, _ in model.named_parameters()} == {
         "backbone",
         "sem_seg_head",
@@ -228,7 +215,7 @@ def test_losses_follow_hrda_weights_and_every_head_gets_a_gradient():
 def test_gbw_weights_the_fused_and_the_detail_loss_separately():
     model = _model(["MODEL.GBW.SEM_SEG.ENABLED", True, "MODEL.GBW.SEM_SEG.LAMBDA", 0.1]).train()
     with EventStorage() as storage:
-        losses = model(_batch(), gbw_log_prefix="gbw/source")
+        losses = model(_batch(height=64, width=96), gbw_log_prefix="gbw/source")
         logged = {name: value for name, (value, _) in storage.latest().items()}
     assert all(torch.isfinite(v) for v in losses.values())
     fused = [logged[f"gbw/source/sem_seg/{name}"] for name in model.class_names]
@@ -239,7 +226,7 @@ def test_gbw_weights_the_fused_and_the_detail_loss_separately():
 
 def test_feature_distance_compares_the_context_features():
     model = _model().train()
-    batch = _batch()
+    batch = _batch(height=64, width=96)
     losses, features = model.losses_and_features(batch)
     images = model.preprocess_image(batch).tensor
     half = F.interpolate(images, scale_factor=0.5, mode="bilinear", align_corners=False)
@@ -247,10 +234,72 @@ def test_feature_distance_compares_the_context_features():
     assert features["res5"].shape[-2:] == (1, 2)  # 64x96 input: 32x48 context at stride 32
 
 
+def test_panoptic_hrda_fuses_and_supervises_center_and_offset():
+    model = _model(["MODEL.INS_EMBED_HEAD.ENABLED", True, "MODEL.INS_EMBED_HEAD.EMBED_DIM", 16]).train()
+    batch = _batch(height=64, width=96)
+    torch.manual_seed(5)
+    losses = model(batch)
+    assert set(losses) == {f"loss_{name}{part}" for name in ("sem_seg", "center", "offset") for part in ("", "_detail")}
+    torch.manual_seed(5)
+    predictions = model.training_predictions(model.preprocess_image(batch).tensor)
+    box = predictions["detail_box"]
+    assert predictions["fused"]["offset"].shape == (2, 2, 64, 96) and predictions["detail"]["center"].shape[1] == 1
+
+    def stacked(key):
+        return torch.stack([x[key] for x in batch])
+
+    # EDAPS normalisation: MSE x 10 / sum of center weights, L1 x 0.1 / sum of offset weights.
+    def center_loss(prediction, target, weights):
+        return 10.0 * ((prediction - target) ** 2 * weights[:, None]).sum() / weights.sum()
+
+    def offset_loss(prediction, target, weights):
+        return 0.1 * ((prediction - target).abs() * weights[:, None]).sum() / weights.sum()
+
+    fused, detail = predictions["fused"], predictions["detail"]
+    center, center_weights = stacked("center"), stacked("center_weights")
+    offset, offset_weights = stacked("offset"), stacked("offset_weights")
+    torch.testing.assert_close(losses["loss_center"], 0.9 * center_loss(fused["center"], center, center_weights))
+    torch.testing.assert_close(
+        losses["loss_center_detail"], 0.1 * center_loss(detail["center"], crop(center, box), crop(center_weights, box))
+    )
+    torch.testing.assert_close(losses["loss_offset"], 0.9 * offset_loss(fused["offset"], offset, offset_weights))
+    torch.testing.assert_close(
+        losses["loss_offset_detail"], 0.1 * offset_loss(detail["offset"], crop(offset, box), crop(offset_weights, box))
+    )
+    sum(losses.values()).backward()
+    assert not _no_gradient(model)
+    assert {name.split(".")[0] for name, _ in model.named_parameters()} == {
+        "backbone", "sem_seg_head", "ins_embed_head", "scale_attention", "instance_attention"
+    }  # fmt: skip
+
+    model.eval()
+    with torch.no_grad():
+        (output,) = model(_batch(height=64, width=96)[:1])
+    assert set(output) == {"sem_seg", "panoptic_seg", "instances"}
+
+
+def test_panoptic_hrda_offsets_of_the_context_are_converted_to_input_pixels():
+    opts = ["MODEL.INS_EMBED_HEAD.ENABLED", True, "MODEL.INS_EMBED_HEAD.EMBED_DIM", 16]
+    model = _model([*opts, "MODEL.HRDA.DETAIL_SLIDE_INFERENCE", False]).eval()
+    images = model.preprocess_image(_batch(height=64, width=96)).tensor
+    with torch.no_grad():
+        dense = model.predict_dense(images)
+        context = model.extract_features(images)
+        _, context_offset = model.ins_embed_head(context)  # in pixels of the half-size context image
+        _, detail_offset = model.ins_embed_head(model.backbone(images))
+        attention = model.instance_attention(context)[:, 1:]
+    up = lambda x, size: F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+    fused = up(attention, (16, 24)) * detail_offset + up((1 - attention) * 2 * context_offset, (16, 24))
+    torch.testing.assert_close(dense["offset"], up(fused, (64, 96)))
+
+
 @pytest.mark.parametrize(
     "opts, message",
     [
-        (["MODEL.INS_EMBED_HEAD.ENABLED", True], "HRDASegmentor is semantic only"),
+        (
+            ["MODEL.INS_EMBED_HEAD.ENABLED", True, "MODEL.HRDA.DETAIL_SCALE", 2.0],
+            "DETAIL_SCALE=2.0: with the instance head",
+        ),
         (["MODEL.HRDA.CROP_COORD_DIVISIBLE", 4], "CROP_COORD_DIVISIBLE=4 must be a multiple"),
         (["MODEL.HRDA.DETAIL_CROP_SIZE", [36, 36]], r"DETAIL_CROP_SIZE=\[36, 36\] must be multiples"),
         (["MODEL.HRDA.CONTEXT_SCALE", 1.0], "CONTEXT_SCALE=1.0 must be > 0 and below"),
@@ -329,26 +378,37 @@ def _args(output_dir, config="hrda_dacs_gbw.yaml", extra=(), flags=()):
 
 
 @pytest.mark.slow
-def test_hrda_dacs_gbw_trains_and_evaluates_through_train_net(synthetic_datasets, tmp_path):
-    main(_args(tmp_path, extra=["SOLVER.MAX_ITER", "2"]))
+@pytest.mark.parametrize(
+    "config, outputs, task",
+    [
+        ("hrda_dacs_gbw.yaml", ["sem_seg"], "sem_seg"),
+        ("hrda_panoptic_dacs_gbw.yaml", ["sem_seg", "center", "offset"], "panoptic_seg"),
+    ],
+)
+def test_hrda_dacs_gbw_trains_and_evaluates_through_train_net(synthetic_datasets, tmp_path, config, outputs, task):
+    main(_args(tmp_path, config, extra=["SOLVER.MAX_ITER", "2"]))
     with open(tmp_path / "metrics.json") as f:
         records = [r for r in map(json.loads, f) if "total_loss" in r]
     assert [r["iteration"] for r in records] == [0, 1]
     for record in records:
-        for name in ("loss_sem_seg", "loss_sem_seg_detail", "loss_mix_sem_seg", "loss_mix_sem_seg_detail"):
-            assert math.isfinite(record[name]), (name, record)
+        for output in outputs:
+            for name in (f"loss_{output}", f"loss_{output}_detail", f"loss_mix_{output}", f"loss_mix_{output}_detail"):
+                assert math.isfinite(record[name]), (name, record)
         for loss in ("source/sem_seg", "source/sem_seg_detail", "mixed/sem_seg", "mixed/sem_seg_detail"):
             weights = [v for k, v in record.items() if k.startswith(f"gbw/{loss}/")]
             assert len(weights) == 19 and sum(weights) == pytest.approx(19, rel=1e-4)
         assert 0.0 <= record["dacs/pseudo_confidence"] <= 1.0
 
-    results = main(_args(tmp_path, flags=["--eval-only"], extra=["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]))
-    assert 0.0 <= results["synthetic_target_panoptic_val"]["sem_seg"]["mIoU"] <= 100.0
+    weights = str(tmp_path / "model_final.pth")
+    results = main(_args(tmp_path, config, flags=["--eval-only"], extra=["MODEL.WEIGHTS", weights]))
+    metrics = results["synthetic_target_panoptic_val"][task]
+    assert 0.0 <= metrics["mIoU" if task == "sem_seg" else "PQ"] <= 100.0
 
 
 @pytest.mark.slow
 def test_pseudo_label_margins_zero_the_mixed_weights(synthetic_datasets, tmp_path, monkeypatch):
-    cfg = setup(_args(tmp_path, extra=["SOLVER.MAX_ITER", "1", "UDA.PSEUDO_LABEL_MARGINS", "[16, 40, 16, 16]"]))
+    margins = ["UDA.PSEUDO_LABEL_MARGINS", "[16, 40, 16, 16]"]
+    cfg = setup(_args(tmp_path, extra=["SOLVER.MAX_ITER", "1", *margins]))
     trainer = UDATrainer(cfg)
     seen = []
     mixed_batch = trainer.method.mixed_batch
@@ -369,7 +429,7 @@ def test_pseudo_label_margins_zero_the_mixed_weights(synthetic_datasets, tmp_pat
 def test_killed_and_resumed_hrda_run_equals_uninterrupted(synthetic_datasets, tmp_path):
     def train(output_dir, resume, kill_before=None, seed="7"):
         extra = ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "SEED", seed, "DATASETS.TEST", "()"]
-        trainer = UDATrainer(setup(_args(output_dir, extra=extra)))
+        trainer = UDATrainer(setup(_args(output_dir, "hrda_panoptic_dacs_gbw.yaml", extra=extra)))
         if kill_before is not None:
             trainer.register_hooks([_KillBeforeIteration(kill_before)])
         trainer.resume_or_load(resume=resume)

@@ -1,35 +1,38 @@
 """HRDA (Hoyer et al., ECCV 2022): multi-resolution training with a learned scale attention.
 
-``HRDASegmentor`` wraps the semantic model of :class:`GBWPanopticSegmentor` (same encoder, same
-semantic head for both resolutions)::
+``HRDASegmentor`` wraps the model of :class:`GBWPanopticSegmentor` (same encoder, same heads for both
+resolutions)::
 
     training crop (H x W, e.g. 1024 x 1024)
-      |-- resize x CONTEXT_SCALE (0.5) --> context crop --> encoder --> semantic head --> context logits
-      |                                                            \\-> attention head --> sigmoid = a
+      |-- resize x CONTEXT_SCALE (0.5) --> context crop --> encoder --> heads --> context outputs
+      |                                                           \-> attention heads --> sigmoid = a
       |-- resize x DETAIL_SCALE (1.0), random DETAIL_CROP_SIZE box (512 x 512, corners multiples of
-          CROP_COORD_DIVISIBLE) --> detail crop --> encoder --> semantic head --> detail logits
+          CROP_COORD_DIVISIBLE) --> detail crop --> encoder --> heads --> detail outputs
 
-    fused = up(a) * detail logits (inserted at the box, 0 elsewhere) + up((1 - a) * context logits)
+    fused = up(a) * detail (inserted at the box, 0 elsewhere) + up((1 - a) * context)
 
 with ``a`` set to 0 outside the box (the context alone predicts there) and ``up`` the bilinear
-upsampling by DETAIL_SCALE / CONTEXT_SCALE to the detail grid (stride 4 of the detail image).
+upsampling by DETAIL_SCALE / CONTEXT_SCALE to the detail grid (stride 4 of the detail image). The class
+logits have a class-wise attention (``ATTENTION_CLASSWISE``); with the instance head, the center heatmap
+and the offsets (converted to input pixels first) are fused alike with a second attention head (one map
+for the center, one for both offset components).
 
-Losses: ``loss_sem_seg`` is the cross-entropy of the fused logits over the whole crop times
-``1 - DETAIL_LOSS_WEIGHT``; ``loss_sem_seg_detail`` that of the detail logits on the box's labels times
-``DETAIL_LOSS_WEIGHT`` (0.1). Both are GBW losses built from ``MODEL.GBW.SEM_SEG`` and each computes its
-own class weights from its own logits (logged as ``{prefix}/sem_seg/...`` and
-``{prefix}/sem_seg_detail/...``).
+Losses: each loss of :class:`GBWPanopticSegmentor` (``loss_sem_seg`` and, with the instance head,
+``loss_center``, ``loss_offset``) on the fused outputs over the whole crop, times
+``1 - DETAIL_LOSS_WEIGHT``, and its detail counterpart (``loss_sem_seg_detail``, ...) on the detail
+outputs and the box's targets, times ``DETAIL_LOSS_WEIGHT`` (0.1). The detail losses are copies of the
+fused ones (``MODEL.GBW.*``) and compute their own class weights (logged as ``{prefix}/sem_seg_detail/...``).
 
 Inference (:meth:`HRDASegmentor.predict_dense`, also the EMA teacher's pseudo-label prediction under
 DACS): the context is the whole input at CONTEXT_SCALE, the detail branch covers the whole input with
-sliding DETAIL_CROP_SIZE windows (stride half a window with DETAIL_SLIDE_OVERLAP) whose logits are
+sliding DETAIL_CROP_SIZE windows (stride half a window with DETAIL_SLIDE_OVERLAP) whose outputs are
 averaged, and the attention is not masked. At test time the model runs on sliding
 ``TEST_WINDOW_SIZE`` windows of the image (stride ``TEST_WINDOW_STRIDE``), averaged likewise.
 
 The feature distance of DACS compares the context features (:meth:`HRDASegmentor.extract_features`),
 as HRDA's ``feature_scale=0.5``.
 """
-import logging
+import copy
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -39,9 +42,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from ..gbw import GBWCrossEntropyLoss
 from .heads import _DAFormerHead, _decoder_config
-from .meta_arch import GBWPanopticSegmentor, _gbw_loss_kwargs
+from .meta_arch import GBWPanopticSegmentor
 
 __all__ = [
     "CropBox",
@@ -54,8 +56,6 @@ __all__ = [
     "ScaleAttentionHead",
     "HRDASegmentor",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 class CropBox(NamedTuple):
@@ -197,16 +197,22 @@ class ScaleAttentionHead(_DAFormerHead):
 
 @META_ARCH_REGISTRY.register()
 class HRDASegmentor(GBWPanopticSegmentor):
-    """Semantic segmentation with HRDA's context and detail crops, scale attention and detail loss
-    (see the module docstring); selected by ``MODEL.META_ARCHITECTURE "HRDASegmentor"``, configured by
-    ``MODEL.HRDA.*``. Semantic only: the instance head is not supported."""
+    """HRDA's context and detail crops, scale attention and detail losses around the model of
+    :class:`GBWPanopticSegmentor` (see the module docstring); selected by ``MODEL.META_ARCHITECTURE
+    "HRDASegmentor"``, configured by ``MODEL.HRDA.*``.
+
+    With the instance head, the center heatmap and the offsets are fused like the class logits, with
+    their own attention (one map for the center, one for both offset components) from a second attention
+    head, and get detail losses too; offsets are converted to input pixels before the fusion.
+    """
 
     @configurable
     def __init__(
         self,
         *,
         scale_attention: nn.Module,
-        detail_loss: GBWCrossEntropyLoss,
+        instance_attention: Optional[nn.Module],
+        detail_losses: Dict[str, nn.Module],
         context_scale: float,
         detail_scale: float,
         detail_crop_size: Sequence[int],
@@ -220,29 +226,37 @@ class HRDASegmentor(GBWPanopticSegmentor):
     ):
         """
         Args:
-            scale_attention: context features -> attention ``B x (C or 1) x h x w`` in [0, 1].
-            detail_loss: GBW cross-entropy of the detail logits (own class weights).
+            scale_attention: context features -> attention of the class logits, ``B x (C or 1) x h x w``
+                in [0, 1].
+            instance_attention: context features -> attention ``B x 2 x h x w`` of the center and the
+                offsets; None without instance head.
+            detail_losses: GBW losses of the detail predictions by output (``"sem_seg"`` and, with the
+                instance head, ``"center"``, ``"offset"``), each with its own class weights.
             context_scale, detail_scale: resize factors of the two crops (0.5, 1.0).
             detail_crop_size: (h, w) of the detail crop in detail-scale pixels.
             crop_coord_divisible: the detail box's corners are multiples of it (detail pixels); it must
                 be a multiple of the output stride times ``detail_scale / context_scale``.
-            detail_loss_weight: weight of the detail loss; the fused loss gets ``1 - detail_loss_weight``.
+            detail_loss_weight: weight of the detail losses; the fused losses get ``1 - detail_loss_weight``.
             detail_slide_inference: at inference, cover the detail image with sliding detail crops
                 (False: one pass over the whole detail image).
             detail_slide_overlap: stride of those windows half a crop (False: a whole crop).
             test_window_size, test_window_stride: (h, w) of the sliding windows of test-time inference
                 in input pixels; empty: the whole image in one pass.
-            kwargs: :class:`GBWPanopticSegmentor` arguments (without instance head).
+            kwargs: :class:`GBWPanopticSegmentor` arguments.
         """
         super().__init__(**kwargs)
-        if self.instance_on:
-            raise ValueError(
-                "HRDASegmentor is semantic only: set MODEL.INS_EMBED_HEAD.ENABLED False (the center/offset "
-                "head has no scale fusion)"
-            )
+        if self.instance_on != (instance_attention is not None):
+            raise ValueError("instance_attention must be given exactly when the model has an instance head")
+        if set(detail_losses) != set(super().gbw_losses()):
+            raise ValueError(f"detail_losses must cover {sorted(super().gbw_losses())}, got {sorted(detail_losses)}")
         if not 0 < context_scale < detail_scale:
             raise ValueError(
                 f"MODEL.HRDA.CONTEXT_SCALE={context_scale} must be > 0 and below DETAIL_SCALE={detail_scale}"
+            )
+        if self.instance_on and detail_scale != 1.0:
+            raise ValueError(
+                f"MODEL.HRDA.DETAIL_SCALE={detail_scale}: with the instance head the detail crop must be at the "
+                "input resolution (1.0), where the center and offset targets are"
             )
         ratio = detail_scale / context_scale
         if ratio != int(ratio):
@@ -267,7 +281,8 @@ class HRDASegmentor(GBWPanopticSegmentor):
                 f"{list(test_window_stride)} must both be (h, w), or both empty for whole-image inference"
             )
         self.scale_attention = scale_attention
-        self.detail_loss = detail_loss
+        self.instance_attention = instance_attention
+        self.detail_losses = nn.ModuleDict(detail_losses)
         self.context_scale = context_scale
         self.detail_scale = detail_scale
         self.upsample = int(ratio)
@@ -291,16 +306,17 @@ class HRDASegmentor(GBWPanopticSegmentor):
         decoder = _decoder_config(head_cfg, ret["backbone"].output_shape())
         decoder.pop("fusion_dilations")
         decoder["embed_dim"] = hrda.ATTENTION_EMBED_DIM
+        instance_on = cfg.MODEL.INS_EMBED_HEAD.ENABLED
+        # Detail losses: copies of the fused losses as built from MODEL.GBW.* (own class weights).
+        detail_losses = {"sem_seg": copy.deepcopy(ret["sem_seg_loss"])}
+        if instance_on:
+            detail_losses.update(center=copy.deepcopy(ret["center_loss"]), offset=copy.deepcopy(ret["offset_loss"]))
         ret.update(
             scale_attention=ScaleAttentionHead(
                 out_channels=head_cfg.NUM_CLASSES if hrda.ATTENTION_CLASSWISE else 1, **decoder
             ),
-            detail_loss=GBWCrossEntropyLoss(
-                head_cfg.NUM_CLASSES,
-                ignore_index=head_cfg.IGNORE_VALUE,
-                mode=cfg.MODEL.GBW.SEM_SEG.MODE,
-                **_gbw_loss_kwargs(cfg.MODEL.GBW.SEM_SEG),
-            ),
+            instance_attention=ScaleAttentionHead(out_channels=2, **decoder) if instance_on else None,
+            detail_losses=detail_losses,
             context_scale=hrda.CONTEXT_SCALE,
             detail_scale=hrda.DETAIL_SCALE,
             detail_crop_size=list(hrda.DETAIL_CROP_SIZE),
@@ -326,15 +342,42 @@ class HRDASegmentor(GBWPanopticSegmentor):
         compares."""
         return self.backbone(self._resize(images, self.context_scale))
 
-    def _context(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(context logits, attention), both on the context prediction grid."""
-        return self.sem_seg_head(features), self.scale_attention(features)
+    def _heads(self, features: Dict[str, torch.Tensor], scale: float) -> Dict[str, torch.Tensor]:
+        """The heads' outputs on their stride-``output_stride`` grid for the features of an input resized
+        by ``scale``: ``"sem_seg"`` and, with the instance head, ``"center"`` and ``"offset"`` (converted
+        to pixels of the unresized input)."""
+        outputs = {"sem_seg": self.sem_seg_head(features)}
+        if self.instance_on:
+            outputs["center"], offset = self.ins_embed_head(features)
+            outputs["offset"] = offset / scale
+        return outputs
 
-    def _detail_grid_size(self, images: torch.Tensor) -> Tuple[int, int]:
-        """(H, W) of the fused prediction: the detail image's stride-``output_stride`` grid."""
-        height, width = images.shape[-2:]
-        factor = self.detail_scale / self.output_stride
-        return int(height * factor), int(width * factor)
+    def _attention(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The attention of each output (keys of :meth:`_heads`) from the context features."""
+        attention = {"sem_seg": self.scale_attention(features)}
+        if self.instance_on:
+            instance = self.instance_attention(features)
+            attention["center"], attention["offset"] = instance[:, :1], instance[:, 1:]
+        return attention
+
+    def _fuse(
+        self,
+        context: Dict[str, torch.Tensor],
+        attention: Dict[str, torch.Tensor],
+        detail: Dict[str, torch.Tensor],
+        size: Tuple[int, int],
+        detail_box: Optional[CropBox] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """:func:`fuse_scales` of every output, upsampled to ``size`` (the input's)."""
+        return {
+            name: F.interpolate(
+                fuse_scales(context[name], attention[name], detail[name], self.upsample, detail_box),
+                size=size,
+                mode="bilinear",
+                align_corners=False,
+            )
+            for name in context
+        }
 
     def _check_input_size(self, images: torch.Tensor) -> None:
         height, width = images.shape[-2:]
@@ -346,96 +389,125 @@ class HRDASegmentor(GBWPanopticSegmentor):
             )
 
     def predict_dense(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Fused logits of normalised images B x 3 x H x W: the whole image as context, the detail branch
-        over the whole image (sliding DETAIL_CROP_SIZE windows with DETAIL_SLIDE_INFERENCE), unmasked
-        attention.
+        """Fused predictions of normalised images B x 3 x H x W: the whole image as context, the detail
+        branch over the whole image (sliding DETAIL_CROP_SIZE windows with DETAIL_SLIDE_INFERENCE),
+        unmasked attention.
 
         Returns:
-            ``"sem_seg"``: B x C x H x W logits.
+            ``"sem_seg"``: B x C x H x W logits; with the instance head also ``"center"``: B x 1 x H x W
+            and ``"offset"``: B x 2 x H x W (dy, dx) in input pixels.
         """
         self._check_input_size(images)
-        context_logits, attention = self._context(self.extract_features(images))
+        features = self.extract_features(images)
+        context = self._heads(features, self.context_scale)
         detail_images = self._resize(images, self.detail_scale)
         if self.detail_slide_inference:
             boxes = sliding_windows(*detail_images.shape[-2:], self.detail_crop_size, self.detail_slide_stride)
             windows = torch.cat([crop(detail_images, box) for box in boxes])
-            detail_logits = average_windows(
-                self.sem_seg_head(self.backbone(windows)), boxes, self._detail_grid_size(images), self.output_stride
-            )
+            window_outputs = self._heads(self.backbone(windows), self.detail_scale)
+            grid = tuple(side // self.output_stride for side in detail_images.shape[-2:])
+            detail = {
+                name: average_windows(value, boxes, grid, self.output_stride) for name, value in window_outputs.items()
+            }
         else:
-            detail_logits = self.sem_seg_head(self.backbone(detail_images))
-        fused = fuse_scales(context_logits, attention, detail_logits, self.upsample)
-        return {"sem_seg": F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False)}
+            detail = self._heads(self.backbone(detail_images), self.detail_scale)
+        return self._fuse(context, self._attention(features), detail, tuple(images.shape[-2:]))
 
     def predict_windows(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Test-time prediction: :meth:`predict_dense` on sliding TEST_WINDOW_SIZE windows (all windows in
-        one batch), logits averaged where they overlap; the whole image when TEST_WINDOW_SIZE is empty.
+        one batch), averaged where they overlap; the whole image when TEST_WINDOW_SIZE is empty.
 
         Returns:
-            ``"sem_seg"``: B x C x H x W logits.
+            as :meth:`predict_dense`.
         """
         if not self.test_window_size:
             return self.predict_dense(images)
         boxes = sliding_windows(*images.shape[-2:], self.test_window_size, self.test_window_stride)
-        logits = self.predict_dense(torch.cat([crop(images, box) for box in boxes]))["sem_seg"]
-        return {"sem_seg": average_windows(logits, boxes, tuple(images.shape[-2:]))}
+        windows = self.predict_dense(torch.cat([crop(images, box) for box in boxes]))
+        return {name: average_windows(value, boxes, tuple(images.shape[-2:])) for name, value in windows.items()}
 
     # ------------------------------------------------------------------ training
     def training_predictions(self, images: torch.Tensor) -> Dict:
         """One training pass of HRDA on normalised images B x 3 x H x W.
 
         Returns:
-            ``"sem_seg"``: fused logits B x C x H x W (upsampled from the detail grid);
-            ``"detail"``: detail logits B x C x h x w (the detail crop's size at DETAIL_SCALE);
-            ``"detail_box"``: the detail crop's :class:`CropBox` in detail-scale input pixels;
-            ``"features"``: the context features (:meth:`extract_features`).
+            ``"fused"``: the fused outputs at input size (as :meth:`predict_dense`, attention masked
+            outside the detail crop); ``"detail"``: the detail outputs upsampled to the detail crop's
+            size (``B x K x h x w``, offsets in input pixels); ``"detail_box"``: the detail crop's
+            :class:`CropBox` in detail-scale input pixels; ``"features"``: the context features
+            (:meth:`extract_features`).
         """
         self._check_input_size(images)
         features = self.extract_features(images)
-        context_logits, attention = self._context(features)
         detail_images = self._resize(images, self.detail_scale)
         box = random_crop_box(*detail_images.shape[-2:], self.detail_crop_size, self.crop_coord_divisible)
-        detail_logits = self.sem_seg_head(self.backbone(crop(detail_images, box)))
-        fused = fuse_scales(
-            context_logits, attention, detail_logits, self.upsample, scale_box(box, self.output_stride)
+        detail = self._heads(self.backbone(crop(detail_images, box)), self.detail_scale)
+        fused = self._fuse(
+            self._heads(features, self.context_scale),
+            self._attention(features),
+            detail,
+            tuple(images.shape[-2:]),
+            scale_box(box, self.output_stride),
         )
+        box_size = (box.bottom - box.top, box.right - box.left)
         return {
-            "sem_seg": F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False),
-            "detail": F.interpolate(
-                detail_logits, size=(box.bottom - box.top, box.right - box.left), mode="bilinear", align_corners=False
-            ),
+            "fused": fused,
+            "detail": {
+                name: F.interpolate(value, size=box_size, mode="bilinear", align_corners=False)
+                for name, value in detail.items()
+            },
             "detail_box": box,
             "features": features,
         }
 
-    def _detail_targets(
-        self, batched_inputs: List[Dict], size: Tuple[int, int], box: CropBox
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Labels and pixel weights (or None) of the detail box, from the targets padded to ``size``
-        (the padded input size) and resized to DETAIL_SCALE (nearest)."""
-        labels = self._batch_target(batched_inputs, "sem_seg", size, self.ignore_value).long()
-        weights = None
+    def _detail_targets(self, batched_inputs: List[Dict], size: Tuple[int, int], box: CropBox) -> Dict:
+        """The targets of the detail box, from the targets padded to ``size`` (the padded input size) and
+        resized to DETAIL_SCALE (nearest): ``"sem_seg"``, ``"sem_seg_weights"`` (None when no input has
+        weights) and, with the instance head, ``"center"``, ``"center_weights"``, ``"offset"``,
+        ``"offset_weights"`` (zeros for inputs without them, as :meth:`losses`)."""
+        targets = {"sem_seg": self._batch_target(batched_inputs, "sem_seg", size, self.ignore_value).long()}
+        targets["sem_seg_weights"] = None
         if any("sem_seg_weights" in x for x in batched_inputs):
-            weights = self._batch_target(batched_inputs, "sem_seg_weights", size, default=1.0).float()
-        if self.detail_scale != 1.0:
+            weights = self._batch_target(batched_inputs, "sem_seg_weights", size, default=1.0)
+            targets["sem_seg_weights"] = weights.float()
+        if self.instance_on:
+            targets["center"] = self._batch_target(batched_inputs, "center", size, channels=(1,)).float()
+            targets["center_weights"] = self._batch_target(batched_inputs, "center_weights", size).float()
+            targets["offset"] = self._batch_target(batched_inputs, "offset", size, channels=(2,)).float()
+            targets["offset_weights"] = self._batch_target(batched_inputs, "offset_weights", size).float()
+        if self.detail_scale != 1.0:  # semantic only (checked at construction)
             detail_size = tuple(int(side * self.detail_scale) for side in size)
-            labels = F.interpolate(labels[:, None].float(), size=detail_size, mode="nearest")[:, 0].long()
-            if weights is not None:
-                weights = F.interpolate(weights[:, None], size=detail_size, mode="nearest")[:, 0]
-        return crop(labels, box), None if weights is None else crop(weights, box)
+            for name in ("sem_seg", "sem_seg_weights"):
+                if targets[name] is not None:
+                    resized = F.interpolate(targets[name][:, None].float(), size=detail_size, mode="nearest")[:, 0]
+                    targets[name] = resized.to(targets[name].dtype)
+        return {name: None if value is None else crop(value, box) for name, value in targets.items()}
 
     def hrda_losses(
         self, predictions: Dict, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"
     ) -> Dict[str, torch.Tensor]:
-        """``loss_sem_seg`` (fused, x (1 - DETAIL_LOSS_WEIGHT)) and ``loss_sem_seg_detail`` (x
-        DETAIL_LOSS_WEIGHT) of :meth:`training_predictions` outputs, both x SEM_SEG_HEAD.LOSS_WEIGHT."""
-        size = predictions["sem_seg"].shape[-2:]
-        labels, weights = self._detail_targets(batched_inputs, size, predictions["detail_box"])
-        detail = self.detail_loss(predictions["detail"], labels, weights)
-        # The fused loss logs the class weights of both GBW losses.
-        losses = self.losses({"sem_seg": predictions["sem_seg"]}, batched_inputs, gbw_log_prefix)
-        losses["loss_sem_seg"] = losses["loss_sem_seg"] * (1.0 - self.detail_loss_weight)
-        losses["loss_sem_seg_detail"] = detail * self.sem_seg_loss_weight * self.detail_loss_weight
+        """The losses of :meth:`training_predictions` outputs: those of :meth:`losses` on the fused
+        outputs over the whole crop, times ``1 - DETAIL_LOSS_WEIGHT``, and ``loss_<output>_detail`` on the
+        detail crop (same loss weights) times ``DETAIL_LOSS_WEIGHT``."""
+        size = predictions["fused"]["sem_seg"].shape[-2:]
+        targets = self._detail_targets(batched_inputs, size, predictions["detail_box"])
+        detail = predictions["detail"]
+        labels = targets["sem_seg"]
+        sem_seg_loss = self.detail_losses["sem_seg"](detail["sem_seg"], labels, targets["sem_seg_weights"])
+        detail_losses = {"loss_sem_seg_detail": sem_seg_loss * self.sem_seg_loss_weight}
+        if self.instance_on:
+            center_loss = self.detail_losses["center"](
+                detail["center"], targets["center"], labels, targets["center_weights"]
+            )
+            offset_loss = self.detail_losses["offset"](
+                detail["offset"], targets["offset"], labels, targets["offset_weights"]
+            )
+            detail_losses["loss_center_detail"] = center_loss * self.center_loss_weight
+            detail_losses["loss_offset_detail"] = offset_loss * self.offset_loss_weight
+        # Computed last, so that it logs the class weights of every GBW loss of this pass.
+        losses = self.losses(predictions["fused"], batched_inputs, gbw_log_prefix)
+        losses = {name: value * (1.0 - self.detail_loss_weight) for name, value in losses.items()}
+        losses.update({name: value * self.detail_loss_weight for name, value in detail_losses.items()})
         return losses
 
     def losses_and_features(
@@ -446,12 +518,14 @@ class HRDASegmentor(GBWPanopticSegmentor):
         return self.hrda_losses(predictions, batched_inputs, gbw_log_prefix), predictions["features"]
 
     def gbw_losses(self) -> Dict[str, nn.Module]:
-        """``sem_seg`` (fused) and ``sem_seg_detail``."""
-        return {"sem_seg": self.sem_seg_loss, "sem_seg_detail": self.detail_loss}
+        """The fused losses (as :class:`GBWPanopticSegmentor`) and the detail ones as ``<output>_detail``."""
+        modules = super().gbw_losses()
+        modules.update({f"{name}_detail": module for name, module in self.detail_losses.items()})
+        return modules
 
     def forward(self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"):
-        """As :meth:`GBWPanopticSegmentor.forward`; training returns ``loss_sem_seg`` and
-        ``loss_sem_seg_detail``, inference uses :meth:`predict_windows`."""
+        """As :meth:`GBWPanopticSegmentor.forward`; training returns the losses of :meth:`hrda_losses`,
+        inference uses :meth:`predict_windows`."""
         if self.training:
             return self.losses_and_features(batched_inputs, gbw_log_prefix)[0]
         images = self.preprocess_image(batched_inputs)
