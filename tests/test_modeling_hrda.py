@@ -2,6 +2,8 @@
 training, evaluation and resume through the UDA trainer on the synthetic benchmark."""
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -448,3 +450,20 @@ def test_killed_and_resumed_hrda_run_equals_uninterrupted(synthetic_datasets, tm
         assert expected.keys() == actual.keys()
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_bench_hrda_writes_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO_ROOT / "tools" / "bench_hrda.py"), "--methods", "source_only"]
+    command += ["--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ratio HRDA / single-scale" in result.stdout
+    report = json.loads(out.read_text())
+    arms = report["results"]["source_only"]["arms"]
+    assert set(arms) == {"single-scale", "HRDA"}
+    for stats in arms.values():
+        assert stats["min_s"] <= stats["median_s"] <= stats["max_s"] and stats["step_memory_mib"] > 0
+    ratios = report["results"]["source_only"]["ratios"]
+    assert ratios["time_hrda_over_single_scale"] > 0 and ratios["step_memory_hrda_over_single_scale"] > 0

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
+from bench_gbw import _cpu_name
 from tabulate import tabulate
 
 from detectron2.config import CfgNode, get_cfg
@@ -214,10 +215,11 @@ def main() -> None:
              f"{ratios['step_memory_hrda_over_single_scale']:.2f}x"]
         )  # fmt: skip
     machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "python": platform.python_version(),
         "load_average": os.getloadavg(),
     }
     print(f"preset {args.preset}, device {device} ({machine['device']}), {machine['torch_threads']} torch threads")
