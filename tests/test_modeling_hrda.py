@@ -166,6 +166,18 @@ def test_sliding_inference_equals_whole_image_inference_when_the_window_covers_t
         torch.testing.assert_close(model.predict_windows(images)["sem_seg"], model.predict_dense(images)["sem_seg"])
 
 
+def test_dense_prediction_of_an_unaligned_image_is_that_of_the_padded_image():
+    # The DACS teacher predicts on target crops stacked without padding (e.g. 60 x 90 here).
+    model = _model().eval()
+    images = model.preprocess_image(_batch(height=64, width=96)).tensor
+    unaligned = images[..., :60, :90]
+    padded = torch.nn.functional.pad(unaligned, (0, 6, 0, 4))
+    with torch.no_grad():
+        dense = model.predict_dense(unaligned)["sem_seg"]
+        torch.testing.assert_close(dense, model.predict_dense(padded)["sem_seg"][..., :60, :90])
+    assert dense.shape == (2, 19, 60, 90)
+
+
 def test_sliding_detail_windows_average_the_per_window_predictions():
     model = _model().eval()  # 32x32 detail windows, stride 16, on a 64x96 image
     images = model.preprocess_image(_batch(height=64, width=96)).tensor

@@ -391,13 +391,18 @@ class HRDASegmentor(GBWPanopticSegmentor):
     def predict_dense(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Fused predictions of normalised images B x 3 x H x W: the whole image as context, the detail
         branch over the whole image (sliding DETAIL_CROP_SIZE windows with DETAIL_SLIDE_INFERENCE),
-        unmasked attention.
+        unmasked attention. Images of any size: they are padded (0, the mean colour) to a multiple of
+        CROP_COORD_DIVISIBLE / DETAIL_SCALE and the outputs cropped back.
 
         Returns:
             ``"sem_seg"``: B x C x H x W logits; with the instance head also ``"center"``: B x 1 x H x W
             and ``"offset"``: B x 2 x H x W (dy, dx) in input pixels.
         """
-        self._check_input_size(images)
+        height, width = images.shape[-2:]
+        step = int(self.crop_coord_divisible / self.detail_scale)
+        if height % step or width % step:
+            padded = F.pad(images, (0, -width % step, 0, -height % step))
+            return {name: value[..., :height, :width] for name, value in self.predict_dense(padded).items()}
         features = self.extract_features(images)
         context = self._heads(features, self.context_scale)
         detail_images = self._resize(images, self.detail_scale)
