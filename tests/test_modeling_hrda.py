@@ -262,12 +262,13 @@ def test_panoptic_hrda_fuses_and_supervises_center_and_offset():
     def stacked(key):
         return torch.stack([x[key] for x in batch])
 
-    # EDAPS normalisation: MSE x 10 / sum of center weights, L1 x 0.1 / sum of offset weights.
+    # EDAPS: MSE x 10 / sum of center weights, 0 above 14; L1 x 0.1 / (2 x sum of offset weights).
     def center_loss(prediction, target, weights):
-        return 10.0 * ((prediction - target) ** 2 * weights[:, None]).sum() / weights.sum()
+        loss = 10.0 * ((prediction - target) ** 2 * weights[:, None]).sum() / weights.sum()
+        return torch.where(loss > 14.0, 0.0, loss)
 
     def offset_loss(prediction, target, weights):
-        return 0.1 * ((prediction - target).abs() * weights[:, None]).sum() / weights.sum()
+        return 0.1 * ((prediction - target).abs() * weights[:, None]).sum() / (2 * weights.sum())
 
     fused, detail = predictions["fused"], predictions["detail"]
     center, center_weights = stacked("center"), stacked("center_weights")

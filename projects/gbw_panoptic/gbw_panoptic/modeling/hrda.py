@@ -469,7 +469,8 @@ class HRDASegmentor(GBWPanopticSegmentor):
         """The targets of the detail box, from the targets padded to ``size`` (the padded input size) and
         resized to DETAIL_SCALE (nearest): ``"sem_seg"``, ``"sem_seg_weights"`` (None when no input has
         weights) and, with the instance head, ``"center"``, ``"center_weights"``, ``"offset"``,
-        ``"offset_weights"`` (zeros for inputs without them, as :meth:`losses`)."""
+        ``"offset_weights"`` (zeros for inputs without them, as :meth:`losses`) and ``"center_class"``
+        (:meth:`center_pixel_classes`)."""
         targets = {"sem_seg": self._batch_target(batched_inputs, "sem_seg", size, self.ignore_value).long()}
         targets["sem_seg_weights"] = None
         if any("sem_seg_weights" in x for x in batched_inputs):
@@ -480,6 +481,7 @@ class HRDASegmentor(GBWPanopticSegmentor):
             targets["center_weights"] = self._batch_target(batched_inputs, "center_weights", size).float()
             targets["offset"] = self._batch_target(batched_inputs, "offset", size, channels=(2,)).float()
             targets["offset_weights"] = self._batch_target(batched_inputs, "offset_weights", size).float()
+            targets["center_class"] = self.center_pixel_classes(batched_inputs, size, targets["sem_seg"])
         if self.detail_scale != 1.0:  # semantic only (checked at construction)
             detail_size = tuple(int(side * self.detail_scale) for side in size)
             for name in ("sem_seg", "sem_seg_weights"):
@@ -501,13 +503,16 @@ class HRDASegmentor(GBWPanopticSegmentor):
         sem_seg_loss = self.detail_losses["sem_seg"](detail["sem_seg"], labels, targets["sem_seg_weights"])
         detail_losses = {"loss_sem_seg_detail": sem_seg_loss * self.sem_seg_loss_weight}
         if self.instance_on:
-            center_loss = self.detail_losses["center"](
-                detail["center"], targets["center"], labels, targets["center_weights"]
+            detail_losses["loss_center_detail"] = self.weighted_center_loss(
+                self.detail_losses["center"],
+                detail["center"],
+                targets["center"],
+                targets["center_class"],
+                targets["center_weights"],
             )
             offset_loss = self.detail_losses["offset"](
                 detail["offset"], targets["offset"], labels, targets["offset_weights"]
             )
-            detail_losses["loss_center_detail"] = center_loss * self.center_loss_weight
             detail_losses["loss_offset_detail"] = offset_loss * self.offset_loss_weight
         # Computed last, so that it logs the class weights of every GBW loss of this pass.
         losses = self.losses(predictions["fused"], batched_inputs, gbw_log_prefix)
