@@ -227,7 +227,7 @@ def test_losses_follow_hrda_weights_and_every_head_gets_a_gradient():
 
 
 def test_gbw_weights_the_fused_and_the_detail_loss_separately():
-    model = _model(["MODEL.GBW.SEM_SEG.ENABLED", True, "MODEL.GBW.SEM_SEG.LAMBDA", 0.1]).train()
+    model = _model(["MODEL.GBW.SEM_SEG.ENABLED", True, "MODEL.GBW.SEM_SEG.LAMBDA", 0.1, "UDA.LOG_PERIOD", 1]).train()
     with EventStorage() as storage:
         losses = model(_batch(height=64, width=96), gbw_log_prefix="gbw/source")
         logged = {name: value for name, (value, _) in storage.latest().items()}
@@ -335,6 +335,9 @@ def test_every_hrda_config_builds_hrda_with_the_published_settings():
             assert (hrda.DETAIL_LOSS_WEIGHT, hrda.CROP_COORD_DIVISIBLE, hrda.ATTENTION_CLASSWISE) == (0.1, 8, True)
             assert (list(cfg.INPUT.CROP.SIZE), list(cfg.UDA.PSEUDO_LABEL_MARGINS)) == ([1024, 1024], [30, 240, 30, 30])
             assert cfg.MODEL.GBW.SEM_SEG.ENABLED == gbw and cfg.MODEL.META_ARCHITECTURE == "HRDASegmentor"
+            source = [1440, 2560] if config == "gta2cityscapes" else [1520, 2560]
+            assert (list(cfg.INPUT.SOURCE_BASE_SIZE), list(cfg.INPUT.TARGET_BASE_SIZE)) == (source, [1024, 2048])
+            assert cfg.DATALOADER.RCS.MIN_CROP_RATIO == 2.0
 
 
 # ---------------------------------------------------------------------- pseudo-label margins
