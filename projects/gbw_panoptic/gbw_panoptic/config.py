@@ -6,7 +6,7 @@ under ``configs/`` are the bases and their ``*_gbw.yaml`` variants switch it on.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_gbw_panoptic_config"]
+__all__ = ["add_gbw_panoptic_config", "add_hrda_config"]
 
 
 def _gbw_loss_node() -> CN:
@@ -210,6 +210,35 @@ def add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.MAX_ITER = 40000
 
 
+def add_hrda_config(cfg: CN) -> None:
+    """``MODEL.HRDA.*`` (``MODEL.META_ARCHITECTURE "HRDASegmentor"``) and ``UDA.PSEUDO_LABEL_MARGINS``:
+    HRDA's multi-resolution training (Hoyer et al., ECCV 2022); defaults are HRDA's published values."""
+    cfg.MODEL.HRDA = CN()
+    # Resize factors of the context crop (the whole training crop) and of the detail crop.
+    cfg.MODEL.HRDA.CONTEXT_SCALE = 0.5
+    cfg.MODEL.HRDA.DETAIL_SCALE = 1.0
+    # (h, w) of the detail crop, in detail-scale pixels; its corners are multiples of
+    # CROP_COORD_DIVISIBLE (output stride 4 x scale ratio 2 = 8) so that both predictions align.
+    cfg.MODEL.HRDA.DETAIL_CROP_SIZE = [512, 512]
+    cfg.MODEL.HRDA.CROP_COORD_DIVISIBLE = 8
+    # Weight of the detail crop's own loss; the fused loss gets 1 - DETAIL_LOSS_WEIGHT.
+    cfg.MODEL.HRDA.DETAIL_LOSS_WEIGHT = 0.1
+    # Scale attention: one map per class (False: one for all), decoder width.
+    cfg.MODEL.HRDA.ATTENTION_CLASSWISE = True
+    cfg.MODEL.HRDA.ATTENTION_EMBED_DIM = 256
+    # Inference (teacher pseudo-labels, test): the detail branch slides DETAIL_CROP_SIZE windows over the
+    # whole input, with stride half a window when DETAIL_SLIDE_OVERLAP.
+    cfg.MODEL.HRDA.DETAIL_SLIDE_INFERENCE = True
+    cfg.MODEL.HRDA.DETAIL_SLIDE_OVERLAP = True
+    # Test-time sliding windows over the image (input pixels); [] = the whole image at once.
+    cfg.MODEL.HRDA.TEST_WINDOW_SIZE = [1024, 1024]
+    cfg.MODEL.HRDA.TEST_WINDOW_STRIDE = [512, 512]
+    # Pseudo-label margins (top, bottom, left, right) in pixels of the original target image, marked in
+    # the data loader before the crop, so that they only count where a crop reaches the image border
+    # (HRDA: 30, 240, 30, 30 on Cityscapes, with PSEUDO_WEIGHT_IGNORE_TOP/BOTTOM 0). Zeros: off.
+    cfg.UDA.PSEUDO_LABEL_MARGINS = [0, 0, 0, 0]
+
+
 def add_gbw_panoptic_config(cfg: CN) -> None:
     """Add every gbw-panoptic key to a Detectron2 config (``detectron2.config.get_cfg()``)."""
     add_gbw_config(cfg)
@@ -217,3 +246,4 @@ def add_gbw_panoptic_config(cfg: CN) -> None:
     add_data_config(cfg)
     add_uda_config(cfg)
     add_solver_config(cfg)
+    add_hrda_config(cfg)

@@ -25,7 +25,7 @@ Every label tensor is aligned with ``"image"`` (same transforms, nearest-neighbo
 """
 import copy
 import logging
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -154,6 +154,7 @@ class GBWPanopticDatasetMapper:
         load_labels: bool,
         target_generator: Optional[PanopticTargetGenerator] = None,
         rcs_min_crop_pixels: float = 0.0,
+        pseudo_label_margins: Sequence[int] = (0, 0, 0, 0),
     ):
         """
         Args:
@@ -165,7 +166,16 @@ class GBWPanopticDatasetMapper:
             target_generator: builds the instance targets from the panoptic labels; None for a
                 semantic-only model.
             rcs_min_crop_pixels: pixels of the drawn rare class a crop must exceed (0: no redraws).
+            pseudo_label_margins: (top, bottom, left, right) pixels of the original image where
+                pseudo-labels are not trusted; when any is > 0, the output has ``"pseudo_label_valid"``
+                (bool ``HxW``, False in the margins, transformed with the image).
         """
+        if len(pseudo_label_margins) != 4 or min(pseudo_label_margins) < 0:
+            raise ValueError(
+                f"UDA.PSEUDO_LABEL_MARGINS={list(pseudo_label_margins)} must be 4 pixel counts >= 0 "
+                "(top, bottom, left, right)"
+            )
+        self.pseudo_label_margins = tuple(pseudo_label_margins)
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
@@ -203,6 +213,7 @@ class GBWPanopticDatasetMapper:
             "load_labels": load_labels,
             "target_generator": generator,
             "rcs_min_crop_pixels": cfg.DATALOADER.RCS.MIN_CROP_RATIO * cfg.DATALOADER.RCS.MIN_PIXELS,
+            "pseudo_label_margins": cfg.UDA.PSEUDO_LABEL_MARGINS if is_train and not load_labels else (0, 0, 0, 0),
         }
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -228,6 +239,12 @@ class GBWPanopticDatasetMapper:
                 aug_input = T.AugInput(image, sem_seg=semantic)
                 transforms = self.augmentations(aug_input)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        if any(self.pseudo_label_margins):
+            top, bottom, left, right = self.pseudo_label_margins
+            valid = np.zeros(image.shape[:2], dtype=np.uint8)
+            valid[top : image.shape[0] - bottom, left : image.shape[1] - right] = 1
+            valid = transforms.apply_segmentation(valid)
+            dataset_dict["pseudo_label_valid"] = torch.as_tensor(np.ascontiguousarray(valid) > 0)
 
         if semantic is not None:
             panoptic_file = dataset_dict.get("pan_seg_file_name")

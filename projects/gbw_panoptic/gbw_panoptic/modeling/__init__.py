@@ -1,16 +1,18 @@
 """The model: backbones, DAFormer heads, Panoptic-DeepLab post-processing and the meta-architecture.
 
-Importing this package registers ``GBWPanopticSegmentor`` (META_ARCH_REGISTRY), ``build_mit_backbone``
-and ``build_resnet_deeplab_stem_backbone`` (BACKBONE_REGISTRY), ``DAFormerSemSegHead``
-(SEM_SEG_HEADS_REGISTRY) and ``DAFormerInstanceHead`` (INS_EMBED_BRANCHES_REGISTRY).
+Importing this package registers ``GBWPanopticSegmentor`` and ``HRDASegmentor`` (META_ARCH_REGISTRY),
+``build_mit_backbone`` and ``build_resnet_deeplab_stem_backbone`` (BACKBONE_REGISTRY),
+``DAFormerSemSegHead`` (SEM_SEG_HEADS_REGISTRY) and ``DAFormerInstanceHead`` (INS_EMBED_BRANCHES_REGISTRY).
 """
 from .backbone import MixVisionTransformer, build_mit_backbone, build_resnet_deeplab_stem_backbone
 from .heads import DAFormerDecoder, DAFormerInstanceHead, DAFormerSemSegHead, build_ins_embed_head
 from .meta_arch import GBWPanopticSegmentor
+from .hrda import HRDASegmentor
 from .post_processing import find_instance_centers, get_panoptic_segmentation_batched, panoptic_to_segments
 
 __all__ = [
     "GBWPanopticSegmentor",
+    "HRDASegmentor",
     "MixVisionTransformer",
     "build_mit_backbone",
     "build_resnet_deeplab_stem_backbone",

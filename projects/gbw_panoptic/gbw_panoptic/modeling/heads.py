@@ -34,6 +34,7 @@ class DAFormerDecoder(nn.Module):
         embed_dim: int,
         fusion_dilations: List[int],
         norm: Union[str, Callable],
+        fusion_bottleneck: bool = True,
     ):
         """
         Args:
@@ -42,6 +43,9 @@ class DAFormerDecoder(nn.Module):
             embed_dim: channels of the per-level embeddings and of the fused output.
             fusion_dilations: dilations of the ASPP branches (1 = a 1x1 convolution).
             norm: Detectron2 norm name ("BN", "SyncBN", "GN", ...) or a callable.
+            fusion_bottleneck: follow the branches with the 3x3 bottleneck; False returns the single
+                branch of ``fusion_dilations`` directly (``[1]``: one 1x1 convolution, the fusion of
+                HRDA's scale-attention decoder).
         """
         super().__init__()
         missing = [name for name in in_features if name not in input_shape]
@@ -80,7 +84,9 @@ class DAFormerDecoder(nn.Module):
                     )
                 )
         self.aspp = nn.ModuleList(branches)
-        self.bottleneck = Conv2d(
+        if not fusion_bottleneck and len(branches) != 1:
+            raise ValueError(f"a decoder without bottleneck needs one fusion branch, got dilations {fusion_dilations}")
+        self.bottleneck = nn.Identity() if not fusion_bottleneck else Conv2d(
             embed_dim * len(branches),
             embed_dim,
             kernel_size=3,

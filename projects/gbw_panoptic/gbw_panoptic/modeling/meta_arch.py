@@ -366,24 +366,39 @@ class GBWPanopticSegmentor(nn.Module):
             center_weights = self._batch_target(batched_inputs, "center_weights", size).float()
             offset = self._batch_target(batched_inputs, "offset", size, channels=(2,)).float()
             offset_weights = self._batch_target(batched_inputs, "offset_weights", size).float()
-            center_class = labels
-            if self.center_pixel_class == "instance":
-                # Inputs without "center_class" (e.g. mixed target images) keep the semantic labels.
-                owner = self._batch_target(
-                    batched_inputs, "center_class", size, self.ignore_value, default=self.ignore_value
-                ).long()
-                center_class = torch.where(owner == self.ignore_value, labels, owner)
-            loss_center = self.center_loss(predictions["center"], center, center_class, center_weights)
-            loss_center = loss_center * self.center_loss_weight
-            if self.center_loss_zero_above > 0:
-                # EDAPS drops a diverging center loss; torch.where keeps it free of host syncs.
-                loss_center = torch.where(loss_center > self.center_loss_zero_above, 0.0, loss_center)
-            losses["loss_center"] = loss_center
+            center_class = self.center_pixel_classes(batched_inputs, size, labels)
+            losses["loss_center"] = self.weighted_center_loss(
+                self.center_loss, predictions["center"], center, center_class, center_weights
+            )
             losses["loss_offset"] = (
                 self.offset_loss(predictions["offset"], offset, labels, offset_weights) * self.offset_loss_weight
             )
         self.log_gbw_weights(gbw_log_prefix)
         return losses
+
+    def center_pixel_classes(self, batched_inputs: List[Dict], size, labels: torch.Tensor) -> torch.Tensor:
+        """The class of each center-heatmap pixel for GBW (B x H x W, padded to ``size``): ``labels`` or,
+        with ``center_pixel_class="instance"``, the ``"center_class"`` of the inputs where it is set."""
+        if self.center_pixel_class != "instance":
+            return labels
+        # Inputs without "center_class" (e.g. mixed target images) keep the semantic labels.
+        owner = self._batch_target(batched_inputs, "center_class", size, self.ignore_value, default=self.ignore_value)
+        return torch.where(owner.long() == self.ignore_value, labels, owner.long())
+
+    def weighted_center_loss(
+        self,
+        module: nn.Module,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        pixel_classes: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """``module``'s center loss x CENTER_LOSS_WEIGHT, replaced by 0 above ``center_loss_zero_above``."""
+        loss = module(prediction, target, pixel_classes, weights) * self.center_loss_weight
+        if self.center_loss_zero_above > 0:
+            # EDAPS drops a diverging center loss; torch.where keeps it free of host syncs.
+            loss = torch.where(loss > self.center_loss_zero_above, 0.0, loss)
+        return loss
 
     def gbw_losses(self) -> Dict[str, nn.Module]:
         """The GBW loss modules by log name: ``sem_seg`` and, with the instance head, ``center``, ``offset``."""

@@ -202,7 +202,11 @@ class DACS(UDAMethod):
             valid=target_valid,
             scope=self.pseudo_weight_scope,
         )
-        mixed, masks = self.mixed_batch(source_batch, target_images, pseudo.labels, pseudo.weights)
+        pseudo_weights = pseudo.weights
+        if all("pseudo_label_valid" in x for x in target_batch):
+            # UDA.PSEUDO_LABEL_MARGINS (HRDA): margins of the whole image, cropped with it by the mapper.
+            pseudo_weights = pseudo_weights * stack_field(target_batch, "pseudo_label_valid", device, 0, size)
+        mixed, masks = self.mixed_batch(source_batch, target_images, pseudo.labels, pseudo_weights)
         mixed_losses = runner.losses(mixed, gbw_log_prefix="gbw/mixed")
         runner.backward(sum(mixed_losses.values()))
         for name, value in mixed_losses.items():
