@@ -45,6 +45,8 @@ __all__ = ["GBWCrossEntropyLoss", "GBWRegressionLoss", "ActiveClasses"]
 ActiveClasses = Union[str, Sequence[int]]
 
 REGRESSION_NORMALIZERS = ("weight_sum", "channel_weight_sum", "mean")
+# The named choices of ``active_classes`` (a sequence of class ids is the third form).
+ACTIVE_CLASS_MODES = ("all", "present")
 
 
 class _ClassWeighting(nn.Module):
@@ -87,9 +89,9 @@ class _ClassWeighting(nn.Module):
         self.ema_momentum = ema_momentum
         self.active_classes = active_classes
         if isinstance(active_classes, str):
-            if active_classes not in ("all", "present"):
+            if active_classes not in ACTIVE_CLASS_MODES:
                 raise ValueError(
-                    f"active_classes must be 'all', 'present' or a list of class ids, got {active_classes!r}"
+                    f"active_classes must be one of {ACTIVE_CLASS_MODES} or a list of class ids, got {active_classes!r}"
                 )
             fixed_active = torch.ones(num_classes, dtype=torch.bool)
         else:

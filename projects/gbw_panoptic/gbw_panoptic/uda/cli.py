@@ -1,7 +1,9 @@
 """The training / evaluation command line (``tools/train_net.py``), on Detectron2's argument parser
 (examples in :data:`EPILOG`)."""
 import argparse
+import logging
 import os
+import sys
 from typing import List, Optional
 
 import torch
@@ -15,18 +17,25 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_gbw_panoptic_config
 from ..env import collect_env_info
-from .checkpoint import AtomicCheckpointer, atomic_write
+from .checkpoint import AtomicCheckpointer, atomic_write, remove_stale_temporary_files
 from .launch import default_backend, launch
-from .trainer import UDATrainer
+from .output_lock import lock_output_dir, unlock_output_dir
+from .trainer import TrainingInterrupted, UDATrainer
 from .validate import check_uda_config
 
-__all__ = ["EPILOG", "load_config", "setup", "main", "run"]
+__all__ = ["EPILOG", "build_parser", "load_config", "setup", "main", "run"]
 
 EPILOG = """Examples:
   train:       tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml OUTPUT_DIR output/dacs_gbw
   resume:      tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --resume OUTPUT_DIR output/dacs_gbw
   evaluate:    tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/dacs_gbw/model_final.pth
   2 CPU procs: tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml --num-gpus 2 --dist-url auto
+
+One run per OUTPUT_DIR: a second run on a directory in use fails at once. SIGTERM or SIGINT (Ctrl-C) ends
+the current iteration, writes a checkpoint and exits with 128 + the signal number (143, 130); --resume
+continues exactly from it (a second signal abandons without a checkpoint). On --resume the learning
+rates and weight decay of the config win over those of the checkpoint (a warning names every change);
+all other optimizer and schedule state comes from the checkpoint.
 
 --num-gpus is the number of processes per machine: NCCL when MODEL.DEVICE is cuda, gloo on the CPU.
 SOLVER.IMS_PER_BATCH and DATASETS.TARGET_IMS_PER_BATCH are totals over all processes. UDA.METHOD is
@@ -35,15 +44,33 @@ pairs come last, after every flag, and override config keys (projects/gbw_panopt
 """
 
 
+def _check_weights(args: argparse.Namespace, cfg: CfgNode) -> None:
+    """``MODEL.WEIGHTS`` names an existing file; ``--eval-only`` has weights to evaluate: ``MODEL.WEIGHTS``,
+    or ``--resume`` with a checkpoint in ``OUTPUT_DIR``, or the explicit ``--eval-random-weights``."""
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS={weights!r}: no such file")
+    if not args.eval_only or weights or getattr(args, "eval_random_weights", False):
+        return
+    if args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    raise ValueError(
+        "--eval-only needs weights to evaluate: MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth), or --resume with "
+        f"a checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR} has none); --eval-random-weights evaluates a randomly "
+        "initialised model on purpose"
+    )
+
+
 def load_config(args: argparse.Namespace) -> CfgNode:
     """Detectron2's defaults + the project's keys, the ``--config-file``, then the ``KEY VALUE`` overrides;
-    checked (:func:`check_uda_config`) and frozen."""
+    checked (:func:`check_uda_config`, the weights to load) and frozen. Nothing is written."""
     cfg = get_cfg()
     add_gbw_panoptic_config(cfg)
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     check_uda_config(cfg)
+    _check_weights(args, cfg)
     cfg.freeze()
     return cfg
 
@@ -52,10 +79,14 @@ def setup(args: argparse.Namespace) -> CfgNode:
     """:func:`load_config`, then what Detectron2's ``default_setup`` does: output directory, loggers
     (``OUTPUT_DIR/log.txt``), environment and config in the log, ``OUTPUT_DIR/config.yaml``, seeds
     (``SEED + rank``; random when ``SEED < 0``). The environment report is the project's, which also
-    works with a Detectron2 built without its C++ extension."""
+    works with a Detectron2 built without its C++ extension. A single-process run locks ``OUTPUT_DIR``
+    first (:mod:`.output_lock`; the launcher of a multi-process run holds it for its processes); the
+    temporary files of interrupted writes in it are removed."""
     cfg = load_config(args)
     rank = comm.get_rank()
-    if comm.is_main_process():
+    if comm.get_world_size() == 1:
+        lock_output_dir(cfg.OUTPUT_DIR)
+    elif comm.is_main_process():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     for name in ("fvcore", "gbw_panoptic"):
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name[:3])
@@ -65,6 +96,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
     logger.info(f"Command line arguments: {args}")
     logger.info(f"Running with full config:\n{cfg.dump()}")
     if comm.is_main_process():
+        remove_stale_temporary_files(cfg.OUTPUT_DIR)  # this run holds the directory's lock
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
@@ -73,29 +105,59 @@ def setup(args: argparse.Namespace) -> CfgNode:
 
 
 def main(args: argparse.Namespace):
-    """Train (or, with ``--eval-only``, evaluate) in this process; returns the evaluation results."""
+    """Train (or, with ``--eval-only``, evaluate) in this process; returns the evaluation results.
+
+    Raises :class:`~gbw_panoptic.uda.trainer.TrainingInterrupted` after a SIGTERM / SIGINT checkpoint."""
     cfg = setup(args)
-    if args.eval_only:
-        model = UDATrainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return UDATrainer.test(cfg, model)
-    trainer = UDATrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    try:
+        if args.eval_only:
+            model = UDATrainer.build_model(cfg)
+            AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            return UDATrainer.test(cfg, model)
+        trainer = UDATrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        return trainer.train()
+    finally:
+        if comm.get_world_size() == 1:
+            unlock_output_dir(cfg.OUTPUT_DIR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Detectron2's argument parser with :data:`EPILOG` and ``--eval-random-weights``."""
+    parser = default_argument_parser(epilog=EPILOG)
+    parser.add_argument(
+        "--eval-random-weights",
+        action="store_true",
+        help="with --eval-only and no MODEL.WEIGHTS: evaluate the randomly initialised model (otherwise an error)",
+    )
+    return parser
 
 
 def run(argv: Optional[List[str]] = None) -> None:
     """Parse ``argv`` (default: ``sys.argv``) and launch :func:`main` on ``--num-gpus`` processes per machine
-    (NCCL when ``MODEL.DEVICE`` is CUDA, gloo on the CPU)."""
-    parser = default_argument_parser(epilog=EPILOG)
-    args = parser.parse_args(argv)
+    (NCCL when ``MODEL.DEVICE`` is CUDA, gloo on the CPU).
+
+    The config is checked and, for a multi-process run on machine rank 0, ``OUTPUT_DIR`` locked before any
+    process starts. A run stopped by SIGTERM / SIGINT exits with ``128 + signal`` after its checkpoint."""
+    args = build_parser().parse_args(argv)
     cfg = load_config(args)  # fail on a bad config before any process starts
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        backend=default_backend(cfg.MODEL.DEVICE),
-    )
+    multi_process = args.num_gpus * args.num_machines > 1
+    if multi_process and args.machine_rank == 0:
+        lock_output_dir(cfg.OUTPUT_DIR)
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            backend=default_backend(cfg.MODEL.DEVICE),
+        )
+    except TrainingInterrupted as e:
+        logging.getLogger(__name__).error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    finally:
+        if multi_process:
+            unlock_output_dir(cfg.OUTPUT_DIR)

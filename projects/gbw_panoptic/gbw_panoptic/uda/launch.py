@@ -3,9 +3,17 @@
 Detectron2 v0.6's ``detectron2.engine.launch`` hard-codes NCCL and requires one GPU per process; this
 launcher has the same arguments and semantics (one process per device on each machine, Detectron2's
 local process group set up, ``dist_url="auto"`` picks a free local port) plus a ``backend`` argument.
+
+SIGTERM / SIGINT sent to the launching process are forwarded to its processes, so that they checkpoint
+and stop together (:class:`~gbw_panoptic.uda.trainer.TrainingInterrupted`); a process stopped that way
+exits with ``128 + signal`` and the launcher raises ``TrainingInterrupted`` too.
 """
 import logging
+import os
+import signal
 import socket
+import sys
+import threading
 from datetime import timedelta
 from typing import Callable, Optional, Sequence
 
@@ -14,6 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detectron2.utils import comm
+
+from .trainer import STOP_SIGNALS, TrainingInterrupted
 
 __all__ = ["DEFAULT_TIMEOUT", "default_backend", "launch"]
 
@@ -67,13 +77,43 @@ def launch(
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     if dist_url is None:
         raise ValueError("a multi-process launch needs dist_url (e.g. 'auto' or 'tcp://HOST:PORT')")
-    mp.start_processes(
+    context = mp.start_processes(
         _distributed_worker,
         nprocs=num_processes_per_machine,
         args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, tuple(args), backend, timeout),
         daemon=False,
         start_method="spawn",
+        join=False,
     )
+    _join_forwarding_signals(context)
+
+
+def _join_forwarding_signals(context: mp.ProcessContext) -> None:
+    """Wait for the processes of ``context``, forwarding SIGTERM / SIGINT to them; a process that stopped
+    after a stop signal (exit code ``128 + signal``) raises :class:`TrainingInterrupted` here."""
+
+    def forward(signum: int, frame) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS} if in_main_thread else {}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        signum = e.exit_code - 128
+        if signum not in STOP_SIGNALS:
+            raise
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name}: process {e.error_index} stopped after writing a checkpoint; "
+            "--resume continues from it",
+            signum,
+        ) from e
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _distributed_worker(
@@ -107,5 +147,8 @@ def _distributed_worker(
     comm.synchronize()
     try:
         main_func(*args)
+    except TrainingInterrupted as e:
+        logging.getLogger(__name__).error(str(e))
+        sys.exit(128 + e.signum)
     finally:
         dist.destroy_process_group()

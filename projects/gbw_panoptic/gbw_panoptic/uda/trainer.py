@@ -6,13 +6,19 @@ the gradient scaler (AMP on CUDA). Hooks: iteration timer, LR schedule, checkpoi
 of every process), periodic evaluation on ``DATASETS.TEST``, and Detectron2's writers (console with ETA,
 ``metrics.json``, TensorBoard). The model logs its GBW class weights to the event storage as
 ``gbw/source/...`` and ``gbw/mixed/...``; the methods log their own scalars (``dacs/...``, ...).
+
+SIGTERM and SIGINT during :meth:`UDATrainer.train` end the current iteration (or abandon it, when its
+data can no longer be loaded), write a checkpoint of the last finished iteration and raise
+:class:`TrainingInterrupted`; ``--resume`` continues from it exactly. A second signal abandons at once.
 """
 import logging
 import os
+import signal
+import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,15 +32,95 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, get_event_storage
 
 from ..data import UDATrainLoader, build_test_loader, build_uda_train_loader
-from .checkpoint import AtomicCheckpointer, PeriodicCheckpointerWithRNG, preserved_rng_state, set_rng_state
+from .checkpoint import (
+    AtomicCheckpointer,
+    PeriodicCheckpointerWithRNG,
+    get_rng_state,
+    preserved_rng_state,
+    set_rng_state,
+)
 from .method import UDAMethod, build_uda_method
 from .optim import build_lr_scheduler, build_optimizer
 from .runner import StudentRunner
 from .validate import check_uda_config
 
-__all__ = ["UDATrainer"]
+__all__ = ["TrainingInterrupted", "UDATrainer"]
 
 logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingInterrupted(BaseException):
+    """Training stopped by a signal (a ``BaseException``, like ``KeyboardInterrupt``: not a failure).
+
+    Attributes:
+        signum: the signal number; the command line exits with ``128 + signum``.
+        checkpoint: the checkpoint written before stopping, or None (stopped before any new iteration,
+            or abandoned by a second signal).
+    """
+
+    def __init__(self, message: str, signum: int, checkpoint: Optional[str] = None):
+        super().__init__(message)
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class _StepAbandoned(Exception):
+    """The data of an iteration could not be loaded after a stop signal (e.g. the loader workers got it too)."""
+
+
+class _StopSignals:
+    """While entered (in the main thread), SIGTERM / SIGINT set :attr:`received` instead of killing the
+    process; a second signal, :data:`REPEAT_AFTER_S` or more after the first, raises
+    :class:`TrainingInterrupted` at once (copies of one signal, e.g. sent to the process group and
+    forwarded by the launcher, arrive closer together). Other threads install nothing."""
+
+    REPEAT_AFTER_S = 2.0
+
+    def __init__(self) -> None:
+        self.received: int = 0
+        self._received_at = 0.0
+        self._previous: Dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        self.received = 0
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            if time.monotonic() - self._received_at < self.REPEAT_AFTER_S:
+                return
+            raise TrainingInterrupted(f"{name} received twice: training abandoned without a new checkpoint", signum)
+        self.received, self._received_at = signum, time.monotonic()
+        logger.warning(
+            f"{name} received: finishing the current iteration, then writing a checkpoint and stopping "
+            f"(send {name} again to stop at once without a checkpoint)"
+        )
+
+
+class _StopOnSignal(hooks.HookBase):
+    """After an iteration during which a stop signal arrived (on any process): checkpoint and stop.
+
+    Registered last, after the periodic checkpointer, so an iteration it has just saved is not saved twice.
+    """
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        received = trainer.stop_signals.received
+        if comm.get_world_size() > 1:  # every process stops after the same iteration
+            received = max(comm.all_gather(received))
+        if received and trainer.iter < trainer.max_iter - 1:
+            saved = (trainer.iter + 1) % trainer.cfg.SOLVER.CHECKPOINT_PERIOD == 0
+            trainer.interrupt(received, trainer.iter, saved)
 
 
 def _clip_gradients(parameters: List[nn.Parameter], clip_cfg: CfgNode) -> None:
@@ -45,6 +131,30 @@ def _clip_gradients(parameters: List[nn.Parameter], clip_cfg: CfgNode) -> None:
         torch.nn.utils.clip_grad_norm_(parameters, clip_cfg.CLIP_VALUE, norm_type=clip_cfg.NORM_TYPE)
     else:
         raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={clip_cfg.CLIP_TYPE!r}; expected 'value' or 'norm'")
+
+
+def _rates(optimizer: torch.optim.Optimizer) -> List[Tuple[float, float]]:
+    """``(base learning rate, weight decay)`` of each parameter group (``initial_lr``: the schedule's base)."""
+    return [(group["initial_lr"], group["weight_decay"]) for group in optimizer.param_groups]
+
+
+def _restore_rates(
+    name: str, optimizer: torch.optim.Optimizer, scheduler, values: List[Tuple[float, float]]
+) -> List[str]:
+    """Put the config's ``values`` (:func:`_rates`) back into a just-loaded ``optimizer`` and its
+    ``scheduler``; the current learning rate keeps its place in the schedule. Returns what changed."""
+    changes = []
+    for index, (group, (base_lr, weight_decay)) in enumerate(zip(optimizer.param_groups, values)):
+        label = f"{name} group {group.get('name', index)}"
+        if group["initial_lr"] != base_lr:
+            changes.append(f"{label} base lr {group['initial_lr']:g} (checkpoint) -> {base_lr:g} (config)")
+            group["lr"] = group["lr"] * base_lr / group["initial_lr"] if group["initial_lr"] else base_lr
+            group["initial_lr"] = base_lr
+            scheduler.base_lrs[index] = base_lr
+        if group["weight_decay"] != weight_decay:
+            changes.append(f"{label} weight decay {group['weight_decay']:g} (checkpoint) -> {weight_decay:g} (config)")
+            group["weight_decay"] = weight_decay
+    return changes
 
 
 class UDATrainer(TrainerBase):
@@ -86,6 +196,7 @@ class UDATrainer(TrainerBase):
         self.method.train()
 
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.stop_signals = _StopSignals()
         self.rng_states: List[dict] = []
         self._resume_rng_states: List[dict] = []
         self.start_iter = 0
@@ -155,6 +266,7 @@ class UDATrainer(TrainerBase):
             PeriodicCheckpointerWithRNG(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
             hooks.EvalHook(cfg.TEST.EVAL_PERIOD, evaluate) if cfg.DATASETS.TEST else None,
             hooks.PeriodicWriter(self.build_writers(), period=cfg.UDA.LOG_PERIOD) if comm.is_main_process() else None,
+            _StopOnSignal(),
         ]
         return [hook for hook in ret if hook is not None]
 
@@ -181,13 +293,47 @@ class UDATrainer(TrainerBase):
                     f"The checkpoint holds RNG states of {len(self._resume_rng_states)} processes, this run has "
                     f"{comm.get_world_size()}; random generators are not restored"
                 )
-        super().train(self.start_iter, self.max_iter)
+        with self.stop_signals:
+            try:
+                super().train(self.start_iter, self.max_iter)
+            except _StepAbandoned:
+                last_iter = self.iter - 1
+                saved = (last_iter + 1) % self.cfg.SOLVER.CHECKPOINT_PERIOD == 0
+                self.interrupt(self.stop_signals.received, last_iter, saved)
         return getattr(self, "_last_eval_results", None)
+
+    def interrupt(self, signum: int, last_iter: int, saved: bool) -> None:
+        """Checkpoint the state after iteration ``last_iter`` (unless ``saved``: already on disk, or no
+        iteration ran) and raise :class:`TrainingInterrupted`. Collective: every process calls it after the
+        same iteration."""
+        checkpoint = None
+        if last_iter < self.start_iter:
+            where = "the checkpoint it started from (no iteration ran)"
+        elif saved:
+            where = f"the checkpoint of iteration {last_iter} already written"
+        else:
+            self.iter = last_iter
+            self.rng_states = comm.all_gather(get_rng_state())
+            self.checkpointer.save(f"model_{last_iter:07d}", iteration=last_iter)
+            checkpoint = self.checkpointer.get_checkpoint_file()
+            where = f"the checkpoint {checkpoint}"
+        comm.synchronize()  # no process exits while the checkpoint is being written
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name}: training stopped after iteration {last_iter} of {self.max_iter}; "
+            f"--resume with OUTPUT_DIR {self.cfg.OUTPUT_DIR} continues from {where}",
+            signum,
+            checkpoint,
+        )
 
     def run_step(self) -> None:
         assert self.model.training, "[UDATrainer] the student was switched to eval mode"
         start = time.perf_counter()
-        source_batch, target_batch = next(self._data_loader_iter)
+        try:
+            source_batch, target_batch = next(self._data_loader_iter)
+        except Exception as e:
+            if self.stop_signals.received:
+                raise _StepAbandoned() from e
+            raise
         data_time = time.perf_counter() - start
 
         self.method.before_step(self.model, self.iter)
@@ -228,6 +374,13 @@ class UDATrainer(TrainerBase):
         return ret
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore everything :meth:`state_dict` saved. The learning rates and weight decay of the config
+        win over the checkpoint's (a resumed run after a divergence may lower ``SOLVER.BASE_LR``); every
+        change is logged. Moments, step counts and the schedule's position come from the checkpoint."""
+        optimizers = {"student": (self.optimizer, self.scheduler)}
+        for name, optimizer in self.method.optimizers().items():
+            optimizers[name] = (optimizer, self.method.schedulers()[name])
+        config_values = {name: _rates(optimizer) for name, (optimizer, _) in optimizers.items()}
         super().load_state_dict(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
@@ -236,6 +389,17 @@ class UDATrainer(TrainerBase):
             optimizer.load_state_dict(state_dict["method_optimizers"][name])
         for name, scheduler in self.method.schedulers().items():
             scheduler.load_state_dict(state_dict["method_schedulers"][name])
+        changes = [
+            change
+            for name, (optimizer, scheduler) in optimizers.items()
+            for change in _restore_rates(name, optimizer, scheduler, config_values[name])
+        ]
+        if changes:
+            logger.warning(
+                "Resuming with learning rates / weight decay (SOLVER.BASE_LR, HEAD_LR_MULTIPLIER, WEIGHT_DECAY, "
+                "WEIGHT_DECAY_NORM, UDA.ADVENT.DISC_LR) that differ from the checkpoint's; the config wins: "
+                + "; ".join(changes)
+            )
         self._resume_rng_states = state_dict.get("rng_states", [])
         streams = self.data_loader.streams
         seeds = state_dict.get("data_stream_seeds", [])

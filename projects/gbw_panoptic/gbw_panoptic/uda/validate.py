@@ -1,12 +1,20 @@
-"""Checks of the UDA config keys, run before anything is built, with errors that say what to change."""
+"""Checks of the config keys, run before anything is built or written, with errors that name the full
+key, its value and what is expected. The allowed values come from the code that uses them."""
+from typing import Any, Sequence
+
 from detectron2.config import CfgNode
 
+from ..gbw.grad_norms import CE_MODES
+from ..gbw.losses import ACTIVE_CLASS_MODES
+from ..gbw.qp import LAMBDA_MODES, SOLVERS
 from .augment import CLASS_MIX_CANDIDATES
 from .dacs import PSEUDO_WEIGHT_SCOPES
 from .method import UDA_METHOD_REGISTRY, uda_method_names
 from .teacher import TEACHER_BATCH_NORM_MODES
 
-__all__ = ["check_uda_config"]
+__all__ = ["check_gbw_config", "check_uda_config"]
+
+GBW_LOSSES = ("SEM_SEG", "CENTER", "OFFSET")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -14,8 +22,39 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _require_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    _require(value in choices, f"{key}={value!r} is unknown; expected one of {tuple(choices)}")
+
+
+def check_gbw_config(cfg: CfgNode) -> None:
+    """Raise ``ValueError`` naming the key (e.g. ``MODEL.GBW.CENTER.LAMBDA_MODE``), its value and the
+    allowed values for an invalid ``MODEL.GBW.<LOSS>`` node; the same checks the GBW losses make when
+    they are built, done before anything is written."""
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    for loss in GBW_LOSSES:
+        node, prefix = cfg.MODEL.GBW[loss], f"MODEL.GBW.{loss}"
+        _require_choice(f"{prefix}.LAMBDA_MODE", node.LAMBDA_MODE, LAMBDA_MODES)
+        _require_choice(f"{prefix}.SOLVER", node.SOLVER, SOLVERS)
+        _require_choice(f"{prefix}.MODE", node.MODE, CE_MODES)
+        _require(node.LAMBDA > 0, f"{prefix}.LAMBDA={node.LAMBDA} must be > 0 (reference 1.0)")
+        _require(
+            0.0 <= node.EMA_MOMENTUM < 1.0, f"{prefix}.EMA_MOMENTUM={node.EMA_MOMENTUM} must lie in [0, 1) (reference 0)"
+        )
+        active = node.ACTIVE_CLASSES
+        if isinstance(active, str):
+            _require_choice(f"{prefix}.ACTIVE_CLASSES", active, ACTIVE_CLASS_MODES)
+        else:
+            _require(
+                len(active) > 0 and all(isinstance(c, int) and 0 <= c < num_classes for c in active),
+                f"{prefix}.ACTIVE_CLASSES={active!r}; expected one of {ACTIVE_CLASS_MODES} or a non-empty list of "
+                f"class ids in [0, {num_classes})",
+            )
+
+
 def check_uda_config(cfg: CfgNode) -> None:
-    """Raise ``ValueError`` naming the key, its value and what is expected for an invalid UDA config."""
+    """Raise ``ValueError`` naming the key, its value and what is expected for an invalid config
+    (``UDA.*``, ``SOLVER.MAX_ITER`` and, through :func:`check_gbw_config`, ``MODEL.GBW.*``)."""
+    check_gbw_config(cfg)
     methods = {cls.config_name: cls for _, cls in UDA_METHOD_REGISTRY}
     method = methods.get(cfg.UDA.METHOD)
     _require(method is not None, f"UDA.METHOD={cfg.UDA.METHOD!r} is unknown; expected one of {uda_method_names()}")
