@@ -36,6 +36,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .image_io import read_image
 from .panoptic_target import PanopticTargetGenerator
 
 __all__ = [
@@ -161,7 +162,7 @@ class GBWPanopticDatasetMapper:
             is_train: training mode (drops ``segments_info``, whose areas and boxes no longer
                 match the augmented labels).
             augmentations: applied to the image and, aligned, to the labels.
-            image_format: format for :func:`detectron2.data.detection_utils.read_image`.
+            image_format: format for :func:`~gbw_panoptic.data.image_io.read_image`.
             load_labels: read ``sem_seg_file_name`` (and ``pan_seg_file_name``) and emit targets.
             target_generator: builds the instance targets from the panoptic labels; None for a
                 semantic-only model.
@@ -225,7 +226,7 @@ class GBWPanopticDatasetMapper:
             the model's input dict (see the class docstring).
         """
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
         semantic = self._read_label(dataset_dict, "sem_seg_file_name", image) if self.load_labels else None
 
@@ -274,7 +275,7 @@ class GBWPanopticDatasetMapper:
                 "labels were requested from a dataset without them"
             )
         path = dataset_dict[field]
-        label = utils.read_image(path, "RGB" if field == "pan_seg_file_name" else None)
+        label = read_image(path, "RGB" if field == "pan_seg_file_name" else None)
         expected_ndim = 3 if field == "pan_seg_file_name" else 2
         if label.ndim != expected_ndim or label.shape[:2] != image.shape[:2] or label.dtype != np.uint8:
             raise ValueError(

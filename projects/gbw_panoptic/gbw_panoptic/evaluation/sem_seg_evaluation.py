@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from PIL import Image
 
+from ..data.image_io import read_image
 from .distributed import gather_on_main
 from .panoptic_io import atomic_write
 from .report import class_subsets, markdown_table, subset_means, subset_notes, write_report
@@ -123,7 +123,7 @@ class GBWSemSegEvaluator(DatasetEvaluator):
                 )
             pred = scores.argmax(dim=0).to("cpu").numpy()
             gt_file = self._gt_file(record)
-            gt = np.asarray(Image.open(gt_file), dtype=np.int64)
+            gt = read_image(gt_file).astype(np.int64)
             if gt.shape != pred.shape:
                 raise ValueError(
                     f"prediction for {record['file_name']} is {pred.shape[0]}x{pred.shape[1]} but its "

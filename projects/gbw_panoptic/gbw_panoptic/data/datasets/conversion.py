@@ -3,7 +3,8 @@
 Every converter turns one input image at a time into the same outputs: a train-id label PNG
 (``*_labelTrainIds.png``), a COCO-panoptic PNG with its ``segments_info``, and the per-class pixel
 counts used by rare class sampling. This module runs such per-image conversions in parallel with a
-progress bar, skips images whose outputs already exist and are valid, collects failures instead of
+progress bar, skips images whose inputs and outputs are complete and intact (every image file checked,
+:func:`~gbw_panoptic.data.image_io.image_decode_error`; JSON inputs parsed), collects failures instead of
 stopping, and writes the dataset-level files atomically:
 
 - the COCO panoptic JSON (``images``, ``annotations``, ``categories``, ``info``); ``category_id`` are
@@ -13,6 +14,11 @@ stopping, and writes the dataset-level files atomically:
       {"classes": [19 names], "images": {image_id: [19 pixel counts, indexed by train id]}}
 
 - a class frequency summary JSON (pixel fraction and image fraction of each class), also printed.
+
+While it runs, each finished image's record is appended to a progress file next to the panoptic JSON
+(``.<panoptic json name>.progress``); a run that is interrupted (killed, Ctrl-C) and started again keeps
+those images (when their files are still valid) instead of converting them again. The progress file is
+removed once the dataset-level files are written.
 
 Panoptic PNGs of every dataset are produced by cityscapesScripts' own ``convert2panoptic`` from a
 Cityscapes-style instance-id image (``labelId`` for stuff and crowd pixels, ``labelId * 1000 + k`` for
@@ -38,6 +44,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from ...utils.parallel import process_pool
+from ..image_io import image_decode_error
 from .builtin_meta import CLASS_NAMES, LABEL_DIVISOR, NUM_CLASSES, label_id_to_train_id_lut
 
 __all__ = [
@@ -45,6 +52,7 @@ __all__ = [
     "ConversionJob",
     "ConversionReport",
     "atomic_output",
+    "data_file_error",
     "save_png",
     "save_json",
     "read_png_size",
@@ -360,12 +368,74 @@ def _load_previous_records(
         return {}
 
 
+def _progress_file(panoptic_json: str) -> str:
+    folder, name = os.path.split(panoptic_json)
+    return os.path.join(folder, f".{name}.progress")
+
+
+def _load_progress(path: str, info: Dict[str, Any]) -> Dict[str, ImageRecord]:
+    """Records of an interrupted run with the same ``info`` from its progress file (a torn last line of a
+    killed run is skipped)."""
+    records: Dict[str, ImageRecord] = {}
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return records
+    if not lines or lines[0] != json.dumps({"info": info}, sort_keys=True):
+        return records
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+            records[entry["image"]["id"]] = ImageRecord(entry["image"], entry["annotation"], entry["pixel_counts"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return records
+
+
+class _ProgressLog:
+    """Appends each finished record to the progress file (one JSON line each, flushed at once)."""
+
+    def __init__(self, path: str, info: Dict[str, Any], records: Sequence[ImageRecord]):
+        """Start the file (atomically) with ``info`` and the ``records`` already valid, then append."""
+        lines = [json.dumps({"info": info}, sort_keys=True)] + [self._line(record) for record in records]
+        with atomic_output(path) as tmp_path:
+            with open(tmp_path, "w") as f:
+                f.write("".join(line + "\n" for line in lines))
+        self._file = open(path, "a")
+
+    @staticmethod
+    def _line(record: ImageRecord) -> str:
+        return json.dumps({"image": record.image, "annotation": record.annotation, "pixel_counts": record.pixel_counts})
+
+    def add(self, record: ImageRecord) -> None:
+        self._file.write(self._line(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def data_file_error(path: str) -> Optional[str]:
+    """None when a dataset file is usable: an image that is complete and intact, a JSON that parses;
+    else why not (naming the file)."""
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            return f"{path}: unreadable JSON ({e})"
+        return None
+    return image_decode_error(path)
+
+
 def _is_done(job: ConversionJob, previous: Dict[str, ImageRecord]) -> bool:
+    """The job has a record, its outputs are intact PNGs of the record's size and its inputs are intact."""
     record = previous.get(job.image_id)
     if record is None:
         return False
     expected = (record.image["height"], record.image["width"])
-    return all(read_png_size(path) == expected for path in job.outputs)
+    return all(read_png_size(path) == expected for path in job.outputs) and not any(map(data_file_error, job.inputs))
 
 
 _CONVERT_FN: Optional[Callable[[ConversionJob], ImageRecord]] = None
@@ -415,6 +485,8 @@ def run_conversion(
     """
     panoptic_json, class_stats_json = paths["panoptic_json"], paths["class_stats"]
     previous = _load_previous_records(panoptic_json, class_stats_json, info)
+    progress_file = _progress_file(panoptic_json)
+    previous.update(_load_progress(progress_file, info))
     records: Dict[str, ImageRecord] = {}
     todo: List[ConversionJob] = []
     for job in jobs:
@@ -424,6 +496,7 @@ def run_conversion(
             todo.append(job)
     skipped = len(records)
     failures: List[Tuple[str, str]] = []
+    progress = _ProgressLog(progress_file, info, list(records.values()))
 
     def collect(results) -> None:
         for job, record, error in tqdm(results, total=len(todo), desc=description, disable=not todo):
@@ -431,6 +504,7 @@ def run_conversion(
                 failures.append((", ".join(job.inputs), error))
             else:
                 records[job.image_id] = record
+                progress.add(record)
 
     if workers <= 1 or len(todo) <= 1:
         _init_worker(convert)
@@ -455,6 +529,8 @@ def run_conversion(
     )
     frequencies = class_frequencies(ordered)
     save_json(paths["frequencies"], frequencies)
+    progress.close()
+    os.remove(progress_file)
     return ConversionReport(ordered, len(todo) - len(failures), skipped, sorted(failures), frequencies)
 
 

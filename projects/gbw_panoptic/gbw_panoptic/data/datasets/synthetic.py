@@ -42,6 +42,7 @@ from .conversion import (
     ConversionReport,
     atomic_output,
     conversion_parser,
+    data_file_error,
     exit_code_on_missing_input,
     print_report,
     save_json,
@@ -431,8 +432,10 @@ def generate_synthetic(
     """Generate the raw benchmark under ``out_dir``.
 
     Writes ``out_dir/source`` (SYNTHIA-RAND-CITYSCAPES layout), ``out_dir/source_val`` (held-out
-    source images, same layout), ``out_dir/target`` (Cityscapes layout, train and val), and the settings in ``out_dir/generation.json``. Deterministic in ``seed``
-    whatever ``workers``. Re-running with the same settings only writes missing images; a folder
+    source images, same layout), ``out_dir/target`` (Cityscapes layout, train and val), and the settings
+    in ``out_dir/generation.json``. Deterministic in ``seed`` whatever ``workers``. Re-running with the
+    same settings only writes the images with a missing, truncated or corrupt file
+    (:func:`~.conversion.data_file_error`); a folder
     generated with other settings is refused (the converters would mix both).
 
     Returns:
@@ -464,7 +467,8 @@ def generate_synthetic(
     tasks += [("source", source_val_dir, "val", i, seed, height, width) for i in range(num_source_val)]
     tasks += [("target", target_dir, "train", i, seed, height, width) for i in range(num_target_train)]
     tasks += [("target", target_dir, "val", i, seed, height, width) for i in range(num_target_val)]
-    tasks = [task for task in tasks if not all(map(os.path.isfile, _output_files(*task[:4])))]
+    # Images with a missing, truncated or corrupt file are written again.
+    tasks = [task for task in tasks if any(map(data_file_error, _output_files(*task[:4])))]
     progress = dict(total=len(tasks), desc="generating synthetic scenes", disable=not tasks)
     if workers <= 1:
         for task in tqdm(tasks, **progress):
