@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Compare the evaluation results of two runs class by class (e.g. without and with GBW).
 
-Reads the ``sem_seg.json`` and (when both runs have it) ``panoptic_seg.json`` that the evaluators
-write under ``<run>/inference/<dataset>/``, prints a per-class table of PQ, IoU and recall of run A,
+Reads the ``sem_seg.json`` and ``panoptic_seg.json`` that the evaluators write under
+``<run>/inference/<dataset>/`` (a report that only one run has gives n/a for the other run, shown as
+``-``, and a note says which file is missing), prints a per-class table of PQ, IoU and recall of run A,
 run B and their difference (B - A), writes it as ``compare.{json,md,csv}``, and draws
 ``recall_delta.png``: the per-class recall difference, classes sorted by their pixel frequency in
 the ground truth (most frequent left), the figure that shows whether rare classes gained.
@@ -44,24 +45,36 @@ def find_report(run: Path, name: str, dataset: Optional[str]) -> Optional[Path]:
     return candidates[0] if candidates else None
 
 
+def missing_reports(reports_a: Dict[str, Dict[str, Any]], reports_b: Dict[str, Dict[str, Any]]) -> List[str]:
+    """One note per report that only one of the runs has (its metrics are n/a for the other run)."""
+    return [
+        f"run {side} has no {name}.json: its {', '.join(metrics)} are n/a (-)"
+        for name, metrics in REPORTS
+        for side, reports, other in (("A", reports_a, reports_b), ("B", reports_b, reports_a))
+        if name in other and name not in reports
+    ]
+
+
 def compare_rows(reports_a: Dict[str, Dict[str, Any]], reports_b: Dict[str, Dict[str, Any]]) -> List["OrderedDict[str, Any]"]:
-    """Per-class rows: name, ground-truth pixels, and each metric of A, B and B - A."""
+    """Per-class rows: name, ground-truth pixels, and each metric of A, B and B - A (NaN for a run without
+    the report that has the metric, see :func:`missing_reports`)."""
     rows: Dict[int, "OrderedDict[str, Any]"] = OrderedDict()
     for name, metrics in REPORTS:
-        if name not in reports_a or name not in reports_b:
+        # Per run: its rows by class id, or None when the run has no such report.
+        per_run = [{row["class_id"]: row for row in r[name]["per_class"]} if name in r else None for r in (reports_a, reports_b)]
+        present = [classes for classes in per_run if classes is not None]
+        if not present:
             continue
-        classes_b = {row["class_id"]: row for row in reports_b[name]["per_class"]}
-        for row_a in reports_a[name]["per_class"]:
-            row_b = classes_b.get(row_a["class_id"])
-            if row_b is None:
-                raise ValueError(f"class {row_a['class_id']} ({row_a['name']}) is in run A's {name} report but not run B's")
-            row = rows.setdefault(row_a["class_id"], OrderedDict(class_id=row_a["class_id"], name=row_a["name"]))
-            if "gt_pixels" in row_a:
-                row["gt_pixels"] = row_a["gt_pixels"]
+        for class_id, row_x in present[0].items():
+            for side, classes in zip("AB", per_run):
+                if classes is not None and class_id not in classes:
+                    raise ValueError(f"class {class_id} ({row_x['name']}) is missing from run {side}'s {name} report")
+            row = rows.setdefault(class_id, OrderedDict(class_id=class_id, name=row_x["name"]))
+            if "gt_pixels" in row_x:
+                row["gt_pixels"] = row_x["gt_pixels"]
             for metric in metrics:
-                row[f"{metric} A"] = row_a[metric]
-                row[f"{metric} B"] = row_b[metric]
-                row[f"{metric} B-A"] = row_b[metric] - row_a[metric]
+                value_a, value_b = (math.nan if classes is None else classes[class_id][metric] for classes in per_run)
+                row[f"{metric} A"], row[f"{metric} B"], row[f"{metric} B-A"] = value_a, value_b, value_b - value_a
     return list(rows.values())
 
 
@@ -103,6 +116,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         reports.append(found)
     rows = compare_rows(reports[0], reports[1])
+    notes = missing_reports(reports[0], reports[1])
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
     summary: "OrderedDict[str, float]" = OrderedDict()
     for name, _metrics in REPORTS:
@@ -119,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if f"{key} B-A" in summary:
             print(f"{key}: {summary[f'{key} A']:.2f} -> {summary[f'{key} B']:.2f} ({summary[f'{key} B-A']:+.2f})")
     write_report(str(args.output_dir), "compare", f"Per-class comparison: {title}", summary, rows, columns,
-                 notes=[f"A = {args.run_a}", f"B = {args.run_b}", "B-A: difference in points"])
+                 notes=[f"A = {args.run_a}", f"B = {args.run_b}", "B-A: difference in points", *notes])
     plot_recall_delta(rows, args.output_dir / "recall_delta.png", f"Recall per class: {args.run_b.name} - {args.run_a.name}")
     print(f"wrote {args.output_dir}/compare.{{json,md,csv}} and recall_delta.png")
     return 0

@@ -105,9 +105,10 @@ def contiguous_segments(segments_info: List[Dict[str, Any]], metadata: Any) -> L
 
 
 def predictions_folder_panels(folder: Path, dataset_name: str, dataset_dicts: List[Dict[str, Any]], metadata: Any) -> Iterator[Tuple[Dict[str, Any], Panels]]:
-    """Panels of the images that have a prediction in ``folder`` (written by GBWPanopticEvaluator)."""
-    from detectron2.data.detection_utils import read_image
+    """Panels of the images that have a prediction in ``folder`` (written by GBWPanopticEvaluator).
 
+    Raises ValueError naming the prediction PNG when its size differs from its image's."""
+    from gbw_panoptic.data.image_io import read_image
     from gbw_panoptic.evaluation.panoptic_io import read_panoptic_png
 
     candidates = [folder, folder / "inference" / dataset_name]  # evaluation folder or run folder
@@ -125,7 +126,13 @@ def predictions_folder_panels(folder: Path, dataset_name: str, dataset_dicts: Li
         if annotation is None:
             continue
         image = read_image(record["file_name"], format="RGB")
-        panoptic = read_panoptic_png(folder / "panoptic_predictions" / annotation["file_name"]).astype(np.int64)
+        prediction_file = folder / "panoptic_predictions" / annotation["file_name"]
+        panoptic = read_panoptic_png(prediction_file).astype(np.int64)
+        if panoptic.shape != image.shape[:2]:
+            raise ValueError(
+                f"prediction PNG {prediction_file} is {panoptic.shape[0]}x{panoptic.shape[1]} (HxW) but its image "
+                f"{record['file_name']} is {image.shape[0]}x{image.shape[1]}; predictions must be at the image size"
+            )
         yield record, [
             ("input", image),
             ("ground truth", ground_truth_panel(record, image, metadata)),
@@ -136,11 +143,10 @@ def predictions_folder_panels(folder: Path, dataset_name: str, dataset_dicts: Li
 def model_panels(cfg: Any, dataset_name: str, metadata: Any, dense: bool) -> Iterator[Tuple[Dict[str, Any], Panels]]:
     """Panels of every image of ``dataset_name`` predicted by the model of ``cfg`` (``MODEL.WEIGHTS``)."""
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data.detection_utils import read_image
     from detectron2.modeling import build_model
-    from PIL import Image
 
     from gbw_panoptic.data import build_test_loader
+    from gbw_panoptic.data.image_io import read_image
 
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
@@ -154,7 +160,7 @@ def model_panels(cfg: Any, dataset_name: str, metadata: Any, dense: bool) -> Ite
             image = read_image(record["file_name"], format="RGB")
             height, width = image.shape[:2]
             if "panoptic_seg" not in output:  # semantic-only model
-                labels = np.asarray(Image.open(record["sem_seg_file_name"]), dtype=np.int64)
+                labels = read_image(record["sem_seg_file_name"]).astype(np.int64)
                 prediction = output["sem_seg"].argmax(0).to("cpu").numpy()
                 yield record, [
                     ("input", image),

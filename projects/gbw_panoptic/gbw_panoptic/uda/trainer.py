@@ -144,6 +144,7 @@ def _restore_rates(
     """Put the config's ``values`` (:func:`_rates`) back into a just-loaded ``optimizer`` and its
     ``scheduler``; the current learning rate keeps its place in the schedule. Returns what changed."""
     changes = []
+    scheduler.base_lrs = list(scheduler.base_lrs)  # a copy: a loaded state dict may share the list
     for index, (group, (base_lr, weight_decay)) in enumerate(zip(optimizer.param_groups, values)):
         label = f"{name} group {group.get('name', index)}"
         if group["initial_lr"] != base_lr:
