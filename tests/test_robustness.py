@@ -342,12 +342,14 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(synthetic_datasets, tm
     straight = subprocess.run(_train_command(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
+    # SIGTERM to the whole process group (as a cluster scheduler sends it), loader workers included.
     output_dir = tmp_path / "interrupted"
-    process = subprocess.Popen(_train_command(output_dir), env=env, stderr=subprocess.PIPE, text=True)
+    command = _train_command(output_dir, "DATALOADER.NUM_WORKERS", "2")
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while _iterations_logged(output_dir) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     stderr = process.communicate(timeout=300)[1]
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     last = (output_dir / "last_checkpoint").read_text()

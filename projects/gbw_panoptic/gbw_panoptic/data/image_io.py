@@ -36,8 +36,8 @@ def read_image(path: str, format: Optional[str] = None) -> np.ndarray:
         return detection_utils.read_image(path, format=format)
     except _DECODE_ERRORS as e:
         raise ImageReadError(
-            f"cannot read image file {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
-            "restore it, or re-run the dataset's prepare script, which checks and re-creates its outputs"
+            f"cannot read image file {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: restore "
+            "it (re-running the dataset's datasets/prepare_*.py lists corrupt inputs and re-creates corrupt outputs)"
         ) from e
 
 

@@ -16,6 +16,7 @@ worker ``w`` of ``W`` maps the steps ``s`` with ``s − start ≡ w (mod W)``, s
 step order. Consequences: resuming at step ``s`` starts the stream there (no replay of earlier
 batches), and the data of a run do not depend on ``DATALOADER.NUM_WORKERS``.
 """
+import signal
 from typing import Any, Callable, Dict, Iterator, Protocol, Sequence, Tuple, Union
 
 import torch
@@ -124,6 +125,13 @@ class TrainStream(IterableDataset):
             yield sample
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore SIGINT / SIGTERM (Ctrl-C reaches the whole process group): the training
+    process finishes its step, checkpoints and then stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_stream_loader(stream: TrainStream, num_workers: int) -> DataLoader:
     """Infinite ``DataLoader`` of this process's batches (lists of :attr:`TrainStream.batch_size`
     mapped dicts) of ``stream``, in step order, mapped by ``num_workers`` worker processes (0: in
@@ -135,4 +143,5 @@ def build_stream_loader(stream: TrainStream, num_workers: int) -> DataLoader:
         collate_fn=trivial_batch_collator,
         drop_last=True,
         generator=torch.Generator().manual_seed(stream.seed),
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
     )

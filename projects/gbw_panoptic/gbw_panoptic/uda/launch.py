@@ -100,7 +100,9 @@ def _join_forwarding_signals(context: mp.ProcessContext) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS} if in_main_thread else {}
     try:
-        while not context.join():
+        # A failed process gets the others terminated after the grace period; after a stop signal they
+        # are past their checkpoint and only exiting.
+        while not context.join(grace_period=60):
             pass
     except mp.ProcessExitedException as e:
         signum = e.exit_code - 128

@@ -66,8 +66,9 @@ class TrainingInterrupted(BaseException):
         self.checkpoint = checkpoint
 
 
-class _StepAbandoned(Exception):
-    """The data of an iteration could not be loaded after a stop signal (e.g. the loader workers got it too)."""
+class _StepAbandoned(BaseException):
+    """The data of an iteration could not be loaded after a stop signal (e.g. a loader worker was killed
+    too). A ``BaseException``, so that the training loop does not log it as a failure."""
 
 
 class _StopSignals:
