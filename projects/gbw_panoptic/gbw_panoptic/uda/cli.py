@@ -1,7 +1,6 @@
 """The training / evaluation command line (``tools/train_net.py``), on Detectron2's argument parser
 (examples in :data:`EPILOG`)."""
 import argparse
-import logging
 import os
 import sys
 from typing import List, Optional
@@ -155,7 +154,6 @@ def run(argv: Optional[List[str]] = None) -> None:
             backend=default_backend(cfg.MODEL.DEVICE),
         )
     except TrainingInterrupted as e:
-        logging.getLogger(__name__).error(str(e))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
     finally:

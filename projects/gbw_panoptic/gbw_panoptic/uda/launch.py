@@ -149,8 +149,7 @@ def _distributed_worker(
     comm.synchronize()
     try:
         main_func(*args)
-    except TrainingInterrupted as e:
-        logging.getLogger(__name__).error(str(e))
+    except TrainingInterrupted as e:  # already logged by the trainer
         sys.exit(128 + e.signum)
     finally:
         dist.destroy_process_group()

@@ -320,12 +320,12 @@ class UDATrainer(TrainerBase):
             checkpoint = self.checkpointer.get_checkpoint_file()
             where = f"the checkpoint {checkpoint}"
         comm.synchronize()  # no process exits while the checkpoint is being written
-        raise TrainingInterrupted(
+        message = (
             f"{signal.Signals(signum).name}: training stopped after iteration {last_iter} of {self.max_iter}; "
-            f"--resume with OUTPUT_DIR {self.cfg.OUTPUT_DIR} continues from {where}",
-            signum,
-            checkpoint,
+            f"--resume with OUTPUT_DIR {self.cfg.OUTPUT_DIR} continues from {where}"
         )
+        logger.error(message)
+        raise TrainingInterrupted(message, signum, checkpoint)
 
     def run_step(self) -> None:
         assert self.model.training, "[UDATrainer] the student was switched to eval mode"
