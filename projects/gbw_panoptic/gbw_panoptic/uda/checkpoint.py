@@ -75,7 +75,8 @@ def remove_stale_temporary_files(output_dir: str) -> List[str]:
     Only call it while holding the directory's run lock (:mod:`.output_lock`): the temporary file of a
     write in progress looks the same. Returns the paths removed.
     """
-    folders = [(output_dir, [name for name in os.listdir(output_dir) if os.path.isfile(os.path.join(output_dir, name))])]
+    top_level = [name for name in os.listdir(output_dir) if os.path.isfile(os.path.join(output_dir, name))]
+    folders = [(output_dir, top_level)]
     folders += [(folder, names) for folder, _, names in os.walk(os.path.join(output_dir, "inference"))]
     removed = [
         os.path.join(folder, name)

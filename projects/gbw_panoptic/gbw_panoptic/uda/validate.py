@@ -37,9 +37,8 @@ def check_gbw_config(cfg: CfgNode) -> None:
         _require_choice(f"{prefix}.SOLVER", node.SOLVER, SOLVERS)
         _require_choice(f"{prefix}.MODE", node.MODE, CE_MODES)
         _require(node.LAMBDA > 0, f"{prefix}.LAMBDA={node.LAMBDA} must be > 0 (reference 1.0)")
-        _require(
-            0.0 <= node.EMA_MOMENTUM < 1.0, f"{prefix}.EMA_MOMENTUM={node.EMA_MOMENTUM} must lie in [0, 1) (reference 0)"
-        )
+        momentum = node.EMA_MOMENTUM
+        _require(0.0 <= momentum < 1.0, f"{prefix}.EMA_MOMENTUM={momentum} must lie in [0, 1) (reference 0)")
         active = node.ACTIVE_CLASSES
         if isinstance(active, str):
             _require_choice(f"{prefix}.ACTIVE_CLASSES", active, ACTIVE_CLASS_MODES)
