@@ -56,6 +56,7 @@ def _holder(directory: Path) -> subprocess.Popen:
         ("MODEL.GBW.SEM_SEG.SOLVER", "qp", "MODEL.GBW.SEM_SEG.SOLVER='qp' is unknown; expected one of ('projection', 'cvxopt')"),
         ("MODEL.GBW.OFFSET.ACTIVE_CLASSES", "some", "MODEL.GBW.OFFSET.ACTIVE_CLASSES='some' is unknown; expected one of ('all', 'present')"),
         ("MODEL.GBW.SEM_SEG.MODE", "pixel", "MODEL.GBW.SEM_SEG.MODE='pixel' is unknown; expected one of ('channel', 'class')"),
+        ("MODEL.GBW.CENTER.PIXEL_CLASS", "thing", "MODEL.GBW.CENTER.PIXEL_CLASS='thing' is unknown; expected one of ('semantic', 'instance')"),
         ("MODEL.GBW.OFFSET.EMA_MOMENTUM", "1.5", "MODEL.GBW.OFFSET.EMA_MOMENTUM=1.5 must lie in [0, 1) (reference 0)"),
     ],
 )  # fmt: skip

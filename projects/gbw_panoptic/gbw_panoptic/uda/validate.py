@@ -5,8 +5,9 @@ from typing import Any, Sequence
 from detectron2.config import CfgNode
 
 from ..gbw.grad_norms import CE_MODES
-from ..gbw.losses import ACTIVE_CLASS_MODES
+from ..gbw.losses import ACTIVE_CLASS_MODES, REGRESSION_NORMALIZERS
 from ..gbw.qp import LAMBDA_MODES, SOLVERS
+from ..modeling.meta_arch import CENTER_PIXEL_CLASSES
 from .augment import CLASS_MIX_CANDIDATES
 from .dacs import PSEUDO_WEIGHT_SCOPES
 from .method import UDA_METHOD_REGISTRY, uda_method_names
@@ -28,8 +29,9 @@ def _require_choice(key: str, value: Any, choices: Sequence[str]) -> None:
 
 def check_gbw_config(cfg: CfgNode) -> None:
     """Raise ``ValueError`` naming the key (e.g. ``MODEL.GBW.CENTER.LAMBDA_MODE``), its value and the
-    allowed values for an invalid ``MODEL.GBW.<LOSS>`` node; the same checks the GBW losses make when
-    they are built, done before anything is written."""
+    allowed values for an invalid ``MODEL.GBW.<LOSS>`` node, ``MODEL.GBW.CENTER.PIXEL_CLASS`` or
+    ``MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER``; the checks the model and its GBW losses make when they
+    are built, done before anything is written."""
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     for loss in GBW_LOSSES:
         node, prefix = cfg.MODEL.GBW[loss], f"MODEL.GBW.{loss}"
@@ -48,6 +50,9 @@ def check_gbw_config(cfg: CfgNode) -> None:
                 f"{prefix}.ACTIVE_CLASSES={active!r}; expected one of {ACTIVE_CLASS_MODES} or a non-empty list of "
                 f"class ids in [0, {num_classes})",
             )
+    _require_choice("MODEL.GBW.CENTER.PIXEL_CLASS", cfg.MODEL.GBW.CENTER.PIXEL_CLASS, CENTER_PIXEL_CLASSES)
+    normalizer = cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER
+    _require_choice("MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER", normalizer, REGRESSION_NORMALIZERS)
 
 
 def check_uda_config(cfg: CfgNode) -> None:
