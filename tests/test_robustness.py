@@ -237,6 +237,19 @@ def test_truncated_label_is_named_by_mapper_and_evaluator(synthetic_datasets, tm
 
 
 # --------------------------------------------------------------------------- converters
+@pytest.mark.parametrize("extension", ["png", "jpg"])
+def test_image_check_detects_truncation(tmp_path, extension):
+    from PIL import Image
+
+    from gbw_panoptic.data.image_io import image_decode_error
+
+    path = tmp_path / f"image.{extension}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(path)
+    assert image_decode_error(str(path)) is None
+    _truncate(path, keep=0.95)
+    assert image_decode_error(str(path)).startswith(f"{path}: truncated or corrupt")
+
+
 @pytest.fixture
 def target_copy(synthetic_datasets, tmp_path) -> Path:
     """A copy of the prepared synthetic target domain (Cityscapes layout)."""

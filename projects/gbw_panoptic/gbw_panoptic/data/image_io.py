@@ -45,8 +45,9 @@ def image_decode_error(path: str) -> Optional[str]:
     """None when ``path`` is a complete, intact image file, else why not.
 
     A PNG is read to its end chunk with every chunk checksum verified (the checksums cover the
-    compressed pixels, so truncation and corruption show up ten times faster than by decoding); any
-    other format is decoded completely.
+    compressed pixels, so truncation and corruption show up ten times faster than by decoding); a JPEG
+    must end with its end-of-image marker (truncation; a full decode would take as long as reading the
+    dataset); any other format is decoded completely.
     """
     if not os.path.isfile(path):
         return f"{path}: missing"
@@ -54,6 +55,11 @@ def image_decode_error(path: str) -> Optional[str]:
         with Image.open(path) as image:
             if image.format == "PNG":
                 image.verify()
+            elif image.format == "JPEG":
+                with open(path, "rb") as f:
+                    f.seek(max(os.path.getsize(path) - 64, 0))
+                    if b"\xff\xd9" not in f.read():
+                        raise OSError("no JPEG end-of-image marker: the file is truncated")
             else:
                 image.load()
     except _DECODE_ERRORS as e:
