@@ -38,8 +38,9 @@ from PIL import Image
 from tabulate import tabulate
 from tqdm import tqdm
 
-from gbw_panoptic.evaluation.panoptic_io import id_to_rgb, read_panoptic_runs, write_json, write_panoptic_png
+from gbw_panoptic.evaluation.panoptic_io import id_to_rgb, read_panoptic_runs, write_panoptic_png
 from gbw_panoptic.evaluation.pq import init_worker, pq_compute
+from gbw_panoptic.utils.io import write_json
 
 # Cityscapes labelIds of the 19 evaluated classes; 24..33 are things.
 STUFF_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23]

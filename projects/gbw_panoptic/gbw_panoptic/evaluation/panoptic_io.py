@@ -1,8 +1,7 @@
 """Reading and writing COCO panoptic PNGs and result files.
 
 A COCO panoptic PNG stores one segment id per pixel as an RGB colour, ``id = R + 256 G + 256² B``;
-id 0 is VOID (unlabelled). Every write here is atomic: the data goes to a temporary file in the
-destination folder, which then replaces the destination with :func:`os.replace`.
+id 0 is VOID (unlabelled). Every write here is atomic (:mod:`gbw_panoptic.utils.io`).
 
 Reading is exact (the ids OpenCV and Pillow decode, bit for bit) and fast: a non-interlaced 8-bit
 RGB(A) PNG (what OpenCV, libpng and Pillow write, with any row filters) is inflated by libdeflate
@@ -10,16 +9,16 @@ and turned into runs of equal ids straight from its filtered bytes by the C exte
 ``_png_runs``, without rebuilding the pixels; anything else (interlaced, palette, grey, 16-bit,
 corrupt files) goes to OpenCV.
 """
-import json
 import os
 import struct
-import tempfile
 import zlib
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import cv2
 import deflate
 import numpy as np
+
+from ..utils.io import atomic_path
 
 try:
     from . import _png_runs
@@ -39,15 +38,9 @@ __all__ = [
     "read_panoptic_runs",
     "write_png",
     "write_panoptic_png",
-    "atomic_write",
-    "write_json",
 ]
 
 PathLike = Union[str, os.PathLike]
-
-# The process umask (read once: os.umask can only be read by setting it).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # IHDR colour types of 8-bit truecolour PNGs.
@@ -277,57 +270,15 @@ def read_panoptic_runs(path: PathLike) -> PanopticRuns:
     return decoded if isinstance(decoded, PanopticRuns) else PanopticRuns.from_ids(decoded)
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it to ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp_path)
-        # mkstemp creates the file readable by its owner only; give it the usual permissions.
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def write_png(path: PathLike, rgb: np.ndarray) -> None:
     """Write an RGB image (uint8, HxWx3) as a PNG, atomically."""
     bgr = np.ascontiguousarray(rgb[..., ::-1])
 
-    def _write(tmp_path: str) -> None:
+    with atomic_path(path) as tmp_path:
         if not cv2.imwrite(tmp_path, bgr):
-            raise OSError(f"cannot write PNG {tmp_path}")
-
-    atomic_write(path, _write)
+            raise OSError(f"cannot write PNG {path}")
 
 
 def write_panoptic_png(path: PathLike, ids: np.ndarray) -> None:
     """Write segment ids (integer, HxW) as an RGB panoptic PNG, atomically."""
     write_png(path, id_to_rgb(ids))
-
-
-def write_json(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically. NaN and infinities are written as null."""
-
-    def _clean(value: Any) -> Any:
-        if isinstance(value, float) and not np.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: _clean(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [_clean(item) for item in value]
-        if isinstance(value, np.generic):
-            return _clean(value.item())
-        return value
-
-    def _write(tmp_path: str) -> None:
-        with open(tmp_path, "w") as f:
-            json.dump(_clean(obj), f, indent=2)
-
-    atomic_write(path, _write)

@@ -5,10 +5,8 @@ optimizer, gradient scaler, learning-rate schedules, the method's networks (EMA 
 discriminator) with their optimizers, and the RNG states of all processes, so that a resumed run
 continues exactly as the uninterrupted one would have.
 """
-import contextlib
 import os
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -16,36 +14,16 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
+from ..utils.io import atomic_write
 from ..utils.rng import get_rng_state, preserved_rng_state, set_rng_state
 
 __all__ = [
     "AtomicCheckpointer",
-    "atomic_write",
     "get_rng_state",
     "set_rng_state",
     "preserved_rng_state",
     "PeriodicCheckpointerWithRNG",
 ]
-
-
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file next to ``path``; on success it replaces ``path`` in one ``os.replace``.
-
-    A process killed while writing leaves ``path`` as it was (and at most a stray ``.tmp`` file).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
 
 
 class AtomicCheckpointer(DetectionCheckpointer):

@@ -15,7 +15,8 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_gbw_panoptic_config
 from ..env import collect_env_info
-from .checkpoint import AtomicCheckpointer, atomic_write
+from ..utils.io import atomic_write
+from .checkpoint import AtomicCheckpointer
 from .launch import default_backend, launch
 from .trainer import UDATrainer
 from .validate import check_uda_config
