@@ -53,7 +53,7 @@ class GBWPanopticEvaluator(DatasetEvaluator):
             output_dir: where to write predictions and results (None: a temporary folder).
             distributed: gather the predictions of all processes.
             extra_class_subset: another list of contiguous class ids to average over.
-            num_workers: processes of ``pq_compute`` (default: every CPU).
+            num_workers: threads of ``pq_compute`` (default: one per CPU).
         """
         self._dataset_name = dataset_name
         self._output_dir = output_dir
