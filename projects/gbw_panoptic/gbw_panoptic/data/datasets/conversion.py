@@ -38,7 +38,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from ...utils.io import atomic_path, atomic_write, write_json
-from ...utils.parallel import process_pool
+from ...utils.parallel import parallel_map
 from .builtin_meta import CLASS_NAMES, LABEL_DIVISOR, NUM_CLASSES, label_id_to_train_id_lut
 
 __all__ = [
@@ -413,8 +413,18 @@ def run_conversion(
         _init_worker(convert)
         collect(map(_convert_one, todo))
     else:
-        with process_pool(workers, preload=[__name__], initializer=_init_worker, initargs=(convert,)) as pool:
-            collect(pool.imap_unordered(_convert_one, todo, chunksize=4))
+        collect(
+            parallel_map(
+                _convert_one,
+                todo,
+                workers,
+                ordered=False,
+                chunksize=4,
+                preload=[__name__],
+                initializer=_init_worker,
+                initargs=(convert,),
+            )
+        )
 
     ordered = [records[image_id] for image_id in sorted(records)]
     write_json(

@@ -37,7 +37,7 @@ from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from tqdm import tqdm
 
 from ...utils.io import atomic_path, write_json
-from ...utils.parallel import process_pool
+from ...utils.parallel import parallel_map
 from .builtin_meta import SYNTHIA_TO_LABEL_ID
 from .conversion import (
     ConversionReport,
@@ -467,9 +467,8 @@ def generate_synthetic(
         for task in tqdm(tasks, **progress):
             _write_image(task)
     else:
-        with process_pool(workers, preload=[__name__]) as pool:
-            for _ in tqdm(pool.imap_unordered(_write_image, tasks, chunksize=8), **progress):
-                pass
+        for _ in tqdm(parallel_map(_write_image, tasks, workers, ordered=False, chunksize=8, preload=[__name__]), **progress):
+            pass
     return {"source": source_dir, "source_val": source_val_dir, "target": target_dir}
 
 
