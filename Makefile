@@ -1,7 +1,6 @@
 # The two commands: `make demo` and `make test`. Both bootstrap a virtual environment in .venv on
-# first use (torch, the pinned dependencies of pyproject.toml, the C extension of setup.py,
-# Detectron2 and panopticapi via tools/install_detectron2.py) and reuse it afterwards (stamp file,
-# rebuilt when those files change).
+# first use (torch, the pinned dependencies of pyproject.toml, Detectron2 and panopticapi via
+# tools/install_detectron2.py) and reuse it afterwards (stamp file, rebuilt when those files change).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +12,7 @@ PYTEST_WORKERS ?= 2
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py projects/gbw_panoptic/gbw_panoptic/evaluation/_png_runs.c tools/install_detectron2.py
+$(STAMP): pyproject.toml tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test]"

@@ -1,8 +1,11 @@
 """The installed environment: Detectron2 (registry or upstream build), panopticapi, config system."""
 import importlib
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +211,33 @@ def test_panoptic_deeplab_forward_backward_on_cpu():
     total.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _installer():
+    spec = importlib.util.spec_from_file_location("install_detectron2", Path(__file__).resolve().parents[1] / "tools" / "install_detectron2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_installer_downloads_from_the_indexes_pip_is_configured_with(tmp_path, monkeypatch):
+    """Index URLs come from pip's configuration (here the environment), in pip's order; the sdist is
+    found on the first index that lists it (a local PEP 503 index here, no network)."""
+    empty, local = tmp_path / "empty", tmp_path / "local"
+    (local / "pb1-detectron2").mkdir(parents=True)
+    (local / "pb1-detectron2" / "pb1-detectron2-0.6.tar.gz").write_bytes(b"sdist")
+    (local / "pb1-detectron2" / "index.html").write_text('<a href="pb1-detectron2-0.6.tar.gz#sha256=00">pb1-detectron2-0.6.tar.gz</a>')
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", empty.as_uri())
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", f"{(tmp_path / 'missing').as_uri()} {local.as_uri()}")
+    installer = _installer()
+    assert installer.package_indexes() == [empty.as_uri(), (tmp_path / "missing").as_uri(), local.as_uri()]
+    url = installer.find_sdist("pb1-detectron2", "pb1-detectron2-0.6.tar.gz")
+    assert url == (local / "pb1-detectron2" / "pb1-detectron2-0.6.tar.gz").as_uri()
+    with pytest.raises(SystemExit, match=r"pb1-detectron2-0\.7\.tar\.gz is not listed on any of pip's package indexes: .*empty"):
+        installer.find_sdist("pb1-detectron2", "pb1-detectron2-0.7.tar.gz")
+    # No index configured: pip's own default, whatever it is.
+    monkeypatch.delenv("PIP_INDEX_URL")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL")
+    default = installer.package_indexes()
+    assert len(default) == 1 and default[0].startswith("https://")

@@ -138,7 +138,12 @@ def test_stale_temporary_files_are_removed_at_setup(tmp_path):
     from gbw_panoptic.uda.output_lock import unlock_output_dir
 
     (tmp_path / "inference" / "val").mkdir(parents=True)
-    stale = [tmp_path / "model_0000005.pth.k2j4h1.tmp", tmp_path / "inference" / "val" / ".tmp-8fj2.png"]
+    # Names as gbw_panoptic.utils.io gives its temporary files: .<stem>.<random>.tmp<extension>.
+    stale = [
+        tmp_path / ".model_0000005.k2j4h1.tmp.pth",
+        tmp_path / ".last_checkpoint.0a1b2c3d.tmp",
+        tmp_path / "inference" / "val" / ".sem_seg.8fj2aa00.tmp.json",
+    ]
     kept = [tmp_path / "notes.tmp.txt", tmp_path / "model_0000002.pth", tmp_path / "inference" / "val" / "sem_seg.json"]
     for path in stale + kept:
         path.write_bytes(b"x")

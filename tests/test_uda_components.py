@@ -2,7 +2,6 @@
 strong augmentation, feature-distance labels, entropy, discriminator, checkpoint files and RNG states,
 and the config checks."""
 import math
-import os
 import random
 
 import numpy as np
@@ -36,7 +35,6 @@ from gbw_panoptic.uda import (
     strong_augment,
     uda_method_names,
 )
-from gbw_panoptic.uda.checkpoint import atomic_write
 
 
 class _TinySegmentor(nn.Module):
@@ -352,18 +350,6 @@ def test_entropy_map_and_loss():
 def test_discriminator_output_shape():
     disc = EntropyDiscriminator(num_classes=19, channels=8)
     assert disc(torch.rand(2, 19, 64, 96)).shape == (2, 1, 2, 3)
-
-
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "last_checkpoint"
-    with atomic_write(str(path), "w") as f:
-        f.write("model_0000001.pth")
-    with pytest.raises(RuntimeError):
-        with atomic_write(str(path), "w") as f:
-            f.write("partial")
-            raise RuntimeError("killed")
-    assert path.read_text() == "model_0000001.pth"
-    assert os.listdir(tmp_path) == ["last_checkpoint"]
 
 
 def test_rng_state_round_trip_and_preservation():

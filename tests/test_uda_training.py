@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 
@@ -95,10 +96,23 @@ def test_each_method_trains_and_logs(synthetic_datasets, repo_root, tmp_path, co
 @pytest.mark.slow
 def test_dacs_teacher_classmix_and_eval_only(synthetic_datasets, repo_root, tmp_path):
     no_colour_augmentation = ["UDA.COLOR_JITTER_PROB", "0.0", "UDA.BLUR", "False"]
-    cfg = setup(_args(repo_root, tmp_path, extra=["SOLVER.MAX_ITER", "2", *no_colour_augmentation]))
-    trainer = UDATrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
+    # Evaluated inside training after each iteration; written under a umask other than the usual.
+    extra = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "1", *no_colour_augmentation]
+    umask = os.umask(0o027)
+    try:
+        cfg = setup(_args(repo_root, tmp_path, extra=extra))
+        trainer = UDATrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    finally:
+        os.umask(umask)
+    evaluations = [r for r in _metrics(tmp_path) if "synthetic_target_panoptic_val/panoptic_seg/PQ" in r]
+    assert len(evaluations) == 2  # after the first iteration and at the end
+    written = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path) for name in names]
+    for name in ("model_final.pth", "metrics.json", "config.yaml", "panoptic_seg.json", "sem_seg_confusion_matrix.npy"):
+        assert any(path.endswith(os.sep + name) for path in written), name
+    for path in written:  # checkpoints, logs, evaluation results: as a plain open creates them
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640, path
     student, teacher = trainer.model, trainer.method.teacher.model
     student_state, teacher_state = student.state_dict(), teacher.state_dict()
     assert any(not torch.equal(v, teacher_state[k]) for k, v in student_state.items() if v.dtype.is_floating_point)

@@ -24,7 +24,6 @@ Example:
     python tools/bench_gbw.py --device cpu --repeats 20 --out output/bench/bench_gbw.json
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from gbw_panoptic.gbw import GBWCrossEntropyLoss, ce_grad_sq_norms, qp_class_weights
+from gbw_panoptic.utils.io import write_json
 
 IGNORE = 255
 # A Cityscapes-like long-tailed class distribution over the 19 train ids (fraction of labelled
@@ -122,13 +122,9 @@ def machine_info(device: torch.device, load_before: Sequence[float], load_after:
 
 
 def write_report(path: str, report: Dict[str, object]) -> Path:
-    """Write ``report`` as JSON to ``path`` (parents created) through a temporary file and a rename."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, out)
-    return out
+    """Write ``report`` as JSON to ``path`` (parents created), atomically."""
+    write_json(path, report)
+    return Path(path)
 
 
 def _synchronize(device: torch.device) -> None:

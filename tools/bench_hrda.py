@@ -41,7 +41,7 @@ from tabulate import tabulate
 from detectron2.config import CfgNode, get_cfg
 
 from gbw_panoptic.config import add_gbw_panoptic_config
-from gbw_panoptic.evaluation.panoptic_io import write_json
+from gbw_panoptic.utils.io import write_json
 from gbw_panoptic.uda import UDATrainer
 from gbw_panoptic.uda.optim import build_optimizer
 from gbw_panoptic.uda.runner import StudentRunner

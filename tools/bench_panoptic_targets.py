@@ -12,7 +12,6 @@ Example:
         --output bench_panoptic_targets.json
 """
 import argparse
-import json
 import os
 import platform
 import time
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from detectron2.projects.panoptic_deeplab.target_generator import PanopticDeepLabTargetGenerator
 from gbw_panoptic.data import PanopticTargetGenerator, from_detectron2_layout
+from gbw_panoptic.utils.io import write_json
 
 # (Cityscapes label id, train id) of the stuff and thing classes.
 STUFF = [(7, 0), (8, 1), (11, 2), (21, 8), (23, 10)]
@@ -105,10 +105,7 @@ def main() -> None:
         "results": rows,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
-    tmp_path = args.output + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp_path, args.output)
+    write_json(args.output, report)
     print(f"wrote {args.output}")
 
 

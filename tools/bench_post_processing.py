@@ -11,11 +11,8 @@ ratios (Detectron2 time / ours) as JSON.
     python tools/bench_post_processing.py --sizes 1024x2048 --repeats 10 --device cuda
 """
 import argparse
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from typing import Callable, Dict, List, Tuple
 
@@ -24,6 +21,7 @@ from detectron2.projects.panoptic_deeplab.post_processing import get_panoptic_se
 from tabulate import tabulate
 
 from gbw_panoptic.modeling.post_processing import get_panoptic_segmentation_batched
+from gbw_panoptic.utils.io import write_json
 
 THING_IDS = tuple(range(11, 19))
 STUFF_BANDS = (10, 2, 8, 0, 1)  # sky, building, vegetation, road, sidewalk from top to bottom
@@ -132,10 +130,7 @@ def main() -> None:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.output)), delete=False) as handle:
-        json.dump({"machine": machine, "repeats": args.repeats, "results": results}, handle, indent=2)
-    os.replace(handle.name, args.output)
+    write_json(args.output, {"machine": machine, "repeats": args.repeats, "results": results})
     print(f"wrote {args.output}")
 
 

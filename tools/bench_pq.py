@@ -1,36 +1,29 @@
 #!/usr/bin/env python
-"""Benchmark gbw_panoptic's pq_compute against panopticapi's on the same generated panoptic set.
+"""Benchmark gbw_panoptic's pq_compute against panopticapi's on the same generated panoptic sets.
 
 Generates a Cityscapes-like COCO panoptic set (ground truth and a perturbed prediction: shifted
-boundaries, missed, split and mislabelled instances, VOID holes, crowd regions), then runs
-``panopticapi.evaluation.pq_compute`` (its own worker pool, one process per CPU) and
-``gbw_panoptic.evaluation.pq_compute`` on it, checks that the results agree to 1e-9, prints a
-table and writes a JSON report. A third row times reading the same PNGs the way gbw_panoptic's
-pq_compute reads them (``read_panoptic_runs``), with the same worker count and nothing else: the
-part of its time that goes to the PNGs.
+boundaries, missed, split and mislabelled instances, VOID holes, crowd regions), then, for each set
+size (the first N images), runs ``panopticapi.evaluation.pq_compute`` (a worker process per CPU),
+``gbw_panoptic.evaluation.pq_compute`` (default: a thread per CPU) and the latter with one thread,
+checks that all results agree to 1e-9, prints a table of times and ratios and writes a JSON report.
+The ground-truth PNGs are written by Pillow (as cityscapesScripts writes Cityscapes panoptic ground
+truth), the predicted ones as gbw_panoptic's evaluator writes them (OpenCV).
 
-The predicted PNGs are written as gbw_panoptic's evaluator writes them (``write_panoptic_png``:
-OpenCV, every row Sub filtered). ``--gt-writer`` picks how the ground-truth PNGs are written:
-``pillow`` (``PIL.Image.fromarray(rgb).save(path)``, as cityscapesScripts' createPanopticImgs
-writes Cityscapes panoptic ground truth: adaptive row filters), ``opencv`` (like the predictions)
-or ``both`` (the default): the same id maps written both ways, each timed and checked in the same
-run, the repeats interleaved; the headline speed-up is the Pillow one. With ``--data-dir`` the set
-is written to ``gt.json``, ``pred.json``, ``pred/`` and one ``gt_<writer>/`` folder per writer.
-
-Example:
-    python tools/bench_pq.py --num-images 200 --height 1024 --width 2048 --output bench_pq.json
+Example (sizes up to Cityscapes val, then a set of small images):
+    python tools/bench_pq.py --sizes 1 2 8 32 500 --output bench_pq.json
+    python tools/bench_pq.py --sizes 1 2 8 40 --height 256 --width 512 --output bench_pq_small.json
 """
 import argparse
 import contextlib
 import io
-import multiprocessing
+import json
 import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -38,14 +31,13 @@ from PIL import Image
 from tabulate import tabulate
 from tqdm import tqdm
 
-from gbw_panoptic.evaluation.panoptic_io import id_to_rgb, read_panoptic_runs, write_json, write_panoptic_png
-from gbw_panoptic.evaluation.pq import init_worker, pq_compute
+from gbw_panoptic.evaluation.panoptic_io import id_to_rgb, write_panoptic_png
+from gbw_panoptic.evaluation.pq import pq_compute
+from gbw_panoptic.utils.io import atomic_write, write_json
 
 # Cityscapes labelIds of the 19 evaluated classes; 24..33 are things.
 STUFF_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23]
 THING_LABEL_IDS = [24, 25, 26, 27, 28, 31, 32, 33]
-# How the ground-truth PNGs can be written; the headline speed-up is the first one's.
-GT_WRITERS = ("pillow", "opencv")
 
 
 def _random_polygon(rng: np.random.Generator, height: int, width: int, size: float) -> np.ndarray:
@@ -151,19 +143,10 @@ def _segments_info(ids: np.ndarray, categories: Dict[int, int], crowd: Dict[int,
     return info
 
 
-def write_ground_truth_png(path: Path, ids: np.ndarray, writer: str) -> None:
-    """Write a ground-truth id map with ``writer``: "opencv" (write_panoptic_png) or "pillow"
-    (``Image.fromarray(rgb).save(path)``, as cityscapesScripts writes ground truth)."""
-    if writer == "opencv":
-        write_panoptic_png(path, ids)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(id_to_rgb(ids)).save(path)
-
-
-def generate_set(root: Path, num_images: int, height: int, width: int, seed: int, gt_writers: Sequence[str] = GT_WRITERS) -> Tuple[Path, Path]:
-    """Write ``root/gt.json``, ``root/pred{.json,/}`` and the ground-truth PNGs once per writer in
-    ``root/gt_<writer>/`` (the same id maps); returns the two JSON paths."""
+def generate_set(root: Path, num_images: int, height: int, width: int, seed: int) -> Tuple[Path, Path]:
+    """Write ``root/gt.json`` with ``root/gt/`` (PNGs written by Pillow, as cityscapesScripts writes
+    Cityscapes panoptic ground truth) and ``root/pred.json`` with ``root/pred/`` (written as
+    gbw_panoptic's evaluator writes predictions: ``write_panoptic_png``, OpenCV); returns the JSON paths."""
     rng = np.random.default_rng(seed)
     categories = [
         {"id": label, "name": f"label{label}", "isthing": int(label in THING_LABEL_IDS), "color": [0, 0, 0]}
@@ -171,12 +154,13 @@ def generate_set(root: Path, num_images: int, height: int, width: int, seed: int
     ]
     gt_json: Dict[str, Any] = {"images": [], "annotations": [], "categories": categories}
     pred_json: Dict[str, Any] = {"images": [], "annotations": [], "categories": categories}
+    (root / "gt").mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(num_images), desc="generate", unit="img"):
         gt_ids, segments = generate_ground_truth(rng, height, width)
         pred_ids, pred_categories = perturb_prediction(rng, gt_ids, segments)
         name = f"image_{index:05d}.png"
-        for writer in gt_writers:
-            write_ground_truth_png(root / f"gt_{writer}" / name, gt_ids, writer)
+        with atomic_write(root / "gt" / name) as f:
+            Image.fromarray(id_to_rgb(gt_ids)).save(f, format="PNG")
         write_panoptic_png(root / "pred" / name, pred_ids)
         image = {"id": name[:-4], "file_name": name, "height": height, "width": width}
         gt_categories = {segment_id: category for segment_id, (category, _) in segments.items()}
@@ -186,22 +170,9 @@ def generate_set(root: Path, num_images: int, height: int, width: int, seed: int
             document["annotations"].append(
                 {"image_id": image["id"], "file_name": name, "segments_info": _segments_info(ids, cats, crowds)}
             )
-    write_json(root / "gt.json", gt_json)
-    write_json(root / "pred.json", pred_json)
+    write_json(root / "gt.json", gt_json, indent=None)
+    write_json(root / "pred.json", pred_json, indent=None)
     return root / "gt.json", root / "pred.json"
-
-
-def _decode_pair(paths: Tuple[str, str]) -> int:
-    return sum(len(read_panoptic_runs(path).ids) for path in paths)
-
-
-def decode_only(root: Path, gt_folder: Path, num_workers: int) -> None:
-    """Read every PNG of ``gt_folder`` and ``root/pred`` as pq_compute does, with ``num_workers``
-    processes set up as pq_compute's workers."""
-    pairs = [(str(path), str(root / "pred" / path.name)) for path in sorted(gt_folder.glob("*.png"))]
-    with multiprocessing.Pool(num_workers, initializer=init_worker) as pool:
-        for _ in pool.imap(_decode_pair, pairs, chunksize=max(1, len(pairs) // (4 * num_workers))):
-            pass
 
 
 def _max_difference(a: Dict[str, Any], b: Dict[str, Any]) -> float:
@@ -211,96 +182,88 @@ def _max_difference(a: Dict[str, Any], b: Dict[str, Any]) -> float:
     return max(differences)
 
 
+def _subset(gt_json_file: Path, pred_json_file: Path, num_images: int) -> Tuple[Path, Path]:
+    """JSON files of the first ``num_images`` images of the set, next to the full set's."""
+    paths = []
+    for path in (gt_json_file, pred_json_file):
+        document = json.loads(path.read_text())
+        document["annotations"] = document["annotations"][:num_images]
+        document["images"] = document["images"][:num_images]
+        subset = path.with_name(f"{path.stem}_{num_images}.json")
+        write_json(subset, document, indent=None)
+        paths.append(subset)
+    return paths[0], paths[1]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=int, default=200, help="images in the generated set (default 200)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 8, 32, 500], help="set sizes (images) to time; the set is generated once for the largest (default 1 2 8 32 500: up to Cityscapes val)")
     parser.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
     parser.add_argument("--width", type=int, default=2048, help="image width in pixels (default 2048)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the generated set")
-    parser.add_argument(
-        "--gt-writer",
-        choices=("both",) + GT_WRITERS,
-        default="both",
-        help="how the ground-truth PNGs are written: pillow (Image.fromarray(rgb).save, as cityscapesScripts writes "
-        "real ground truth: adaptive row filters), opencv (write_panoptic_png, as the predictions: Sub rows) or both "
-        "(default: the same set written both ways, each timed in the same run; the headline speed-up is Pillow's)",
-    )
-    parser.add_argument("--workers", type=int, default=None, help="worker processes of gbw_panoptic's pq_compute (default: all CPUs, as panopticapi)")
-    parser.add_argument("--repeats", type=int, default=1, help="time each implementation this many times, keep the fastest")
+    parser.add_argument("--repeats", type=int, default=1, help="time each implementation this many times per size (interleaved), keep the fastest")
     parser.add_argument(
         "--data-dir",
         type=Path,
         default=None,
-        help="where to write the generated set: gt.json, pred.json, pred/ and gt_<writer>/ per ground-truth writer, "
-        "rewritten on every run (default: a temporary folder, removed afterwards)",
+        help="where to write the generated set: gt.json, pred.json, gt/ and pred/ (default: a temporary folder, removed afterwards)",
     )
     parser.add_argument("--output", type=Path, default=Path("bench_pq.json"), help="JSON report path (default bench_pq.json)")
     args = parser.parse_args(argv)
-    writers = GT_WRITERS if args.gt_writer == "both" else (args.gt_writer,)
+    sizes = sorted(set(args.sizes))
 
     from panopticapi.evaluation import pq_compute as panopticapi_pq_compute
 
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    implementations = {
+        "panopticapi": lambda gt, pred, folders: panopticapi_pq_compute(str(gt), str(pred), *folders),
+        "gbw_panoptic": lambda gt, pred, folders: pq_compute(gt, pred, *folders, progress=False),
+        "gbw_panoptic, 1 thread": lambda gt, pred, folders: pq_compute(gt, pred, *folders, num_workers=1, progress=False),
+    }
+    timings: Dict[int, Dict[str, float]] = {size: {} for size in sizes}
+    differences: Dict[int, float] = {}
+    pq_all: Dict[int, float] = {}
     with contextlib.ExitStack() as stack:
         root = args.data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_pq_")))
-        gt_json_file, pred_json_file = generate_set(root, args.num_images, args.height, args.width, args.seed, writers)
-        timings: Dict[str, Dict[str, float]] = {writer: {} for writer in writers}
-        results: Dict[str, Dict[str, Dict[str, Any]]] = {writer: {} for writer in writers}
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        for _ in range(args.repeats):
-            for writer in writers:
-                gt_folder = root / f"gt_{writer}"
-                folders = (str(gt_json_file), str(pred_json_file), str(gt_folder), str(root / "pred"))
-                for name in ("panopticapi", "gbw_panoptic", "PNG decoding only"):
+        gt_json_file, pred_json_file = generate_set(root, sizes[-1], args.height, args.width, args.seed)
+        folders = (str(root / "gt"), str(root / "pred"))
+        for size in sizes:
+            gt_subset, pred_subset = _subset(gt_json_file, pred_json_file, size)
+            results = {}
+            for _ in range(args.repeats):
+                for name, run in implementations.items():
                     start = time.perf_counter()
-                    if name == "panopticapi":
-                        with contextlib.redirect_stdout(io.StringIO()):
-                            results[writer][name] = panopticapi_pq_compute(*folders)
-                    elif name == "gbw_panoptic":
-                        results[writer][name] = pq_compute(*folders, num_workers=args.workers, progress=False)
-                    else:
-                        decode_only(root, gt_folder, args.workers or cpus)
-                    timings[writer][name] = min(timings[writer].get(name, float("inf")), time.perf_counter() - start)
+                    with contextlib.redirect_stdout(io.StringIO()):  # panopticapi prints its progress
+                        results[name] = run(gt_subset, pred_subset, folders)
+                    timings[size][name] = min(timings[size].get(name, float("inf")), time.perf_counter() - start)
+            reference = results["panopticapi"]
+            differences[size] = max(_max_difference(result, reference) for result in results.values())
+            pq_all[size] = reference["All"]["pq"]
 
-    # Every result against panopticapi's on the first writer's PNGs (the same id maps whatever the writer).
-    reference = results[writers[0]]["panopticapi"]
-    differences = {writer: max(_max_difference(result, reference) for result in results[writer].values()) for writer in writers}
-    speedups = {writer: timings[writer]["panopticapi"] / timings[writer]["gbw_panoptic"] for writer in writers}
     rows = [
-        [writer, name, f"{seconds:.2f}", f"{1000 * seconds / args.num_images:.1f}", f"{timings[writer]['panopticapi'] / seconds:.2f}x",
-         f"{100 * results[writer][name]['All']['pq']:.3f}" if name in results[writer] else "-"]
-        for writer in writers
-        for name, seconds in timings[writer].items()
+        [size, name, f"{seconds:.3f}", f"{1000 * seconds / size:.1f}", f"{timings[size]['panopticapi'] / seconds:.2f}x"]
+        for size in sizes
+        for name, seconds in timings[size].items()
     ]
-    print(f"{args.num_images} images of {args.height}x{args.width}, {cpus} CPUs ({platform.processor() or platform.machine()}); "
-          "predictions written by OpenCV")
-    print(tabulate(rows, headers=["GT written by", "implementation", "seconds", "ms / image", "speed vs panopticapi", "PQ (All)"], tablefmt="github"))
+    print(f"sets of 1-{sizes[-1]} images of {args.height}x{args.width}, {cpus} CPUs ({platform.processor() or platform.machine()}); "
+          "ground truth written by Pillow, predictions by OpenCV")
+    print(tabulate(rows, headers=["images", "implementation", "seconds", "ms / image", "speed vs panopticapi"], tablefmt="github"))
     print(f"largest difference of any PQ/SQ/RQ (All/Things/Stuff/per class): {max(differences.values()):.3g}")
     report = {
-        "num_images": args.num_images,
+        "sizes": sizes,
         "height": args.height,
         "width": args.width,
         "seed": args.seed,
+        "repeats": args.repeats,
         "cpus": cpus,
         "machine": platform.platform(),
-        # 1/5/15-minute load averages when the run started and ended (its own workers included).
+        # 1/5/15-minute load averages when the run started and ended.
         "load_average": {"start": load_at_start, "end": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "prediction_writer": "opencv",
-        "gt_writer": writers[0],
-        "seconds": timings[writers[0]],
-        "speedup": speedups[writers[0]],
+        "seconds": {str(size): timings[size] for size in sizes},
+        "speedup": {str(size): timings[size]["panopticapi"] / timings[size]["gbw_panoptic"] for size in sizes},
         "max_abs_difference": max(differences.values()),
-        "pq": {name: result["All"] for name, result in results[writers[0]].items()},
-        "by_gt_writer": {
-            writer: {
-                "seconds": timings[writer],
-                "speedup": speedups[writer],
-                "max_abs_difference": differences[writer],
-                "pq": {name: result["All"] for name, result in results[writer].items()},
-            }
-            for writer in writers
-        },
+        "pq_all": {str(size): pq_all[size] for size in sizes},
     }
     write_json(args.output, report)
     print(f"wrote {args.output}")

@@ -29,7 +29,7 @@ from detectron2.utils.events import EventStorage
 
 import gbw_panoptic.modeling  # noqa: F401  (registers the meta-architecture)
 from gbw_panoptic.config import add_gbw_panoptic_config
-from gbw_panoptic.evaluation.panoptic_io import write_json
+from gbw_panoptic.utils.io import write_json
 
 SYNC_MESSAGE = "called a synchronizing CUDA operation"
 GBW_LOSSES = ("SEM_SEG", "CENTER", "OFFSET")

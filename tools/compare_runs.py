@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from gbw_panoptic.evaluation.panoptic_io import atomic_write  # noqa: E402
+from gbw_panoptic.utils.io import atomic_write  # noqa: E402
 from gbw_panoptic.evaluation.report import read_report, write_report  # noqa: E402
 
 REPORTS = (("sem_seg", ("IoU", "recall")), ("panoptic_seg", ("PQ",)))
@@ -92,7 +92,8 @@ def plot_recall_delta(rows: List[Dict[str, Any]], path: Path, title: str) -> Non
     axis.set_title(title)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    atomic_write(path, lambda tmp_path: figure.savefig(tmp_path, format="png", dpi=100))
+    with atomic_write(path) as f:
+        figure.savefig(f, format="png", dpi=100)
     plt.close(figure)
 
 

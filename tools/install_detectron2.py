@@ -14,9 +14,10 @@ Three routes, tried in this order:
    * the C++ extension is left out and ``detectron2._C`` becomes a placeholder module whose ops raise
      an error naming the op and how to get the compiled build (only deformable convolution, rotated
      boxes, rotated RoIAlign and the fast COCO box evaluator use them);
-   * names removed from current Pillow (``Image.LINEAR``), NumPy (``np.int``, ``np.float``,
-     ``np.bool``, ``np.object``, ``np.str``) and setuptools (``pkg_resources``) are renamed to their
-     current equivalents;
+   * names removed from current Pillow (``Image.LINEAR``) and NumPy (``np.int``, ``np.float``,
+     ``np.bool``, ``np.object``, ``np.str``) are renamed to their current equivalents (its
+     ``model_zoo`` imports ``pkg_resources``, as upstream's does: pyproject.toml pins a setuptools
+     that still ships it);
    * the model-zoo configs are packaged.
 
    The wheel is cached (``$GBW_CACHE_DIR``, default ``~/.cache/gbw_panoptic``), so a second
@@ -52,10 +53,9 @@ except ModuleNotFoundError:  # Python < 3.11
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Bump when the rebuild recipe below changes, so cached wheels are rebuilt.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 LOCAL_VERSION_SUFFIX = f"+pb1.noext{RECIPE_VERSION}"
 SOURCE_ENV = "GBW_DETECTRON2_SOURCE"
-DEFAULT_INDEX = "https://pypi.org/simple"
 
 # Shown by every op of the placeholder ``detectron2._C``.
 PLACEHOLDER_MODULE = '''\
@@ -87,21 +87,10 @@ def __getattr__(name):
     )
 '''
 
-PKG_RESOURCES_SHIM = '''\
-import importlib.resources as _importlib_resources
-
-
-class pkg_resources:  # setuptools >= 81 no longer ships pkg_resources
-    @staticmethod
-    def resource_filename(package, resource):
-        return str(_importlib_resources.files(package).joinpath(resource))
-'''
-
 # (pattern, replacement) applied to every .py file of the sdist.
 SOURCE_RENAMES = [
     (re.compile(r"\bImage\.LINEAR\b"), "Image.BILINEAR"),
     (re.compile(r"\bnp\.(int|float|bool|object|str)\b"), r"\1"),
-    (re.compile(r"^import pkg_resources$", re.M), PKG_RESOURCES_SHIM.rstrip("\n")),
 ]
 
 # Run in a subprocess: imports what this project uses and exercises a Pillow- and a
@@ -184,36 +173,93 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def index_url() -> str:
-    """The package index pip is configured with (``$PIP_INDEX_URL``, pip config, or PyPI)."""
-    if os.environ.get("PIP_INDEX_URL"):
-        return os.environ["PIP_INDEX_URL"]
-    out = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
-                         capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else DEFAULT_INDEX
+def pip_config() -> Dict[str, str]:
+    """pip's configuration as ``pip config list`` prints it: ``{"global.index-url": ..., ...}``,
+    environment variables as ``":env:.index-url"``."""
+    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    config = {}
+    for line in out.stdout.splitlines():
+        key, separator, value = line.partition("=")
+        if separator:
+            config[key.strip()] = value.strip().strip("'\"")
+    return config
+
+
+def pip_default_index() -> str:
+    """The index pip uses when none is configured, read from pip itself."""
+    code = "from pip._internal.models.index import PyPI; print(PyPI.simple_url)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise SystemExit(
+            "cannot read pip's default package index from this pip; configure one: "
+            "pip config set global.index-url URL (or set PIP_INDEX_URL)"
+        )
+    return out.stdout.strip()
+
+
+def package_indexes() -> List[str]:
+    """The simple-index (PEP 503) URLs pip installs from, in pip's order: its index URL, then its
+    extra index URLs, from the environment (``PIP_INDEX_URL``, ``PIP_EXTRA_INDEX_URL``) or pip's
+    configuration files (``install`` section, then ``global``); pip's default index when no index
+    URL is configured."""
+    config = pip_config()
+
+    def setting(name: str) -> Optional[str]:
+        for scope in (":env:", "install", "global"):
+            if config.get(f"{scope}.{name}"):
+                return config[f"{scope}.{name}"]
+        return None
+
+    index = setting("index-url") or pip_default_index()
+    return [index, *(setting("extra-index-url") or "").split()]
+
+
+def _page_of(page_url: str) -> str:
+    """The URL to read for a simple-index page: a local index folder's ``index.html``, as pip reads it."""
+    parsed = urllib.parse.urlparse(page_url)
+    if parsed.scheme == "file":
+        folder = Path(urllib.request.url2pathname(parsed.path))
+        if folder.is_dir():
+            return (folder / "index.html").as_uri()
+    return page_url
+
+
+def find_sdist(name: str, wanted: str) -> str:
+    """URL of the file ``wanted`` on the simple-index page of ``name`` of the first of pip's package
+    indexes (:func:`package_indexes`) that lists it."""
+    pages = []
+    for index in package_indexes():
+        page_url = f"{index.rstrip('/')}/{name}/"
+        pages.append(page_url)
+        try:
+            with urllib.request.urlopen(_page_of(page_url), timeout=60) as response:
+                page = response.read().decode("utf-8")
+        except (OSError, ValueError) as error:  # not on this index (HTTP 404, missing folder...)
+            log(f"{page_url}: {error}")
+            continue
+        links = [urllib.parse.urljoin(page_url, href) for href in re.findall(r'href="([^"]+)"', page)]
+        matches = [link for link in links if urllib.parse.urlparse(link).path.endswith("/" + wanted)]
+        if matches:
+            return matches[0].split("#")[0]
+    raise SystemExit(f"{wanted} is not listed on any of pip's package indexes: {', '.join(pages)}")
 
 
 def download_sdist(requirement: str, expected_sha256: str, dest: Path) -> Path:
-    """Download the sdist of ``requirement`` (``name==version``) from the package index.
+    """Download the sdist of ``requirement`` (``name==version``) from pip's package indexes.
 
     ``pip download`` cannot be used: it refuses the sdist because its metadata declares a direct
-    URL dependency (panopticapi, in the ``all`` extra). The simple-index page (PEP 503) is read
-    instead and the archive is verified against the pinned sha256.
+    URL dependency (panopticapi, in the ``all`` extra). The simple-index pages (PEP 503) of the
+    indexes pip is configured with are read instead and the archive is verified against the
+    pinned sha256.
     """
     name, version = requirement.split("==")
-    page_url = f"{index_url().rstrip('/')}/{name}/"
-    log(f"looking up {requirement} in {page_url}")
-    with urllib.request.urlopen(page_url, timeout=60) as response:
-        page = response.read().decode("utf-8")
     wanted = f"{name}-{version}.tar.gz"
-    links = [urllib.parse.urljoin(page_url, href) for href in re.findall(r'href="([^"]+)"', page)]
-    matches = [link for link in links if urllib.parse.urlparse(link).path.endswith("/" + wanted)]
-    if not matches:
-        raise SystemExit(f"{wanted} is not listed on {page_url}")
+    log(f"looking up {requirement} on pip's package indexes")
+    url = find_sdist(name, wanted)
     dest.mkdir(parents=True, exist_ok=True)
     archive = dest / wanted
     log(f"downloading {wanted}")
-    with urllib.request.urlopen(matches[0].split("#")[0], timeout=300) as response:
+    with urllib.request.urlopen(url, timeout=300) as response:
         archive.write_bytes(response.read())
     actual = sha256_of(archive)
     if expected_sha256 and actual != expected_sha256:

@@ -16,8 +16,6 @@ Example:
     python tools/plot_gbw_lambda.py --out docs/gbw_weights_vs_lambda.png
 """
 import argparse
-import json
-import os
 from pathlib import Path
 from typing import Dict, List
 
@@ -31,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 
 from bench_gbw import CITYSCAPES_CLASS_NAMES, CITYSCAPES_LIKE_FREQUENCIES, cityscapes_like_batch  # noqa: E402
 from gbw_panoptic.gbw import ce_grad_sq_norms, qp_class_weights  # noqa: E402
+from gbw_panoptic.utils.io import atomic_write, write_json  # noqa: E402
 
 # Cityscapes colour palette (RGB) of the 19 train ids.
 CITYSCAPES_COLORS = (
@@ -75,9 +74,8 @@ def plot(
     figure.suptitle(title)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.stem + ".tmp" + out.suffix)
-    figure.savefig(temporary, dpi=110)
-    os.replace(temporary, out)
+    with atomic_write(out) as f:
+        figure.savefig(f, format="png", dpi=110)
     plt.close(figure)
 
 
@@ -138,9 +136,7 @@ def main() -> None:
         )
         print(f"{name:>14} {CITYSCAPES_LIKE_FREQUENCIES[c]:>7.4f} {cells}")
     summary_path = out.with_suffix(".json")
-    temporary = summary_path.with_name(summary_path.name + ".tmp")
-    temporary.write_text(json.dumps({"class_names": CITYSCAPES_CLASS_NAMES, "sizes": summary}, indent=1))
-    os.replace(temporary, summary_path)
+    write_json(summary_path, {"class_names": CITYSCAPES_CLASS_NAMES, "sizes": summary}, indent=1)
     print(f"wrote {summary_path}")
 
 

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gbw_panoptic.evaluation.panoptic_io import atomic_write  # noqa: E402
+from gbw_panoptic.utils.io import atomic_write  # noqa: E402
 
 logger = logging.getLogger("plot_training")
 
@@ -114,7 +114,8 @@ def plot_groups(groups: "OrderedDict[str, OrderedDict[str, Series]]", title: str
         axis.set_visible(False)
     figure.suptitle(title)
     figure.tight_layout()
-    atomic_write(path, lambda tmp_path: figure.savefig(tmp_path, format="png", dpi=100))
+    with atomic_write(path) as f:
+        figure.savefig(f, format="png", dpi=100)
     plt.close(figure)
 
 

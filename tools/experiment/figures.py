@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gbw_panoptic.evaluation.panoptic_io import atomic_write  # noqa: E402
+from gbw_panoptic.utils.io import atomic_write  # noqa: E402
 
 __all__ = ["plot_recall_deltas", "plot_curves"]
 
@@ -19,7 +19,8 @@ __all__ = ["plot_recall_deltas", "plot_curves"]
 def _save(fig: "plt.Figure", path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp_path: fig.savefig(tmp_path, format="png", dpi=110))
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 

@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gbw_panoptic.evaluation.panoptic_io import atomic_write, write_json
+from gbw_panoptic.utils.io import atomic_write, write_json
 from gbw_panoptic.evaluation.report import read_report
 
 from plot_training import read_metrics  # tools/plot_training.py: tools/ is on sys.path
@@ -480,7 +480,8 @@ def write_report(
     lines += curves_section(experiment, figures, datasets_root)
     lines += examples_section(experiment, out, datasets_root)
     report = out / "report.md"
-    atomic_write(report, lambda tmp_path: Path(tmp_path).write_text("\n".join(lines)))
+    with atomic_write(report, "w") as f:
+        f.write("\n".join(lines))
     summary = {
         "preset": preset_name,
         "seconds": seconds,

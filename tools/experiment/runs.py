@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from gbw_panoptic.data.datasets.synthetic import DEFAULT_SIZES
-from gbw_panoptic.evaluation.panoptic_io import write_json
+from gbw_panoptic.utils.io import write_json
 
 __all__ = [
     "Arm", "Preset", "ARMS", "PRESETS", "RunSpec", "REPO_ROOT", "VAL_DATASET", "SOURCE_VAL_DATASET",

@@ -1,8 +1,7 @@
 """Evaluation: fast exact PQ, panoptic and semantic Detectron2 evaluators, result files.
 
 The names below are imported on first use, so that importing ``gbw_panoptic.evaluation.pq`` or
-``.panoptic_io`` (NumPy and OpenCV only) does not import Detectron2 and PyTorch: the worker
-processes of :func:`pq_compute` start in a fraction of a second.
+``.panoptic_io`` (NumPy and OpenCV only) does not import Detectron2 and PyTorch.
 """
 import importlib
 from typing import Any

@@ -12,8 +12,9 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 
+from ..utils.io import atomic_write, write_json
 from .distributed import gather_on_main
-from .panoptic_io import atomic_write, id_to_rgb, write_json
+from .panoptic_io import id_to_rgb
 from .pq import pq_compute
 from .report import class_subsets, markdown_table, subset_means, subset_notes, write_report
 
@@ -52,7 +53,7 @@ class GBWPanopticEvaluator(DatasetEvaluator):
             output_dir: where to write predictions and results (None: a temporary folder).
             distributed: gather the predictions of all processes.
             extra_class_subset: another list of contiguous class ids to average over.
-            num_workers: processes of ``pq_compute`` (default: every CPU).
+            num_workers: threads of ``pq_compute`` (default: one per CPU).
         """
         self._dataset_name = dataset_name
         self._output_dir = output_dir
@@ -173,7 +174,8 @@ class GBWPanopticEvaluator(DatasetEvaluator):
         pred_folder = os.path.join(output_dir, "panoptic_predictions")
         os.makedirs(pred_folder, exist_ok=True)
         for prediction in predictions:
-            atomic_write(os.path.join(pred_folder, prediction["file_name"]), _bytes_writer(prediction["png"]))
+            with atomic_write(os.path.join(pred_folder, prediction["file_name"])) as f:
+                f.write(prediction["png"])
         pred_json_file = os.path.join(output_dir, "panoptic_predictions.json")
         annotations = [{key: p[key] for key in ("image_id", "file_name", "segments_info")} for p in predictions]
         write_json(pred_json_file, {"annotations": annotations})
@@ -226,11 +228,3 @@ class GBWPanopticEvaluator(DatasetEvaluator):
         for row in per_class:
             summary[f"PQ-{row['name']}"] = row["PQ"]
         return summary, per_class
-
-
-def _bytes_writer(data: bytes):
-    def _write(tmp_path: str) -> None:
-        with open(tmp_path, "wb") as f:
-            f.write(data)
-
-    return _write

@@ -1,57 +1,30 @@
 """Reading and writing COCO panoptic PNGs and result files.
 
 A COCO panoptic PNG stores one segment id per pixel as an RGB colour, ``id = R + 256 G + 256² B``;
-id 0 is VOID (unlabelled). Every write here is atomic: the data goes to a temporary file in the
-destination folder, which then replaces the destination with :func:`os.replace`.
+id 0 is VOID (unlabelled). Every write here is atomic (:mod:`gbw_panoptic.utils.io`).
 
-Reading is exact (the ids OpenCV and Pillow decode, bit for bit) and fast: a non-interlaced 8-bit
-RGB(A) PNG (what OpenCV, libpng and Pillow write, with any row filters) is inflated by libdeflate
-and turned into runs of equal ids straight from its filtered bytes by the C extension
-``_png_runs``, without rebuilding the pixels; anything else (interlaced, palette, grey, 16-bit,
-corrupt files) goes to OpenCV.
+PNGs are decoded by OpenCV (libpng); any PNG it reads that is 8-bit RGB or RGBA once decoded is
+accepted (palette and interlaced files included), with the alpha channel ignored as panopticapi
+does.
 """
-import json
 import os
-import struct
-import tempfile
-import zlib
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Union
 
 import cv2
-import deflate
 import numpy as np
 
-try:
-    from . import _png_runs
-except ImportError as error:  # a source tree that was never installed
-    raise ImportError(
-        "the C extension gbw_panoptic.evaluation._png_runs is not built: run `pip install -e .` in "
-        "the repository root (needs a C compiler and the Python headers)"
-    ) from error
+from ..utils.io import atomic_path
 
 __all__ = [
     "PanopticFormatError",
-    "PanopticRuns",
-    "first_of_runs",
     "rgb_to_id",
     "id_to_rgb",
     "read_panoptic_png",
-    "read_panoptic_runs",
     "write_png",
     "write_panoptic_png",
-    "atomic_write",
-    "write_json",
 ]
 
 PathLike = Union[str, os.PathLike]
-
-# The process umask (read once: os.umask can only be read by setting it).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# IHDR colour types of 8-bit truecolour PNGs.
-_RGB8, _RGBA8 = 2, 6
 
 
 class PanopticFormatError(ValueError):
@@ -76,138 +49,6 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
 
 
-def first_of_runs(values: np.ndarray) -> np.ndarray:
-    """bool (N,): True where an entry of the 1-D ``values`` starts a run of equal values (the
-    first entry, and every entry that differs from the one before it)."""
-    first = np.empty(len(values), dtype=bool)
-    first[:1] = True
-    np.not_equal(values[1:], values[:-1], out=first[1:])
-    return first
-
-
-class PanopticRuns(NamedTuple):
-    """A segment id map (HxW) as runs of equal ids along its pixels in row-major order.
-
-    Panoptic maps are piecewise constant: a 1024x2048 map has some 10^4 runs for 2·10^6 pixels.
-    """
-
-    shape: Tuple[int, int]
-    """(H, W) of the map."""
-    starts: np.ndarray
-    """int64 (N,): flat index ``y * W + x`` of the first pixel of each run; 0 first, increasing."""
-    ids: np.ndarray
-    """uint32 (N,): segment id of each run; neighbouring runs have different ids."""
-
-    @classmethod
-    def from_ids(cls, ids: np.ndarray) -> "PanopticRuns":
-        """The runs of an id map (uint32, HxW)."""
-        flat = ids.ravel()
-        starts = np.flatnonzero(first_of_runs(flat))
-        return cls((int(ids.shape[0]), int(ids.shape[1])), starts, flat[starts])
-
-    def lengths(self) -> np.ndarray:
-        """Pixels of each run (int64, N)."""
-        return np.diff(self.starts, append=self.shape[0] * self.shape[1])
-
-    def to_ids(self) -> np.ndarray:
-        """The id map (uint32, HxW)."""
-        return np.repeat(self.ids, self.lengths()).reshape(self.shape)
-
-
-class _PngImage(NamedTuple):
-    """The header fields and the concatenated IDAT data (a zlib stream) of a PNG file."""
-
-    width: int
-    height: int
-    bit_depth: int
-    color_type: int
-    interlace: int
-    idat: bytes
-
-    @property
-    def channels(self) -> int:
-        """Bytes per pixel of an 8-bit RGB (3) or RGBA (4) image."""
-        return 3 if self.color_type == _RGB8 else 4
-
-
-def _parse_png(data: bytes) -> Optional[_PngImage]:
-    """The header and image data of a well-formed PNG, None for anything else.
-
-    Well-formed: the PNG signature, IHDR first, one run of IDAT chunks, IEND, a correct CRC on every
-    chunk up to IEND and no critical chunk other than IHDR, PLTE, IDAT and IEND.
-    """
-    if not data.startswith(_PNG_SIGNATURE):
-        return None
-    view = memoryview(data)
-    header: Optional[Tuple[int, ...]] = None
-    idat: List[memoryview] = []
-    idat_closed = False
-    position = len(_PNG_SIGNATURE)
-    while position + 12 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, position)
-        end = position + 12 + length
-        if end > len(data):
-            return None
-        (crc,) = struct.unpack_from(">I", data, end - 4)
-        if zlib.crc32(view[position + 4 : end - 4]) != crc:
-            return None
-        body = view[position + 8 : end - 4]
-        if header is None:
-            if kind != b"IHDR" or length != 13:
-                return None
-            header = struct.unpack(">IIBBBBB", body)
-            width, height, _bit_depth, _color_type, compression, filter_method, _interlace = header
-            if width == 0 or height == 0 or compression != 0 or filter_method != 0:
-                return None
-        elif kind == b"IDAT":
-            if idat_closed:
-                return None
-            idat.append(body)
-        elif kind == b"IEND":
-            if not idat:
-                return None
-            width, height, bit_depth, color_type, _, _, interlace = header
-            return _PngImage(width, height, bit_depth, color_type, interlace, b"".join(idat))
-        else:
-            idat_closed = bool(idat)
-            if kind[0] & 0x20 == 0 and kind != b"PLTE":  # unknown critical chunk
-                return None
-        position = end
-    return None  # truncated before IEND
-
-
-def _inflate_rows(png: _PngImage) -> Optional[bytes]:
-    """The filtered scanlines (H x (1 + C·W) bytes, filter type byte first) of an 8-bit,
-    non-interlaced RGB(A) PNG, or None when its zlib stream is broken (bad data or Adler-32, or not
-    exactly H scanlines)."""
-    size = png.height * (1 + png.channels * png.width)
-    if size > 1032 * len(png.idat) + 64:  # beyond deflate's largest ratio: a broken header
-        return None
-    try:
-        raw = deflate.zlib_decompress(png.idat, size)
-    except deflate.DeflateError:
-        return None
-    return raw if len(raw) == size else None
-
-
-def _runs_of_rows(png: _PngImage, rows: bytes) -> Optional[PanopticRuns]:
-    """The runs of an 8-bit, non-interlaced RGB(A) PNG from its filtered scanlines (as
-    :func:`_inflate_rows`), or None when a scanline has an unknown filter type.
-
-    The rows are rebuilt as runs by the C extension ``_png_runs``: between pixels with a non-zero
-    filtered byte and the places where the row above changes colour, every PNG row filter predicts
-    the same colour again after a few pixels, so the work grows with the number of runs, not of
-    pixels.
-    """
-    try:
-        starts, ids = _png_runs.runs_of_rows(rows, png.height, png.width, png.channels)
-    except ValueError:
-        return None
-    return PanopticRuns(
-        (png.height, png.width), np.frombuffer(starts, dtype=np.int64), np.frombuffer(ids, dtype=np.uint32)
-    )
-
-
 def _ids_of_rgba(rgba: np.ndarray) -> np.ndarray:
     """Segment ids (uint32, HxW) of an RGBA image (uint8, HxWx4, R first), which it overwrites."""
     rgba = np.ascontiguousarray(rgba)
@@ -219,8 +60,17 @@ def _ids_of_rgba(rgba: np.ndarray) -> np.ndarray:
     return ids
 
 
-def _decode_with_opencv(path: str, data: bytes) -> np.ndarray:
-    """Segment ids (uint32, HxW) of any image OpenCV reads that is 8-bit RGB(A) once decoded."""
+def read_panoptic_png(path: PathLike) -> np.ndarray:
+    """Segment ids (uint32, HxW) stored in the 8-bit RGB(A) panoptic PNG ``path`` (decoded by OpenCV).
+
+    Raises FileNotFoundError for a missing file and :class:`PanopticFormatError` for a file that
+    cannot be decoded or is not 8-bit RGB / RGBA (alpha is ignored, as panopticapi does).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"panoptic PNG {path} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:  # e.g. a header beyond OpenCV's pixel limit
@@ -237,97 +87,15 @@ def _decode_with_opencv(path: str, data: bytes) -> np.ndarray:
     return _ids_of_rgba(cv2.cvtColor(image, code))
 
 
-def _read_panoptic(path: PathLike) -> Union[np.ndarray, PanopticRuns]:
-    """The runs, or for files OpenCV decodes the ids (uint32, HxW), of the panoptic PNG ``path``.
-
-    A well-formed 8-bit, non-interlaced RGB(A) PNG whose zlib stream inflates (libdeflate checks
-    it) and whose rows have valid filter types gives runs; every other file (interlaced, palette,
-    grey, 16-bit, broken) goes to OpenCV, which also names the errors.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"panoptic PNG {path} does not exist")
-    with open(path, "rb") as f:
-        data = f.read()
-    png = _parse_png(data)
-    if png is None or png.bit_depth != 8 or png.color_type not in (_RGB8, _RGBA8) or png.interlace:
-        return _decode_with_opencv(path, data)
-    rows = _inflate_rows(png)
-    runs = None if rows is None else _runs_of_rows(png, rows)
-    return _decode_with_opencv(path, data) if runs is None else runs
-
-
-def read_panoptic_png(path: PathLike) -> np.ndarray:
-    """Segment ids (uint32, HxW) stored in the 8-bit RGB(A) panoptic PNG ``path``.
-
-    Raises FileNotFoundError for a missing file and :class:`PanopticFormatError` for a file that
-    cannot be decoded or is not 8-bit RGB / RGBA (alpha is ignored, as panopticapi does).
-    """
-    decoded = _read_panoptic(path)
-    return decoded.to_ids() if isinstance(decoded, PanopticRuns) else decoded
-
-
-def read_panoptic_runs(path: PathLike) -> PanopticRuns:
-    """The runs of the segment ids stored in the panoptic PNG ``path``; errors as :func:`read_panoptic_png`.
-
-    Faster than :func:`read_panoptic_png`: the runs of a non-interlaced 8-bit RGB(A) PNG are read
-    from its filtered bytes, and no id map is built.
-    """
-    decoded = _read_panoptic(path)
-    return decoded if isinstance(decoded, PanopticRuns) else PanopticRuns.from_ids(decoded)
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it to ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp_path)
-        # mkstemp creates the file readable by its owner only; give it the usual permissions.
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def write_png(path: PathLike, rgb: np.ndarray) -> None:
     """Write an RGB image (uint8, HxWx3) as a PNG, atomically."""
     bgr = np.ascontiguousarray(rgb[..., ::-1])
 
-    def _write(tmp_path: str) -> None:
+    with atomic_path(path) as tmp_path:
         if not cv2.imwrite(tmp_path, bgr):
-            raise OSError(f"cannot write PNG {tmp_path}")
-
-    atomic_write(path, _write)
+            raise OSError(f"cannot write PNG {path}")
 
 
 def write_panoptic_png(path: PathLike, ids: np.ndarray) -> None:
     """Write segment ids (integer, HxW) as an RGB panoptic PNG, atomically."""
     write_png(path, id_to_rgb(ids))
-
-
-def write_json(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically. NaN and infinities are written as null."""
-
-    def _clean(value: Any) -> Any:
-        if isinstance(value, float) and not np.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: _clean(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [_clean(item) for item in value]
-        if isinstance(value, np.generic):
-            return _clean(value.item())
-        return value
-
-    def _write(tmp_path: str) -> None:
-        with open(tmp_path, "w") as f:
-            json.dump(_clean(obj), f, indent=2)
-
-    atomic_write(path, _write)

@@ -11,16 +11,19 @@ The matching rules are panopticapi's, to the letter:
 - unmatched non-crowd GT segments are false negatives;
 - a category enters the averages only when it has at least one TP, FP or FN.
 
-What differs is the speed: each PNG is read as runs of equal ids straight from its filtered bytes,
-without decoding the pixels (see :func:`~gbw_panoptic.evaluation.panoptic_io.read_panoptic_runs`), the runs of the two images merge
-into runs of equal (GT id, predicted id) pairs, then one weighted ``bincount`` over the runs gives
-the whole GT x prediction intersection matrix; images are processed by parallel worker processes and streamed
-through in order (the accumulation order, and so the result, does not depend on the number of workers), and invalid
-predictions raise :class:`~gbw_panoptic.evaluation.panoptic_io.PanopticFormatError` naming the image,
-the file and the segment. The one deliberate difference on valid input: where panopticapi divides
-by zero (no category counted in a group, e.g. no thing segment at all), the group's ``pq``, ``sq``
-and ``rq`` are NaN with ``n`` 0.
+What differs is the speed: both PNGs of an image are decoded by OpenCV, the pixels become runs of
+equal (GT id, predicted id) pairs (panoptic maps are piecewise constant), and one weighted
+``bincount`` over the runs gives the whole GT x prediction intersection matrix. Images are
+processed by a pool of threads (OpenCV's decoding and NumPy's pixel passes release the GIL, the
+Python part is a few hundred segments): no process to start, so no start-up cost on small sets and
+nothing that can hang (a script without ``if __name__ == "__main__":`` works). Their results are
+accumulated in order, so the result does not depend on the number of threads. Invalid
+predictions raise :class:`~gbw_panoptic.evaluation.panoptic_io.PanopticFormatError` naming the
+image, the file and the segment. The one deliberate difference on valid input: where panopticapi
+divides by zero (no category counted in a group, e.g. no thing segment at all), the group's ``pq``,
+``sq`` and ``rq`` are NaN with ``n`` 0.
 """
+import concurrent.futures
 import functools
 import json
 import logging
@@ -28,12 +31,10 @@ import os
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..utils.parallel import process_pool
-from .panoptic_io import PanopticFormatError, PanopticRuns, first_of_runs, read_panoptic_runs
+from .panoptic_io import PanopticFormatError, read_panoptic_png
 
 __all__ = ["PQStats", "pq_compute", "pq_image_stats"]
 
@@ -121,18 +122,19 @@ def _segments(annotation: Mapping[str, Any], role: str, png_path: str) -> List[M
     return segments
 
 
-def _pixel_runs(gt: PanopticRuns, pred: PanopticRuns) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs of equal (GT id, predicted id) pairs along the flattened images.
+def _pixel_runs(gt_ids: np.ndarray, pred_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of equal (GT id, predicted id) pairs along the flattened id maps (both HxW).
 
     Panoptic maps are piecewise constant, so a 1024x2048 image has some 10^4 runs instead of 2·10^6
-    pixels; everything after this merge of the two images' runs works on runs. Returns (GT id,
-    predicted id, length) per run.
+    pixels; everything after this works on runs. Returns (GT id, predicted id, length) per run.
     """
-    both = np.sort(np.concatenate([gt.starts, pred.starts]), kind="stable")  # merges two sorted runs
-    starts = both[first_of_runs(both)]
-    gt_ids = gt.ids[np.searchsorted(gt.starts, starts, side="right") - 1]
-    pred_ids = pred.ids[np.searchsorted(pred.starts, starts, side="right") - 1]
-    return gt_ids, pred_ids, np.diff(starts, append=gt.shape[0] * gt.shape[1])
+    gt_flat, pred_flat = gt_ids.ravel(), pred_ids.ravel()
+    first = np.empty(gt_flat.size, dtype=bool)  # True where a pixel starts a run
+    first[:1] = True
+    np.not_equal(gt_flat[1:], gt_flat[:-1], out=first[1:])
+    first[1:] |= pred_flat[1:] != pred_flat[:-1]
+    starts = np.flatnonzero(first)
+    return gt_flat[starts], pred_flat[starts], np.diff(starts, append=gt_flat.size)
 
 
 def _compact_index(ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
@@ -168,12 +170,12 @@ def pq_image_stats(
     image_id = gt_annotation["image_id"]
     gt_path = os.path.join(gt_folder, gt_annotation["file_name"])
     pred_path = os.path.join(pred_folder, pred_annotation["file_name"])
-    gt_runs = read_panoptic_runs(gt_path)
-    pred_runs = read_panoptic_runs(pred_path)
-    if gt_runs.shape != pred_runs.shape:
+    gt_ids = read_panoptic_png(gt_path)
+    pred_ids = read_panoptic_png(pred_path)
+    if gt_ids.shape != pred_ids.shape:
         raise PanopticFormatError(
-            f"image {image_id!r}: prediction {pred_path} is {pred_runs.shape[0]}x{pred_runs.shape[1]} "
-            f"(HxW) but the ground truth {gt_path} is {gt_runs.shape[0]}x{gt_runs.shape[1]}"
+            f"image {image_id!r}: prediction {pred_path} is {pred_ids.shape[0]}x{pred_ids.shape[1]} "
+            f"(HxW) but the ground truth {gt_path} is {gt_ids.shape[0]}x{gt_ids.shape[1]}"
         )
     gt_segments = _segments(gt_annotation, "ground-truth", gt_path)
     pred_segments = _segments(pred_annotation, "predicted", pred_path)
@@ -196,7 +198,7 @@ def pq_image_stats(
 
     # Intersection counts. Rows: GT segments, VOID, ids missing from the GT JSON. Columns:
     # predicted segments, VOID, ids missing from the predicted JSON.
-    run_gt, run_pred, run_length = _pixel_runs(gt_runs, pred_runs)
+    run_gt, run_pred, run_length = _pixel_runs(gt_ids, pred_ids)
     pred_index = _compact_index(run_pred, pred_segment_ids)
     num_columns = num_pred + 2
     pair_index = _compact_index(run_gt, gt_segment_ids) * num_columns + pred_index
@@ -309,29 +311,22 @@ def _default_num_workers() -> int:
     return os.cpu_count() or 1
 
 
-def init_worker() -> None:
-    """Set up a worker process of :func:`pq_compute`: one OpenCV thread (the parallelism is across
-    images)."""
-    cv2.setNumThreads(1)
-
-
 def _image_stats_stream(
     pairs: Sequence[Tuple[Mapping[str, Any], Mapping[str, Any]]],
     gt_folder: str,
     pred_folder: str,
     categories: Mapping[int, Any],
-    num_workers: int,
+    num_threads: int,
 ) -> Iterator[Dict[int, CategoryStats]]:
-    """Per-image statistics in the order of ``pairs``, computed by ``num_workers`` processes."""
+    """Per-image statistics in the order of ``pairs``, computed by ``num_threads`` threads."""
     compute = functools.partial(
         _stats_of_pair, gt_folder=gt_folder, pred_folder=pred_folder, categories=categories
     )
-    if num_workers <= 1 or len(pairs) <= 1:
+    if num_threads <= 1 or len(pairs) <= 1:
         yield from map(compute, pairs)
         return
-    chunksize = max(1, min(8, len(pairs) // (4 * num_workers)))
-    with process_pool(min(num_workers, len(pairs)), preload=[__name__], initializer=init_worker) as pool:
-        yield from pool.imap(compute, pairs, chunksize=chunksize)
+    with concurrent.futures.ThreadPoolExecutor(min(num_threads, len(pairs)), thread_name_prefix="pq") as pool:
+        yield from pool.map(compute, pairs)
 
 
 def pq_compute(
@@ -348,7 +343,8 @@ def pq_compute(
     Args:
         gt_json_file, pred_json_file: COCO panoptic JSON files.
         gt_folder, pred_folder: folders of the PNGs; default: the JSON path without ``.json``.
-        num_workers: worker processes (default: the CPUs this process may use; 1 = no pool).
+        num_workers: threads that read and match the images (1: this thread only; default: one
+            per CPU this process may use).
         progress: show a tqdm progress bar.
 
     Returns:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .panoptic_io import atomic_write, write_json
+from ..utils.io import atomic_write, write_json
 
 __all__ = [
     "class_subsets",
@@ -126,21 +126,14 @@ def write_report(
     if notes:
         markdown += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
 
-    def _write_markdown(tmp_path: str) -> None:
-        with open(tmp_path, "w") as f:
-            f.write(markdown)
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(per_class)
-
-    def _write_csv(tmp_path: str) -> None:
-        with open(tmp_path, "w", newline="") as f:
-            f.write(buffer.getvalue())
-
-    atomic_write(paths["md"], _write_markdown)
-    atomic_write(paths["csv"], _write_csv)
+    with atomic_write(paths["md"], "w") as f:
+        f.write(markdown)
+    with atomic_write(paths["csv"], "w", newline="") as f:
+        f.write(buffer.getvalue())
     return paths
 
 

@@ -11,7 +11,7 @@ from detectron2.evaluation import DatasetEvaluator
 
 from ..data.image_io import read_image
 from .distributed import gather_on_main
-from .panoptic_io import atomic_write
+from ..utils.io import atomic_write
 from .report import class_subsets, markdown_table, subset_means, subset_notes, write_report
 
 __all__ = ["GBWSemSegEvaluator", "confusion_matrix", "semantic_metrics"]
@@ -181,9 +181,7 @@ class GBWSemSegEvaluator(DatasetEvaluator):
                 columns,
                 notes=subset_notes("IoU", self._subsets),
             )
-            atomic_write(
-                os.path.join(self._output_dir, "sem_seg_confusion_matrix.npy"),
-                lambda tmp_path: np.save(tmp_path, matrix),
-            )
+            with atomic_write(os.path.join(self._output_dir, "sem_seg_confusion_matrix.npy")) as f:
+                np.save(f, matrix)
         return OrderedDict([("sem_seg", summary)])
 

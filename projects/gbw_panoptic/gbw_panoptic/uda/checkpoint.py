@@ -9,15 +9,13 @@ Resuming reads the checkpoint tagged in ``last_checkpoint``; when it is missing,
 (a disk filled up, a copy interrupted), a warning names it and the newest readable ``model_*.pth``
 is used instead.
 """
-import contextlib
 import fnmatch
 import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import torch
 
@@ -25,13 +23,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
+from ..utils.io import atomic_write
 from ..utils.rng import get_rng_state, preserved_rng_state, set_rng_state
 
 __all__ = [
     "AtomicCheckpointer",
     "CorruptCheckpointError",
     "TEMPORARY_FILE_PATTERNS",
-    "atomic_write",
     "remove_stale_temporary_files",
     "get_rng_state",
     "set_rng_state",
@@ -40,29 +38,9 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file next to ``path``; on success it replaces ``path`` in one ``os.replace``.
-
-    A process killed while writing leaves ``path`` as it was (and at most a stray ``.tmp`` file).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-
-
-# Names of the temporary files of the project's atomic writers (``<name>.<random>.tmp``, ``.tmp-<random>.<ext>``,
-# ``.<stem>.<random>.tmp.<ext>``) that a killed process can leave behind.
-TEMPORARY_FILE_PATTERNS = ("*.tmp", ".tmp-*", ".*.tmp.*")
+# Names of the temporary files of :mod:`gbw_panoptic.utils.io`'s atomic writes
+# (``.<stem>.<random>.tmp<extension>``) that a killed process can leave behind.
+TEMPORARY_FILE_PATTERNS = (".*.tmp", ".*.tmp.*")
 
 # Files a run writes as checkpoints: model_0001234.pth and model_final.pth.
 _CHECKPOINT_NAME = re.compile(r"^model_(\d+|final)\.pth$")

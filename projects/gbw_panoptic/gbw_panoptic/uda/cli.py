@@ -16,7 +16,8 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_gbw_panoptic_config
 from ..env import collect_env_info
-from .checkpoint import AtomicCheckpointer, atomic_write, remove_stale_temporary_files
+from ..utils.io import atomic_write
+from .checkpoint import AtomicCheckpointer, remove_stale_temporary_files
 from .launch import default_backend, launch
 from .output_lock import lock_output_dir, unlock_output_dir
 from .trainer import TrainingInterrupted, UDATrainer

@@ -43,7 +43,8 @@ from PIL import Image
 from tabulate import tabulate
 from tqdm import tqdm
 
-from ...utils.parallel import process_pool
+from ...utils.io import atomic_path, atomic_write, write_json
+from ...utils.parallel import parallel_map
 from ..image_io import image_decode_error
 from .builtin_meta import CLASS_NAMES, LABEL_DIVISOR, NUM_CLASSES, label_id_to_train_id_lut
 
@@ -51,10 +52,8 @@ __all__ = [
     "ImageRecord",
     "ConversionJob",
     "ConversionReport",
-    "atomic_output",
     "data_file_error",
     "save_png",
-    "save_json",
     "read_png_size",
     "train_id_pixel_counts",
     "instance_ids_from_labels",
@@ -134,33 +133,10 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-@contextlib.contextmanager
-def atomic_output(path: str):
-    """Yield a temporary path next to ``path`` (same extension); move it onto ``path`` on success."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    stem, extension = os.path.splitext(os.path.basename(path))
-    handle, tmp_path = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{extension}", dir=directory)
-    os.close(handle)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
-
 def save_png(path: str, array: np.ndarray) -> None:
     """Atomically write ``array`` (HxW uint8/uint16 or HxWx3 uint8) as a PNG (fast compression)."""
-    with atomic_output(path) as tmp_path:
-        Image.fromarray(array).save(tmp_path, format="PNG", compress_level=1)
-
-
-def save_json(path: str, data: Any) -> None:
-    """Atomically write ``data`` as JSON."""
-    with atomic_output(path) as tmp_path:
-        with open(tmp_path, "w") as f:
-            json.dump(data, f)
+    with atomic_write(path) as f:
+        Image.fromarray(array).save(f, format="PNG", compress_level=1)
 
 
 def read_png_size(path: str) -> Optional[Tuple[int, int]]:
@@ -252,7 +228,8 @@ def panoptic_from_instance_ids(
             convert2panoptic(os.path.join(tmp, "gtFine"), tmp, useTrainId=False, setNames=["image"])
         with open(os.path.join(tmp, "cityscapes_panoptic_image.json")) as f:
             (annotation,) = json.load(f)["annotations"]
-        os.replace(os.path.join(tmp, "cityscapes_panoptic_image", annotation["file_name"]), panoptic_path)
+        with atomic_path(panoptic_path) as tmp_path:
+            os.replace(os.path.join(tmp, "cityscapes_panoptic_image", annotation["file_name"]), tmp_path)
     return annotation["segments_info"]
 
 
@@ -399,9 +376,8 @@ class _ProgressLog:
     def __init__(self, path: str, info: Dict[str, Any], records: Sequence[ImageRecord]):
         """Start the file (atomically) with ``info`` and the ``records`` already valid, then append."""
         lines = [json.dumps({"info": info}, sort_keys=True)] + [self._line(record) for record in records]
-        with atomic_output(path) as tmp_path:
-            with open(tmp_path, "w") as f:
-                f.write("".join(line + "\n" for line in lines))
+        with atomic_write(path, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
         self._file = open(path, "a")
 
     @staticmethod
@@ -510,11 +486,21 @@ def run_conversion(
         _init_worker(convert)
         collect(map(_convert_one, todo))
     else:
-        with process_pool(workers, preload=[__name__], initializer=_init_worker, initargs=(convert,)) as pool:
-            collect(pool.imap_unordered(_convert_one, todo, chunksize=4))
+        collect(
+            parallel_map(
+                _convert_one,
+                todo,
+                workers,
+                ordered=False,
+                chunksize=4,
+                preload=[__name__],
+                initializer=_init_worker,
+                initargs=(convert,),
+            )
+        )
 
     ordered = [records[image_id] for image_id in sorted(records)]
-    save_json(
+    write_json(
         panoptic_json,
         {
             "info": info,
@@ -522,13 +508,15 @@ def run_conversion(
             "annotations": [record.annotation for record in ordered],
             "categories": panoptic_categories(),
         },
+        indent=None,
     )
-    save_json(
+    write_json(
         class_stats_json,
         {"classes": CLASS_NAMES, "images": {r.image["id"]: r.pixel_counts for r in ordered}},
+        indent=None,
     )
     frequencies = class_frequencies(ordered)
-    save_json(paths["frequencies"], frequencies)
+    write_json(paths["frequencies"], frequencies, indent=None)
     progress.close()
     os.remove(progress_file)
     return ConversionReport(ordered, len(todo) - len(failures), skipped, sorted(failures), frequencies)

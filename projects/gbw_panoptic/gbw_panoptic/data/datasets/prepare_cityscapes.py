@@ -9,11 +9,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ...utils.io import atomic_path
 from .conversion import (
     ConversionJob,
     ConversionReport,
     ImageRecord,
-    atomic_output,
     conversion_parser,
     exit_code_on_missing_input,
     image_record,
@@ -73,7 +73,7 @@ def _convert_cityscapes_image(job: ConversionJob) -> ImageRecord:
         raise ValueError(f"{image_path}: image corrupt")
     if read_png_size(instance_path) != image_size:
         raise ValueError(f"{instance_path}: corrupt or not of the image size {image_size}")
-    with atomic_output(train_id_path) as tmp_path:
+    with atomic_path(train_id_path) as tmp_path:
         json2labelImg(polygons_path, tmp_path, "trainIds")
         train_ids = np.asarray(Image.open(tmp_path))
         if train_ids.shape != image_size:

@@ -36,16 +36,15 @@ from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from tqdm import tqdm
 
-from ...utils.parallel import process_pool
+from ...utils.io import atomic_path, write_json
+from ...utils.parallel import parallel_map
 from .builtin_meta import SYNTHIA_TO_LABEL_ID
 from .conversion import (
     ConversionReport,
-    atomic_output,
     conversion_parser,
     data_file_error,
     exit_code_on_missing_input,
     print_report,
-    save_json,
     save_png,
 )
 from .prepare_cityscapes import prepare_cityscapes
@@ -387,7 +386,7 @@ def _write_source_image(files: List[str], rng: np.random.Generator, height: int,
     labels_bgr = np.stack([np.zeros_like(instance), instance, lut[label_ids]], axis=-1)
     image_file, label_file = files
     save_png(image_file, image)
-    with atomic_output(label_file) as tmp_path:
+    with atomic_path(label_file) as tmp_path:
         if not cv2.imwrite(tmp_path, labels_bgr):
             raise OSError(f"could not write {tmp_path}")
 
@@ -399,9 +398,7 @@ def _write_target_image(files: List[str], rng: np.random.Generator, height: int,
     image = render_image(rng, TARGET_STYLE, label_ids, instance_ids)
     image_file, polygons_file, label_file, instance_file = files
     save_png(image_file, image)
-    with atomic_output(polygons_file) as tmp_path:
-        with open(tmp_path, "w") as f:
-            json.dump(polygons_json, f)
+    write_json(polygons_file, polygons_json, indent=None)
     save_png(label_file, label_ids)
     save_png(instance_file, instance_ids.astype(np.uint16))
 
@@ -459,7 +456,7 @@ def generate_synthetic(
                 f"{out_dir} holds a benchmark generated with {previous}, not {settings}; "
                 "delete it or choose another folder"
             )
-    save_json(settings_file, settings)
+    write_json(settings_file, settings, indent=None)
 
     source_dir, target_dir = os.path.join(out_dir, "source"), os.path.join(out_dir, "target")
     source_val_dir = os.path.join(out_dir, "source_val")
@@ -474,9 +471,8 @@ def generate_synthetic(
         for task in tqdm(tasks, **progress):
             _write_image(task)
     else:
-        with process_pool(workers, preload=[__name__]) as pool:
-            for _ in tqdm(pool.imap_unordered(_write_image, tasks, chunksize=8), **progress):
-                pass
+        for _ in tqdm(parallel_map(_write_image, tasks, workers, ordered=False, chunksize=8, preload=[__name__]), **progress):
+            pass
     return {"source": source_dir, "source_val": source_val_dir, "target": target_dir}
 
 
