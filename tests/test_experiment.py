@@ -27,6 +27,9 @@ def test_presets_name_existing_configs(tmp_path):
             assert "--resume" in run.command and str(run.output_dir) in run.command
     assert {"source_only", "dacs", "dacs_gbw", "target_oracle"} <= set(PRESETS["demo"].arms)
     assert len(PRESETS["experiment"].seeds) >= 3
+    # HRDA arms are compared with the single-scale ones they extend, in their own preset.
+    assert not any(arm.startswith("hrda") for arm in PRESETS["experiment"].arms)
+    assert {"source_only", "dacs", "hrda_dacs", "hrda_dacs_gbw"} <= set(PRESETS["hrda"].arms)
 
 
 def test_t_interval_matches_scipy_and_needs_two_values():

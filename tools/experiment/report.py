@@ -443,9 +443,16 @@ def conclusion_section(experiment: ExperimentResults) -> List[str]:
 
 
 def examples_section(experiment: ExperimentResults, out: Path, datasets_root: Path) -> List[str]:
-    """Two target val images with ground truth and prediction of DACS and DACS + GBW (or the last arm)."""
+    """Two target val images with ground truth and prediction of DACS and DACS + GBW (or the last arm
+    with panoptic predictions; semantic-only arms have none)."""
     figures = out / "figures"
-    shown = [arm for arm in experiment.arms if arm.name in (REFERENCE, "dacs_gbw")] or experiment.arms[-1:]
+    panoptic = [
+        arm for arm in experiment.arms
+        if (experiment.run_of[(arm.name, experiment.seeds[0])].eval_dir() / "panoptic_predictions.json").is_file()
+    ]
+    shown = [arm for arm in panoptic if arm.name in (REFERENCE, "dacs_gbw")] or panoptic[-1:]
+    if not shown:
+        return []
     lines = ["## Example predictions (target val; input | ground truth | prediction)", ""]
     for arm in shown:
         eval_dir = experiment.run_of[(arm.name, experiment.seeds[0])].eval_dir()

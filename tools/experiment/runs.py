@@ -70,6 +70,11 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
             REFERENCE,
         ),
         Arm(ORACLE, "synthetic/target_oracle.yaml", "target oracle"),
+        # HRDA (semantic only): context crop at 0.5 + full-resolution detail crop, scale attention.
+        Arm("hrda_source_only", "synthetic/hrda_source_only.yaml", "HRDA source only"),
+        Arm("hrda_source_only_gbw", "synthetic/hrda_source_only_gbw.yaml", "HRDA source only + GBW", "hrda_source_only"),
+        Arm("hrda_dacs", "synthetic/hrda_dacs.yaml", "HRDA + DACS"),
+        Arm("hrda_dacs_gbw", "synthetic/hrda_dacs_gbw.yaml", "HRDA + DACS + GBW", "hrda_dacs"),
     )
 )
 
@@ -101,11 +106,20 @@ PRESETS: Dict[str, Preset] = {
     ),
     # `make experiment`: every arm, enough seeds for confidence intervals.
     "experiment": Preset(
-        arms=tuple(ARMS),
+        arms=tuple(name for name in ARMS if not name.startswith("hrda")),
         seeds=(0, 1, 2),
         max_iter=ITERATIONS,
         description="3 seeds of every arm: source-only (± GBW), DACS (± GBW, relative and absolute λ, "
         "GBW ablation) and the target oracle",
+    ),
+    # HRDA next to the single-scale arms it extends (not part of `make experiment`: an HRDA + DACS
+    # step costs about 3x a single-scale one on the CPU).
+    "hrda": Preset(
+        arms=(SOURCE_ONLY, REFERENCE, "hrda_source_only", "hrda_source_only_gbw", "hrda_dacs", "hrda_dacs_gbw", ORACLE),
+        seeds=(0, 1, 2),
+        max_iter=ITERATIONS,
+        description="3 seeds of HRDA source-only and HRDA + DACS (± GBW) next to single-scale source-only, "
+        "DACS and the target oracle",
     ),
     # CI smoke test: a few iterations of two arms on a tiny benchmark; the numbers mean nothing.
     "smoke": Preset(
