@@ -1,5 +1,8 @@
 """GBWPanopticSegmentor: configs, losses, gradients, GBW logging, inference outputs, training."""
 import itertools
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -13,12 +16,16 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from gbw_panoptic.config import add_gbw_panoptic_config
+from gbw_panoptic.data.datasets.builtin_meta import panoptic_metadata
 from gbw_panoptic.modeling import GBWPanopticSegmentor, MixVisionTransformer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "configs").rglob("*.yaml"))
 SMALL_CONFIG = "configs/synthetic/mit_b0_source_only_gbw.yaml"
 THINGS = list(range(11, 19))  # Cityscapes thing train ids
+CITYSCAPES_CLASSES = "test_modeling_cityscapes_classes"  # metadata only, no dataset
+if CITYSCAPES_CLASSES not in MetadataCatalog.list():
+    MetadataCatalog.get(CITYSCAPES_CLASSES).set(**panoptic_metadata(list(range(19))))
 
 
 def _cfg(config: str = SMALL_CONFIG, opts: List = ()):
@@ -35,7 +42,7 @@ def _small_model(opts: List = ()) -> GBWPanopticSegmentor:
     base = [
         "MODEL.SEM_SEG_HEAD.EMBED_DIM", 16, "MODEL.INS_EMBED_HEAD.EMBED_DIM", 16,
         "MODEL.SEM_SEG_HEAD.DROPOUT", 0.0, "MODEL.INS_EMBED_HEAD.DROPOUT", 0.0,
-        "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+        "DATASETS.TRAIN", "()", "DATASETS.TEST", f"('{CITYSCAPES_CLASSES}',)",
     ]  # fmt: skip
     return build_model(_cfg(opts=[*base, *opts]))
 
@@ -289,6 +296,23 @@ def test_classes_come_from_the_dataset_metadata():
     assert model.offset_loss.fixed_active.nonzero().flatten().tolist() == [3, 4]
     with pytest.raises(ValueError, match="NUM_CLASSES"):
         build_model(_cfg(opts=["DATASETS.TEST", f"('{name}',)", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 7]))
+    with pytest.raises(ValueError, match="no registered panoptic dataset among .*'not_registered'"):
+        build_model(_cfg(opts=["DATASETS.TEST", "()", "DATASETS.TRAIN", "('not_registered',)"]))
+
+
+def test_importing_the_model_registers_no_dataset():
+    """The model reads class metadata from the MetadataCatalog at build time; importing it leaves the
+    catalogs as Detectron2 alone leaves them."""
+    script = (
+        "import sys, json\n"
+        "from detectron2.data import DatasetCatalog, MetadataCatalog\n"
+        "before = (DatasetCatalog.list(), MetadataCatalog.list())\n"
+        "import gbw_panoptic.modeling\n"
+        "after = (DatasetCatalog.list(), MetadataCatalog.list())\n"
+        "print(json.dumps([before == after, 'gbw_panoptic.data' in sys.modules]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout.splitlines()[-1]) == [True, False]
 
 
 def test_mit_pretrained_path_from_config(tmp_path):

@@ -7,7 +7,7 @@ and ``build_resnet_deeplab_stem_backbone`` (BACKBONE_REGISTRY), ``DAFormerSemSeg
 from .backbone import MixVisionTransformer, build_mit_backbone, build_resnet_deeplab_stem_backbone
 from .heads import DAFormerDecoder, DAFormerInstanceHead, DAFormerSemSegHead, build_ins_embed_head
 from .meta_arch import GBWPanopticSegmentor
-from .post_processing import find_instance_centers, get_panoptic_segmentation_batched, panoptic_to_segments
+from .post_processing import find_instance_centers, panoptic_segmentation, panoptic_to_segments
 
 __all__ = [
     "GBWPanopticSegmentor",
@@ -19,6 +19,6 @@ __all__ = [
     "DAFormerInstanceHead",
     "build_ins_embed_head",
     "find_instance_centers",
-    "get_panoptic_segmentation_batched",
+    "panoptic_segmentation",
     "panoptic_to_segments",
 ]
