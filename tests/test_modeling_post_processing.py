@@ -118,7 +118,9 @@ def test_find_instance_centers_top_k_and_shape_check():
     with pytest.raises(ValueError, match="1 x H x W"):
         find_instance_centers(heatmap[0])
     with pytest.raises(ValueError, match="sem_seg must be H x W"):
-        panoptic_segmentation(torch.zeros((1, 30, 30), dtype=torch.long), heatmap, torch.zeros((2, 30, 30)), [1], 1000, 0, -1)
+        panoptic_segmentation(
+            torch.zeros((1, 30, 30), dtype=torch.long), heatmap, torch.zeros((2, 30, 30)), [1], LABEL_DIVISOR, 0, -1
+        )
 
 
 def test_bench_post_processing_agrees_with_detectron2(repo_root, tmp_path):

@@ -77,9 +77,8 @@ def detectron2_batch(sem_seg: torch.Tensor, center: torch.Tensor, offsets: torch
 
 def ours_batch(sem_seg: torch.Tensor, center: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The model's post-processing, one image after the other as ``GBWPanopticSegmentor.postprocess``."""
-    return torch.stack(
-        [panoptic_segmentation(sem_seg[i], center[i], offsets[i], THING_IDS, **SETTINGS) for i in range(sem_seg.size(0))]
-    )
+    images = zip(sem_seg, center, offsets)
+    return torch.stack([panoptic_segmentation(*image, THING_IDS, **SETTINGS) for image in images])
 
 
 def time_ms(function: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> List[float]:

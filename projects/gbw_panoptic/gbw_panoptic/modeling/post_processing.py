@@ -57,10 +57,7 @@ def _group_thing_pixels(centers: torch.Tensor, offsets: torch.Tensor, thing_mask
     pixel_y, pixel_x = torch.nonzero(thing_mask, as_tuple=True)
     if centers.size(0) == 0 or pixel_y.numel() == 0:
         return instance_ids
-    shifted = torch.stack(
-        [pixel_y.to(offsets.dtype) + offsets[0, pixel_y, pixel_x], pixel_x.to(offsets.dtype) + offsets[1, pixel_y, pixel_x]],
-        dim=1,
-    )
+    shifted = torch.stack([pixel_y.to(offsets.dtype), pixel_x.to(offsets.dtype)], dim=1) + offsets[:, pixel_y, pixel_x].T
     distance = torch.norm(centers.unsqueeze(1) - shifted.unsqueeze(0), dim=-1)
     instance_ids[pixel_y, pixel_x] = torch.argmin(distance, dim=0) + 1
     return instance_ids
