@@ -58,7 +58,9 @@ def _group_thing_pixels(centers: torch.Tensor, offsets: torch.Tensor, thing_mask
     if centers.size(0) == 0 or pixel_y.numel() == 0:
         return instance_ids
     shifted = torch.stack([pixel_y.to(offsets.dtype), pixel_x.to(offsets.dtype)], dim=1) + offsets[:, pixel_y, pixel_x].T
-    distance = torch.norm(centers.unsqueeze(1) - shifted.unsqueeze(0), dim=-1)
+    # K x N distances with the (dy, dx) pairs as the outer dimension: the same values as Detectron2's
+    # norm over K x N x 2 differences to the last bit (so near-ties resolve alike), several times faster.
+    distance = torch.norm(centers.T.unsqueeze(2) - shifted.T.unsqueeze(1), dim=0)
     instance_ids[pixel_y, pixel_x] = torch.argmin(distance, dim=0) + 1
     return instance_ids
 
