@@ -36,11 +36,14 @@ def find_instance_centers(
         raise ValueError(f"center_heatmap must be 1 x H x W, got shape {tuple(center_heatmap.shape)}")
     scores = F.threshold(center_heatmap, threshold, -1.0)
     pooled = F.max_pool2d(scores, kernel_size=nms_kernel, stride=1, padding=(nms_kernel - 1) // 2)
-    scores = torch.where(scores == pooled, scores, torch.full_like(scores, -1.0))[0]
+    scores = torch.where(scores == pooled, scores, torch.full_like(scores, -1.0)).flatten()
     if top_k is None or top_k <= 0:
-        return torch.nonzero(scores > 0)
-    kth_score = torch.topk(scores.flatten(), min(top_k, scores.numel())).values[-1]
-    return torch.nonzero(scores > kth_score.clamp(min=0))
+        keep = scores > 0
+    else:
+        keep = scores > torch.topk(scores, min(top_k, scores.numel())).values[-1].clamp(min=0)
+    flat_index = torch.nonzero(keep).squeeze(1)
+    width = center_heatmap.size(2)
+    return torch.stack([flat_index // width, flat_index % width], dim=1)
 
 
 def _group_thing_pixels(centers: torch.Tensor, offsets: torch.Tensor, thing_mask: torch.Tensor) -> torch.Tensor:
@@ -58,9 +61,10 @@ def _group_thing_pixels(centers: torch.Tensor, offsets: torch.Tensor, thing_mask
     if centers.size(0) == 0 or pixel_y.numel() == 0:
         return instance_ids
     shifted = torch.stack([pixel_y.to(offsets.dtype), pixel_x.to(offsets.dtype)], dim=1) + offsets[:, pixel_y, pixel_x].T
-    # K x N distances with the (dy, dx) pairs as the outer dimension: the same values as Detectron2's
-    # norm over K x N x 2 differences to the last bit (so near-ties resolve alike), several times faster.
-    distance = torch.norm(centers.T.unsqueeze(2) - shifted.T.unsqueeze(1), dim=0)
+    # K x N x 2 differences in row-major order: the broadcast subtraction alone lays its result out with
+    # each (dy, dx) pair far apart in memory, which makes the norm over them several times slower.
+    differences = torch.empty((centers.size(0), shifted.size(0), 2), dtype=shifted.dtype, device=shifted.device)
+    distance = torch.norm(torch.sub(centers.unsqueeze(1), shifted.unsqueeze(0), out=differences), dim=-1)
     instance_ids[pixel_y, pixel_x] = torch.argmin(distance, dim=0) + 1
     return instance_ids
 
