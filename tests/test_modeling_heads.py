@@ -63,16 +63,6 @@ def test_decoder_fuses_every_level():
     assert not torch.allclose(before, after)
 
 
-def test_dropout_is_active_in_training_only():
-    head = build_sem_seg_head(_cfg(), INPUT_SHAPE)
-    features = _features()
-    with torch.no_grad():
-        head.eval()
-        assert torch.equal(head(features), head(features))
-        head.train()
-        assert not torch.equal(head(features), head(features))
-
-
 def test_missing_backbone_level_is_reported():
     cfg = _cfg()
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res6"]

@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 from detectron2.projects.deeplab.loss import DeepLabCE
 from detectron2.utils.events import EventStorage
 from PIL import Image
-from test_modeling_meta_arch import _batch, _cfg
+from test_modeling_meta_arch import CITYSCAPES_CLASSES, _batch, _cfg
 from test_uda_training import _Killed, _KillBeforeIteration
 
 from gbw_panoptic.data.mapper import GBWPanopticDatasetMapper
@@ -44,7 +44,7 @@ def _model(opts: List = ()) -> HRDASegmentor:
     base = [
         "MODEL.SEM_SEG_HEAD.EMBED_DIM", 16, "MODEL.HRDA.ATTENTION_EMBED_DIM", 16, "MODEL.SEM_SEG_HEAD.DROPOUT", 0.0,
         "MODEL.HRDA.DETAIL_CROP_SIZE", [32, 32], "MODEL.HRDA.TEST_WINDOW_SIZE", [], "MODEL.HRDA.TEST_WINDOW_STRIDE", [],
-        "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+        "DATASETS.TRAIN", "()", "DATASETS.TEST", f"('{CITYSCAPES_CLASSES}',)",
     ]  # fmt: skip
     return build_model(_cfg(CONFIG, [*base, *opts]))
 

@@ -1,5 +1,8 @@
 """GBWPanopticSegmentor: configs, losses, gradients, GBW logging, inference outputs, training."""
 import itertools
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -7,19 +10,26 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.modeling import build_model
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, build_model
 from detectron2.projects.deeplab.loss import DeepLabCE
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.gbw import GBWRegressionLoss
+from gbw_panoptic.data.datasets import DATASET_NAMES
+from gbw_panoptic.data.datasets.builtin_meta import panoptic_metadata
 from gbw_panoptic.modeling import GBWPanopticSegmentor, MixVisionTransformer
+from gbw_panoptic.modeling.backbone import MIT_VARIANTS
+from gbw_panoptic.uda import check_uda_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "configs").rglob("*.yaml"))
 SMALL_CONFIG = "configs/synthetic/mit_b0_source_only_gbw.yaml"
 THINGS = list(range(11, 19))  # Cityscapes thing train ids
+CITYSCAPES_CLASSES = "test_modeling_cityscapes_classes"  # metadata only, no dataset
+if CITYSCAPES_CLASSES not in MetadataCatalog.list():
+    MetadataCatalog.get(CITYSCAPES_CLASSES).set(**panoptic_metadata(list(range(19))))
 
 
 def _cfg(config: str = SMALL_CONFIG, opts: List = ()):
@@ -36,7 +46,8 @@ def _small_model(opts: List = ()) -> GBWPanopticSegmentor:
     base = [
         "MODEL.SEM_SEG_HEAD.EMBED_DIM", 16, "MODEL.INS_EMBED_HEAD.EMBED_DIM", 16,
         "MODEL.SEM_SEG_HEAD.DROPOUT", 0.0, "MODEL.INS_EMBED_HEAD.DROPOUT", 0.0,
-        "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "UDA.LOG_PERIOD", 1,  # GBW weights logged every call
+        "DATASETS.TRAIN", "()", "DATASETS.TEST", f"('{CITYSCAPES_CLASSES}',)",
+        "UDA.LOG_PERIOD", 1,  # GBW weights logged every call
     ]  # fmt: skip
     return build_model(_cfg(opts=[*base, *opts]))
 
@@ -68,8 +79,56 @@ def _batch(seed: int = 0, height: int = 48, width: int = 64, instance_targets=(T
     return batch
 
 
+def _flatten(node, prefix: str = "") -> Dict[str, object]:
+    """``{"MODEL.GBW.SEM_SEG.ENABLED": True, ...}`` of a config node."""
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_every_config_builds_and_predicts(config):
+def test_every_config_merges_and_validates(config):
+    """Every key exists (merging raises otherwise); the training configs name registered datasets, a
+    registered meta-architecture, backbone and head, pass the UDA checks, and switch GBW on exactly when
+    their name says ``_gbw``."""
+    cfg = _cfg(config)
+    if Path(config).name.startswith("Base-"):
+        return
+    check_uda_config(cfg)
+    for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TARGET_TRAIN, *cfg.DATASETS.TEST):
+        assert name in DATASET_NAMES, f"{config}: dataset {name!r} is not registered"
+    assert cfg.DATASETS.TEST, f"{config}: no DATASETS.TEST"
+    assert cfg.MODEL.META_ARCHITECTURE in META_ARCH_REGISTRY and cfg.MODEL.BACKBONE.NAME in BACKBONE_REGISTRY
+    assert cfg.MODEL.SEM_SEG_HEAD.NAME in SEM_SEG_HEADS_REGISTRY
+    if cfg.MODEL.BACKBONE.NAME == "build_mit_backbone":
+        assert cfg.MODEL.MIT.VARIANT in MIT_VARIANTS
+    gbw_losses = ["SEM_SEG", "CENTER", "OFFSET"] if cfg.MODEL.INS_EMBED_HEAD.ENABLED else ["SEM_SEG"]
+    gbw_named = "_gbw" in Path(config).stem
+    assert {loss: cfg.MODEL.GBW[loss].ENABLED for loss in gbw_losses} == {loss: gbw_named for loss in gbw_losses}
+
+
+GBW_PAIRS = [
+    (config.replace("_gbw.yaml", ".yaml"), config)
+    for config in CONFIGS
+    if config.endswith("_gbw.yaml") and (REPO_ROOT / config.replace("_gbw.yaml", ".yaml")).is_file()
+]
+
+
+@pytest.mark.parametrize("baseline, gbw_config", GBW_PAIRS)
+def test_gbw_config_is_its_baseline_plus_gbw(baseline, gbw_config):
+    """A ``*_gbw.yaml`` with a baseline next to it takes it as ``_BASE_`` and changes MODEL.GBW keys only."""
+    with open(REPO_ROOT / gbw_config) as f:
+        assert f"_BASE_: \"{Path(baseline).name}\"" in f.read()
+    base, gbw = _flatten(_cfg(baseline)), _flatten(_cfg(gbw_config))
+    changed = sorted(key for key in gbw if gbw[key] != base[key])
+    assert changed and all(key.startswith("MODEL.GBW.") for key in changed), changed
+
+
+def _check_builds_and_predicts(config: str) -> None:
     cfg = _cfg(config)
     model = build_model(cfg).eval()
     assert isinstance(model, GBWPanopticSegmentor)
@@ -90,6 +149,22 @@ def test_every_config_builds_and_predicts(config):
         (output,) = model([{"image": torch.zeros(3, 64, 64), "height": 32, "width": 48}])
     assert output["sem_seg"].shape == (19, 32, 48)
     assert ("panoptic_seg" in output) == model.instance_on
+
+
+SYNTHETIC_CONFIGS = [c for c in CONFIGS if c.startswith("configs/synthetic/") and not Path(c).name.startswith("Base-")]
+
+
+@pytest.mark.parametrize("config", SYNTHETIC_CONFIGS)
+def test_every_synthetic_config_builds_and_predicts(config):
+    _check_builds_and_predicts(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/synthia2cityscapes/mit_b5_gbw.yaml", "configs/gta2cityscapes/r101.yaml"])
+def test_full_size_model_builds_and_predicts(config):
+    """One full-size MiT-B5 and one ResNet-101 model (the other full-size configs differ in data and
+    GBW keys only, checked by merging them)."""
+    _check_builds_and_predicts(config)
 
 
 def test_train_losses_finite_and_every_parameter_gets_a_gradient():
@@ -337,6 +412,23 @@ def test_classes_come_from_the_dataset_metadata():
     assert model.offset_loss.fixed_active.nonzero().flatten().tolist() == [3, 4]
     with pytest.raises(ValueError, match="NUM_CLASSES"):
         build_model(_cfg(opts=["DATASETS.TEST", f"('{name}',)", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 7]))
+    with pytest.raises(ValueError, match="no registered panoptic dataset among .*'not_registered'"):
+        build_model(_cfg(opts=["DATASETS.TEST", "()", "DATASETS.TRAIN", "('not_registered',)"]))
+
+
+def test_importing_the_model_registers_no_dataset():
+    """The model reads class metadata from the MetadataCatalog at build time; importing it leaves the
+    catalogs as Detectron2 alone leaves them."""
+    script = (
+        "import sys, json\n"
+        "from detectron2.data import DatasetCatalog, MetadataCatalog\n"
+        "before = (DatasetCatalog.list(), MetadataCatalog.list())\n"
+        "import gbw_panoptic.modeling\n"
+        "after = (DatasetCatalog.list(), MetadataCatalog.list())\n"
+        "print(json.dumps([before == after, 'gbw_panoptic.data' in sys.modules]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout.splitlines()[-1]) == [True, False]
 
 
 def test_mit_pretrained_path_from_config(tmp_path):

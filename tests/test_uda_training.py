@@ -94,6 +94,39 @@ def test_each_method_trains_and_logs(synthetic_datasets, repo_root, tmp_path, co
 
 
 @pytest.mark.slow
+def test_advseg_trains_its_discriminator_and_resumes(synthetic_datasets, repo_root, tmp_path):
+    """AdvSeg with GBW through train_net's main: finite losses, the discriminator takes one Adam step per
+    iteration on its poly schedule, and a resumed trainer gets its weights and optimizer back."""
+    extra = ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()"]
+    args = _args(repo_root, tmp_path, "advseg_gbw.yaml", extra=extra)
+    initial = UDATrainer(setup(args)).method.discriminator.state_dict()  # main builds the same from SEED
+    main(args)
+    records = [r for r in _metrics(tmp_path) if "total_loss" in r]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    for record in records:
+        for name in ("loss_sem_seg", "loss_center", "loss_offset", "loss_adv", "advseg/disc_loss_source",
+                     "advseg/disc_loss_target"):  # fmt: skip
+            assert math.isfinite(record[name]), (name, record)
+    assert any(k.startswith("gbw/source/sem_seg/") for k in records[-1])
+
+    state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["trainer"]
+    trained = {k[len("discriminator.") :]: v for k, v in state["method"].items() if k.startswith("discriminator.")}
+    assert trained.keys() == initial.keys()
+    assert all(not torch.equal(trained[k], initial[k]) for k in initial)
+    adam_steps = {int(s["step"]) for s in state["method_optimizers"]["discriminator"]["state"].values()}
+    assert adam_steps == {3}
+    schedule = state["method_schedulers"]["discriminator"]
+    assert schedule["last_epoch"] == 3 and schedule["_last_lr"] == [pytest.approx(1e-4 * (1 - 3 / 3) ** 0.9)]
+
+    resumed = UDATrainer(setup(_args(repo_root, tmp_path, "advseg_gbw.yaml", extra=[*extra[:1], "5", *extra[2:]])))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 3
+    for key, value in resumed.method.discriminator.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    assert {int(s["step"]) for s in resumed.method.disc_optimizer.state_dict()["state"].values()} == {3}
+
+
+@pytest.mark.slow
 def test_dacs_teacher_classmix_and_eval_only(synthetic_datasets, repo_root, tmp_path):
     no_colour_augmentation = ["UDA.COLOR_JITTER_PROB", "0.0", "UDA.BLUR", "False"]
     # Evaluated inside training after each iteration; written under a umask other than the usual.
@@ -265,6 +298,7 @@ def test_launch_gloo_processes_and_batch_semantics(synthetic_datasets, repo_root
         (["UDA.METHOD", "selftraining"], "UDA.METHOD='selftraining' is unknown"),
         (["UDA.PSEUDO_THRESHOLD", "1.5"], "UDA.PSEUDO_THRESHOLD=1.5 must lie strictly between 0 and 1"),
         (["DATASETS.TARGET_TRAIN", "()"], "DATASETS.TARGET_TRAIN is empty"),
+        (["UDA.ADVSEG.GAN_LOSS", "hinge"], "UDA.ADVSEG.GAN_LOSS='hinge' is unknown"),
     ],
 )
 def test_train_net_rejects_bad_configs_before_training(repo_root, tmp_path, overrides, message):

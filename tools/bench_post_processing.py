@@ -1,16 +1,20 @@
 #!/usr/bin/env python
-"""Benchmark of the batched Panoptic-DeepLab post-processing against Detectron2's.
+"""Benchmark of the model's Panoptic-DeepLab post-processing against Detectron2's.
 
-Both run in the same process on the same synthetic predictions (stuff bands, rectangular thing
-instances with Gaussian center peaks and offsets pointing at them, plus noise), on the CPU and, when
-available, on CUDA. For each size it checks that the panoptic maps are identical, prints a table
-(median, min and max over the repeats, in ms per batch) and writes the numbers and the speed-up
-ratios (Detectron2 time / ours) as JSON.
+Times the path users run: ``GBWPanopticSegmentor.postprocess`` calls :func:`panoptic_segmentation` once
+per image (each image is resized to its own output size first), and Detectron2's
+``get_panoptic_segmentation`` is run on the same images one after the other. Both run in the same
+process on the same synthetic predictions (stuff bands, rectangular thing instances with Gaussian
+center peaks and offsets pointing at them, plus noise), on the CPU and, when available, on CUDA. For
+each size it checks that the panoptic maps are identical, prints a table (median, min and max over
+the repeats, in ms per batch of images) and writes the numbers, the speed-up ratios (Detectron2 time /
+ours) and the load averages before and after the run as JSON.
 
-    python tools/bench_post_processing.py                       # 512x1024 and 1024x2048, batch 2
+    python tools/bench_post_processing.py                       # 512x1024 and 1024x2048, 2 images
     python tools/bench_post_processing.py --sizes 1024x2048 --repeats 10 --device cuda
 """
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -20,7 +24,7 @@ import torch
 from detectron2.projects.panoptic_deeplab.post_processing import get_panoptic_segmentation
 from tabulate import tabulate
 
-from gbw_panoptic.modeling.post_processing import get_panoptic_segmentation_batched
+from gbw_panoptic.modeling.post_processing import panoptic_segmentation
 from gbw_panoptic.utils.io import write_json
 
 THING_IDS = tuple(range(11, 19))
@@ -72,7 +76,9 @@ def detectron2_batch(sem_seg: torch.Tensor, center: torch.Tensor, offsets: torch
 
 
 def ours_batch(sem_seg: torch.Tensor, center: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return get_panoptic_segmentation_batched(sem_seg, center, offsets, THING_IDS, **SETTINGS)
+    """The model's post-processing, one image after the other as ``GBWPanopticSegmentor.postprocess``."""
+    images = zip(sem_seg, center, offsets)
+    return torch.stack([panoptic_segmentation(*image, THING_IDS, **SETTINGS) for image in images])
 
 
 def time_ms(function: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> List[float]:
@@ -92,7 +98,7 @@ def time_ms(function: Callable[[], torch.Tensor], repeats: int, device: torch.de
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["512x1024", "1024x2048"], help="HxW of the predictions")
-    parser.add_argument("--batch", type=int, default=2, help="images per batch")
+    parser.add_argument("--batch", type=int, default=2, help="images timed together (each post-processed alone)")
     parser.add_argument("--instances", type=int, default=30, help="thing instances per image")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method and size (after a warm-up)")
     parser.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, and cuda if available)")
@@ -100,6 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 
+    load_before = os.getloadavg()
     rows, results = [], []
     for device_name in devices:
         device = torch.device(device_name)
@@ -111,10 +118,10 @@ def main() -> None:
                 raise RuntimeError(f"results differ from Detectron2's at {size} on {device_name}")
             timings: Dict[str, List[float]] = {
                 "detectron2": time_ms(lambda: detectron2_batch(*inputs), args.repeats, device),
-                "ours (batched)": time_ms(lambda: ours_batch(*inputs), args.repeats, device),
+                "ours": time_ms(lambda: ours_batch(*inputs), args.repeats, device),
             }
             medians = {name: statistics.median(values) for name, values in timings.items()}
-            speedup = medians["detectron2"] / medians["ours (batched)"]
+            speedup = medians["detectron2"] / medians["ours"]
             for name, values in timings.items():
                 rows.append([device_name, size, args.batch, name, medians[name], min(values), max(values),
                              medians["detectron2"] / medians[name]])  # fmt: skip
@@ -130,7 +137,9 @@ def main() -> None:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
     }
-    write_json(args.output, {"machine": machine, "repeats": args.repeats, "results": results})
+    load = {"before": load_before, "after": os.getloadavg()}
+    print(f"load averages (1, 5, 15 min): before {load_before}, after {load['after']}")
+    write_json(args.output, {"machine": machine, "load_averages": load, "repeats": args.repeats, "results": results})
     print(f"wrote {args.output}")
 
 

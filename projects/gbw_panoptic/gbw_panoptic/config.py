@@ -155,7 +155,7 @@ def add_data_config(cfg: CN) -> None:
 def add_uda_config(cfg: CN) -> None:
     """``UDA.*``: the adaptation strategy and its hyperparameters."""
     cfg.UDA = CN()
-    cfg.UDA.METHOD = "dacs"  # source_only | dacs | advent | minent
+    cfg.UDA.METHOD = "dacs"  # source_only | dacs | advent | advseg | minent
     # DACS self-training.
     cfg.UDA.EMA_ALPHA = 0.999
     # "train": the teacher's batch norm uses the statistics of the target batch and only parameters are
@@ -186,6 +186,14 @@ def add_uda_config(cfg: CN) -> None:
     cfg.UDA.ADVENT.LOSS_WEIGHT = 0.001
     cfg.UDA.ADVENT.DISC_LR = 1e-4
     cfg.UDA.ADVENT.DISC_CHANNELS = 64
+    # AdvSeg: output-space discriminator on softmax maps; the values of DAFormer's code base (HRDA's
+    # configs/_base_/uda/advseg.py: lambda_adv_target main, discriminator_type, lr_D, lr_D_power).
+    cfg.UDA.ADVSEG = CN()
+    cfg.UDA.ADVSEG.LOSS_WEIGHT = 0.001
+    cfg.UDA.ADVSEG.GAN_LOSS = "LS"  # "LS" (least squares, reference) or "BCE" (AdaptSegNet's original)
+    cfg.UDA.ADVSEG.DISC_LR = 1e-4
+    cfg.UDA.ADVSEG.DISC_LR_POWER = 0.9  # poly decay over SOLVER.MAX_ITER, no warm-up
+    cfg.UDA.ADVSEG.DISC_CHANNELS = 64
     # MinEnt: entropy minimisation on target predictions.
     cfg.UDA.MINENT = CN()
     cfg.UDA.MINENT.LOSS_WEIGHT = 0.001

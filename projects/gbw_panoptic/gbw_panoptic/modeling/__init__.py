@@ -8,7 +8,7 @@ from .backbone import MixVisionTransformer, build_mit_backbone, build_resnet_dee
 from .heads import DAFormerDecoder, DAFormerInstanceHead, DAFormerSemSegHead, build_ins_embed_head
 from .meta_arch import GBWPanopticSegmentor
 from .hrda import HRDASegmentor
-from .post_processing import find_instance_centers, get_panoptic_segmentation_batched, panoptic_to_segments
+from .post_processing import find_instance_centers, panoptic_segmentation, panoptic_to_segments
 
 __all__ = [
     "GBWPanopticSegmentor",
@@ -21,6 +21,6 @@ __all__ = [
     "DAFormerInstanceHead",
     "build_ins_embed_head",
     "find_instance_centers",
-    "get_panoptic_segmentation_batched",
+    "panoptic_segmentation",
     "panoptic_to_segments",
 ]

@@ -14,7 +14,6 @@
 With ``MODEL.INS_EMBED_HEAD.ENABLED False`` the model is semantic-only (DAFormer): no instance
 head, only ``loss_sem_seg`` and the ``sem_seg`` output.
 """
-import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,19 +23,14 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList, Instances
-from detectron2.utils.events import EventStorage, get_event_storage
-from detectron2.utils.events import _CURRENT_STORAGE_STACK
 from torch import nn
 
-from ..data.datasets.builtin_meta import NUM_CLASSES as CITYSCAPES_NUM_CLASSES
-from ..data.datasets.builtin_meta import panoptic_metadata
 from ..gbw import GBWCrossEntropyLoss, GBWRegressionLoss
+from ..utils.d2_compat import active_event_storage
 from .heads import build_ins_embed_head
-from .post_processing import get_panoptic_segmentation_batched, panoptic_to_segments
+from .post_processing import panoptic_segmentation, panoptic_to_segments
 
 __all__ = ["GBWPanopticSegmentor"]
-
-logger = logging.getLogger(__name__)
 
 _VOID = -1
 CENTER_PIXEL_CLASSES = ("semantic", "instance")
@@ -55,23 +49,22 @@ def _gbw_loss_kwargs(node: CfgNode) -> Dict:
 
 
 def _dataset_classes(cfg: CfgNode) -> Tuple[List[str], List[int], int]:
-    """(class names, contiguous thing ids, label divisor) from the metadata of DATASETS.TEST[0] or
-    DATASETS.TRAIN[0]; Cityscapes' 19 classes when neither is a registered panoptic dataset."""
+    """(class names, contiguous thing ids, label divisor) from the ``MetadataCatalog`` entry of the first
+    of DATASETS.TEST, DATASETS.TRAIN that is a registered panoptic dataset (``stuff_classes`` and
+    ``thing_dataset_id_to_contiguous_id`` set, ``label_divisor`` 1000 when not)."""
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     names = [name for name in (*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN) if name in MetadataCatalog.list()]
-    panoptic = [(name, MetadataCatalog.get(name).as_dict()) for name in names]
     required = {"stuff_classes", "thing_dataset_id_to_contiguous_id"}
+    panoptic = [(name, MetadataCatalog.get(name).as_dict()) for name in names]
     panoptic = [(name, meta) for name, meta in panoptic if required <= set(meta)]
-    if panoptic:
-        source, meta = panoptic[0]
-    elif num_classes == CITYSCAPES_NUM_CLASSES:
-        logger.info("No panoptic dataset metadata in the config; using the 19 Cityscapes classes.")
-        source, meta = "Cityscapes", panoptic_metadata(list(range(CITYSCAPES_NUM_CLASSES)))
-    else:
+    if not panoptic:
         raise ValueError(
-            f"no registered panoptic dataset among DATASETS.TEST/TRAIN {names or '(none)'} gives the class "
-            f"names and thing ids of MODEL.SEM_SEG_HEAD.NUM_CLASSES = {num_classes} classes"
+            f"no registered panoptic dataset among DATASETS.TEST {tuple(cfg.DATASETS.TEST)} and DATASETS.TRAIN "
+            f"{tuple(cfg.DATASETS.TRAIN)}: the model takes its class names, thing ids and label divisor from "
+            "the MetadataCatalog entry of one of them (import gbw_panoptic.data to register the builtin "
+            "datasets, or set stuff_classes and thing_dataset_id_to_contiguous_id on your own)"
         )
+    source, meta = panoptic[0]
     if len(meta["stuff_classes"]) != num_classes:
         raise ValueError(
             f"dataset {source} has {len(meta['stuff_classes'])} classes (stuff_classes) but "
@@ -85,11 +78,6 @@ def _writes_metrics(iteration: int, period: int, max_iter: int) -> bool:
     """Whether Detectron2's ``PeriodicWriter(period)`` writes the metrics after ``iteration`` of a run
     of ``max_iter`` iterations (the condition of its ``after_step``)."""
     return (iteration + 1) % period == 0 or iteration == max_iter - 1
-
-
-def _active_event_storage() -> Optional[EventStorage]:
-    """The current Detectron2 EventStorage, or None outside ``with EventStorage():``."""
-    return get_event_storage() if _CURRENT_STORAGE_STACK else None
 
 
 @META_ARCH_REGISTRY.register()
@@ -412,7 +400,7 @@ class GBWPanopticSegmentor(nn.Module):
         ``{prefix}/{loss}/{class name}`` (only the classes the loss covers), with one readback from
         the device; a no-op without an EventStorage or at an iteration whose metrics are not
         written (see ``gbw_log_period`` in :meth:`__init__`)."""
-        storage = _active_event_storage()
+        storage = active_event_storage()
         if storage is None or not _writes_metrics(storage.iter, self.gbw_log_period, self.gbw_log_max_iter):
             return
         logged = [(name, module) for name, module in self.gbw_losses().items() if module.last_weights is not None]
@@ -448,10 +436,10 @@ class GBWPanopticSegmentor(nn.Module):
             )
             result = {"sem_seg": dense["sem_seg"]}
             if self.instance_on:
-                panoptic = get_panoptic_segmentation_batched(
-                    dense["sem_seg"].argmax(dim=0, keepdim=True),
-                    dense["center"].unsqueeze(0),
-                    dense["offset"].unsqueeze(0),
+                panoptic = panoptic_segmentation(
+                    dense["sem_seg"].argmax(dim=0),
+                    dense["center"],
+                    dense["offset"],
                     thing_ids=self.thing_ids,
                     label_divisor=self.label_divisor,
                     stuff_area=self.stuff_area,
@@ -459,7 +447,7 @@ class GBWPanopticSegmentor(nn.Module):
                     threshold=self.center_threshold,
                     nms_kernel=self.nms_kernel,
                     top_k=self.top_k,
-                )[0]
+                )
                 png, segments_info = panoptic_to_segments(panoptic, self.label_divisor, self.thing_ids, _VOID)
                 result["panoptic_seg"] = (png, segments_info)
                 if self.predict_instances:

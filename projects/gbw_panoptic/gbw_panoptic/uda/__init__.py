@@ -1,9 +1,10 @@
-"""UDA training on Detectron2's engine: the trainer, the methods (source-only, DACS, AdvEnt, MinEnt),
+"""UDA training on Detectron2's engine: the trainer, the methods (source-only, DACS, AdvEnt, AdvSeg, MinEnt),
 EMA teacher, ClassMix, optimizer and schedule, atomic checkpoints, and a gloo/NCCL launcher.
 
 Importing this package registers the methods in :data:`UDA_METHOD_REGISTRY`.
 """
-from .advent import AdvEnt, EntropyDiscriminator
+from .advent import AdvEnt, OutputSpaceAdversarial, OutputSpaceDiscriminator
+from .advseg import AdvSeg
 from .augment import blur_kernel_size, class_mix_masks, color_jitter, gaussian_blur, hsv_to_rgb, mix, rgb_to_hsv, strong_augment
 from .checkpoint import AtomicCheckpointer, get_rng_state, preserved_rng_state, set_rng_state
 from .dacs import DACS, PseudoLabels, pseudo_labels
@@ -19,12 +20,14 @@ from .validate import check_uda_config
 
 __all__ = [
     "AdvEnt",
+    "AdvSeg",
     "AtomicCheckpointer",
     "DACS",
     "EMATeacher",
-    "EntropyDiscriminator",
     "FeatureDistance",
     "MinEnt",
+    "OutputSpaceAdversarial",
+    "OutputSpaceDiscriminator",
     "PseudoLabels",
     "SourceOnly",
     "StudentRunner",

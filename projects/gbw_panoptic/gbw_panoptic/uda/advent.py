@@ -1,5 +1,6 @@
-"""AdvEnt (Vu et al., CVPR 2019): adversarial alignment of the entropy maps of source and target
-predictions with an output-space discriminator that has its own optimizer."""
+"""Output-space adversarial adaptation: the discriminator shared by AdvEnt and AdvSeg, their common base
+(discriminator with its own optimizer and schedule), and AdvEnt (Vu et al., CVPR 2019): adversarial
+alignment of the entropy maps of source and target predictions."""
 from typing import Dict, List
 
 import torch
@@ -15,16 +16,18 @@ from .minent import entropy_map
 from .optim import build_lr_scheduler
 from .runner import StudentRunner, stack_images
 
-__all__ = ["EntropyDiscriminator", "AdvEnt"]
+__all__ = ["OutputSpaceDiscriminator", "OutputSpaceAdversarial", "AdvEnt", "SOURCE_DOMAIN", "TARGET_DOMAIN"]
 
 SOURCE_DOMAIN = 0.0
 TARGET_DOMAIN = 1.0
 
 
-class EntropyDiscriminator(nn.Module):
-    """AdvEnt's fully convolutional discriminator: five 4x4 stride-2 convolutions with leaky ReLU.
+class OutputSpaceDiscriminator(nn.Module):
+    """The fully convolutional discriminator of AdaptSegNet and AdvEnt: four 4x4 stride-2 convolutions
+    (``channels`` x 1, 2, 4, 8) with leaky ReLU (slope 0.2), then a 4x4 stride-2 convolution to one channel.
 
-    Input ``B x C x H x W`` entropy maps (zero on padding); output ``B x 1 x H/32 x W/32`` domain logits (target = 1).
+    Input ``B x C x H x W`` per-class maps (entropy or softmax; zero on padding); output
+    ``B x 1 x H/32 x W/32`` domain logits (target = 1).
     """
 
     def __init__(self, num_classes: int, channels: int = 64):
@@ -36,24 +39,19 @@ class EntropyDiscriminator(nn.Module):
         layers.append(nn.Conv2d(widths[-1], 1, 4, stride=2, padding=1))
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, entropy: torch.Tensor) -> torch.Tensor:
-        return self.layers(entropy)
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.layers(maps)
 
 
 def _domain_loss(domain_logits: torch.Tensor, domain: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(domain_logits, torch.full_like(domain_logits, domain))
 
 
-@UDA_METHOD_REGISTRY.register()
-class AdvEnt(UDAMethod):
-    """Source losses, plus ``UDA.ADVENT.LOSS_WEIGHT`` times the loss of fooling the discriminator with the
-    target entropy maps; the discriminator learns to tell source (0) from target (1) entropy maps.
-
-    The discriminator has its own Adam optimizer (``UDA.ADVENT.DISC_LR``, betas 0.9/0.99) with the
-    student's schedule; under DDP its gradients are averaged across processes.
-    """
-
-    config_name = "advent"
+class OutputSpaceAdversarial(UDAMethod):
+    """Base of the output-space adversarial methods: source losses plus ``loss_weight`` times the loss of
+    fooling ``discriminator`` with target maps; the discriminator has its own optimizer and schedule
+    (stepped by the trainer), and under DDP its gradients are averaged across processes
+    (:meth:`average_discriminator_gradients`)."""
 
     @configurable
     def __init__(
@@ -71,10 +69,35 @@ class AdvEnt(UDAMethod):
         self.disc_scheduler = disc_scheduler
         self.loss_weight = loss_weight
 
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        return {"discriminator": self.disc_optimizer}
+
+    def schedulers(self) -> Dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        return {"discriminator": self.disc_scheduler}
+
+    def average_discriminator_gradients(self) -> None:
+        """Average the discriminator's gradients across processes (a no-op in a single process)."""
+        if comm.get_world_size() > 1:
+            for param in self.discriminator.parameters():
+                dist.all_reduce(param.grad)
+                param.grad.div_(comm.get_world_size())
+
+
+@UDA_METHOD_REGISTRY.register()
+class AdvEnt(OutputSpaceAdversarial):
+    """Source losses, plus ``UDA.ADVENT.LOSS_WEIGHT`` times the loss of fooling the discriminator with the
+    target entropy maps; the discriminator learns to tell source (0) from target (1) entropy maps.
+
+    The discriminator has its own Adam optimizer (``UDA.ADVENT.DISC_LR``, betas 0.9/0.99) with the
+    student's schedule; under DDP its gradients are averaged across processes.
+    """
+
+    config_name = "advent"
+
     @classmethod
     def from_config(cls, cfg: CfgNode, model) -> dict:
         ret = super().from_config(cfg, model)
-        discriminator = EntropyDiscriminator(model.num_classes, cfg.UDA.ADVENT.DISC_CHANNELS).to(model.device)
+        discriminator = OutputSpaceDiscriminator(model.num_classes, cfg.UDA.ADVENT.DISC_CHANNELS).to(model.device)
         disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.UDA.ADVENT.DISC_LR, betas=(0.9, 0.99))
         ret.update(
             discriminator=discriminator,
@@ -83,12 +106,6 @@ class AdvEnt(UDAMethod):
             loss_weight=cfg.UDA.ADVENT.LOSS_WEIGHT,
         )
         return ret
-
-    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
-        return {"discriminator": self.disc_optimizer}
-
-    def schedulers(self) -> Dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        return {"discriminator": self.disc_scheduler}
 
     def run_step(
         self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
@@ -113,10 +130,7 @@ class AdvEnt(UDAMethod):
         disc_source = _domain_loss(self.discriminator(source_entropy), SOURCE_DOMAIN) / 2
         disc_target = _domain_loss(self.discriminator(target_entropy.detach()), TARGET_DOMAIN) / 2
         runner.backward(disc_source + disc_target)
-        if comm.get_world_size() > 1:
-            for param in self.discriminator.parameters():
-                dist.all_reduce(param.grad)
-                param.grad.div_(comm.get_world_size())
+        self.average_discriminator_gradients()
         return losses, {
             "advent/disc_loss_source": float(disc_source.detach()),
             "advent/disc_loss_target": float(disc_target.detach()),

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from detectron2.utils import comm
 
+from ..utils.d2_compat import create_local_process_group
 from .trainer import STOP_SIGNALS, TrainingInterrupted
 
 __all__ = ["DEFAULT_TIMEOUT", "default_backend", "launch"]
@@ -137,13 +138,7 @@ def _distributed_worker(
     except Exception:
         logging.getLogger(__name__).error(f"Process group URL: {dist_url}")
         raise
-    # Detectron2's local process group: the ranks on this machine.
-    num_machines = world_size // num_processes_per_machine
-    for machine in range(num_machines):
-        ranks = list(range(machine * num_processes_per_machine, (machine + 1) * num_processes_per_machine))
-        group = dist.new_group(ranks)
-        if machine == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+    create_local_process_group(num_processes_per_machine)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     comm.synchronize()

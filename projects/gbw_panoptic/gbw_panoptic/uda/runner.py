@@ -24,6 +24,8 @@ class StudentForward(nn.Module):
     ``forward("losses", batched_inputs, gbw_log_prefix=...)`` -> dict of losses;
     ``forward("losses_and_features", batched_inputs, gbw_log_prefix=..., feature_name=...)`` ->
     ``(losses, features B x C x h x w, normalised padded images B x 3 x H' x W')``;
+    ``forward("losses_and_dense", batched_inputs, gbw_log_prefix=...)`` -> ``(losses, predict_dense outputs
+    of the normalised padded images the losses were computed from)``;
     ``forward("dense", images)`` -> the model's ``predict_dense`` outputs for normalised images.
     """
 
@@ -44,9 +46,14 @@ class StudentForward(nn.Module):
             losses, features = self.model.losses_and_features(inputs, gbw_log_prefix=gbw_log_prefix)
             images = self.model.preprocess_image(inputs).tensor
             return losses, features[feature_name], images
+        if task == "losses_and_dense":
+            dense = self.model.predict_dense(self.model.preprocess_image(inputs).tensor)
+            return self.model.losses(dense, inputs, gbw_log_prefix=gbw_log_prefix), dense
         if task == "dense":
             return self.model.predict_dense(inputs)
-        raise ValueError(f"unknown student task {task!r}; expected 'losses', 'losses_and_features' or 'dense'")
+        raise ValueError(
+            f"unknown student task {task!r}; expected 'losses', 'losses_and_features', 'losses_and_dense' or 'dense'"
+        )
 
 
 def stack_padded(
@@ -119,6 +126,14 @@ class StudentRunner:
             return self.forward(
                 "losses_and_features", batched_inputs, gbw_log_prefix=gbw_log_prefix, feature_name=feature_name
             )
+
+    def losses_and_dense(
+        self, batched_inputs: List[dict], gbw_log_prefix: str
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Like :meth:`losses`, plus the dense predictions they were computed from (``"sem_seg"`` logits
+        B x C x H' x W' for the batch padded as the model pads it, bottom/right, ...)."""
+        with self.autocast():
+            return self.forward("losses_and_dense", batched_inputs, gbw_log_prefix=gbw_log_prefix)
 
     def predict_dense(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Dense student outputs (``"sem_seg"`` logits B x C x H x W, ...) for raw images B x 3 x H x W, 0-255."""

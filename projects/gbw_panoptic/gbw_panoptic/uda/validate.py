@@ -9,6 +9,7 @@ from ..gbw.losses import ACTIVE_CLASS_MODES, REGRESSION_NORMALIZERS
 from ..gbw.qp import LAMBDA_MODES, SOLVERS
 from ..modeling.meta_arch import CENTER_PIXEL_CLASSES
 from .augment import CLASS_MIX_CANDIDATES
+from .advseg import GAN_LOSSES
 from .dacs import PSEUDO_WEIGHT_SCOPES
 from .method import UDA_METHOD_REGISTRY, uda_method_names
 from .teacher import TEACHER_BATCH_NORM_MODES
@@ -81,10 +82,17 @@ def check_uda_config(cfg: CfgNode) -> None:
     )
     strength = cfg.UDA.COLOR_JITTER_STRENGTH
     _require(strength >= 0, f"UDA.COLOR_JITTER_STRENGTH={strength} must be >= 0")
-    for key in ("FD.WEIGHT", "ADVENT.LOSS_WEIGHT", "ADVENT.DISC_LR", "MINENT.LOSS_WEIGHT"):
+    for key in (
+        "FD.WEIGHT", "ADVENT.LOSS_WEIGHT", "ADVENT.DISC_LR", "ADVSEG.LOSS_WEIGHT", "ADVSEG.DISC_LR",
+        "ADVSEG.DISC_LR_POWER", "MINENT.LOSS_WEIGHT",
+    ):  # fmt: skip
         group, name = key.split(".")
         value = cfg.UDA[group][name]
         _require(value >= 0, f"UDA.{key}={value} must be >= 0")
+    _require(
+        cfg.UDA.ADVSEG.GAN_LOSS in GAN_LOSSES,
+        f"UDA.ADVSEG.GAN_LOSS={cfg.UDA.ADVSEG.GAN_LOSS!r} is unknown; expected one of {GAN_LOSSES} (reference 'LS')",
+    )
     _require(
         0.0 < cfg.UDA.FD.SCALE_MIN_RATIO <= 1.0,
         f"UDA.FD.SCALE_MIN_RATIO={cfg.UDA.FD.SCALE_MIN_RATIO} must lie in (0, 1]",

@@ -1,0 +1,124 @@
+"""AdvSeg (Tsai et al., "Learning to Adapt Structured Output Space", CVPR 2018) as DAFormer's code base
+runs it (HRDA's ``mmseg/models/uda/advseg.py`` and ``configs/_base_/uda/advseg.py``; DAFormer's own
+repository does not include it): an output-space discriminator on the softmax maps of the semantic
+predictions.
+
+Per iteration, in the reference's order: the supervised source losses (GBW-weighted when ``MODEL.GBW.*``
+is on) and their backward; ``UDA.ADVSEG.LOSS_WEIGHT`` times the loss of the frozen discriminator
+labelling the target softmax maps as source, backward into the student; then the discriminator learns
+source (0) vs target (1) on the detached maps of the same two forwards, each term halved. The reference
+adds an auxiliary term (weight 0.0002, its own discriminator) only for segmentors with an auxiliary
+head; its DeepLabV2 and DAFormer models have none, and neither has this model, so only the main term
+exists here as there.
+"""
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from detectron2.config import CfgNode, configurable
+
+from .advent import SOURCE_DOMAIN, TARGET_DOMAIN, OutputSpaceAdversarial, OutputSpaceDiscriminator
+from .method import UDA_METHOD_REGISTRY, StepOutput, build_feature_distance
+from .runner import StudentRunner, stack_images, stack_padded
+
+__all__ = ["GAN_LOSSES", "AdvSeg", "gan_loss", "poly_lr_scheduler"]
+
+# "LS": least squares on the raw discriminator outputs (the reference's discriminator_type 'LS', its
+# default); "BCE": binary cross-entropy with logits (its 'Vanilla', AdaptSegNet's original).
+GAN_LOSSES = ("LS", "BCE")
+
+
+def gan_loss(domain_logits: torch.Tensor, domain: float, kind: str) -> torch.Tensor:
+    """Mean loss of discriminator outputs ``B x 1 x h x w`` against the domain label (0 source, 1 target)."""
+    target = torch.full_like(domain_logits, domain)
+    if kind == "LS":
+        return F.mse_loss(domain_logits, target)
+    if kind == "BCE":
+        return F.binary_cross_entropy_with_logits(domain_logits, target)
+    raise ValueError(f"GAN loss {kind!r} is unknown; expected one of {GAN_LOSSES}")
+
+
+def poly_lr_scheduler(
+    optimizer: torch.optim.Optimizer, max_iter: int, power: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate ``base_lr * (1 - iteration / max_iter) ** power``, no warm-up (the reference's
+    ``adjust_learning_rate_D`` with ``lr_D_min`` 0); 0 from ``max_iter`` on."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: max(0.0, 1.0 - iteration / max_iter) ** power)
+
+
+def _softmax_maps(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``B x C x H x W`` (float32) of ``logits``, zero where ``valid`` (B x H x W) is False."""
+    return F.softmax(logits.float(), dim=1) * valid[:, None]
+
+
+@UDA_METHOD_REGISTRY.register()
+class AdvSeg(OutputSpaceAdversarial):
+    """Source losses plus ``UDA.ADVSEG.LOSS_WEIGHT`` times the ``UDA.ADVSEG.GAN_LOSS`` of the discriminator
+    on the target softmax maps labelled as source; the discriminator (:class:`OutputSpaceDiscriminator`,
+    ``UDA.ADVSEG.DISC_CHANNELS``) has its own Adam (``UDA.ADVSEG.DISC_LR``, betas 0.9/0.99) with a
+    polynomial schedule of power ``UDA.ADVSEG.DISC_LR_POWER`` over ``SOLVER.MAX_ITER``, no warm-up.
+
+    The discriminator sees the source predictions of the supervised forward (no second source pass), so
+    the feature distance (``UDA.FD``, a DAFormer component the reference AdvSeg does not use) is not
+    supported.
+    """
+
+    config_name = "advseg"
+
+    @configurable
+    def __init__(self, *, gan_loss_kind: str, **kwargs):
+        super().__init__(**kwargs)
+        if gan_loss_kind not in GAN_LOSSES:
+            raise ValueError(f"UDA.ADVSEG.GAN_LOSS={gan_loss_kind!r} is unknown; expected one of {GAN_LOSSES}")
+        self.gan_loss_kind = gan_loss_kind
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, model) -> dict:
+        if build_feature_distance(cfg, model) is not None:
+            raise ValueError(
+                f"UDA.METHOD 'advseg' does not use the feature distance, but UDA.FD.WEIGHT={cfg.UDA.FD.WEIGHT} "
+                "with pretrained weights switches it on; set UDA.FD.WEIGHT 0"
+            )
+        node = cfg.UDA.ADVSEG
+        discriminator = OutputSpaceDiscriminator(model.num_classes, node.DISC_CHANNELS).to(model.device)
+        disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=node.DISC_LR, betas=(0.9, 0.99))
+        return {
+            "feature_distance": None,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "discriminator": discriminator,
+            "disc_optimizer": disc_optimizer,
+            "disc_scheduler": poly_lr_scheduler(disc_optimizer, cfg.SOLVER.MAX_ITER, node.DISC_LR_POWER),
+            "loss_weight": node.LOSS_WEIGHT,
+            "gan_loss_kind": node.GAN_LOSS,
+        }
+
+    def run_step(
+        self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
+    ) -> StepOutput:
+        device = runner.model.device
+        source_losses, source_dense = runner.losses_and_dense(source_batch, gbw_log_prefix="gbw/source")
+        runner.backward(sum(source_losses.values()))
+        losses = {name: value.detach() for name, value in source_losses.items()}
+
+        # Student: make the target softmax maps look like source ones (discriminator frozen).
+        self.discriminator.requires_grad_(False)
+        target_images, target_valid = stack_images(target_batch, device)
+        target_maps = _softmax_maps(runner.predict_dense(target_images)["sem_seg"], target_valid)
+        loss_adv = self.loss_weight * gan_loss(self.discriminator(target_maps), SOURCE_DOMAIN, self.gan_loss_kind)
+        runner.backward(loss_adv)
+        losses["loss_adv"] = loss_adv.detach()
+
+        # Discriminator: source maps -> 0, target maps -> 1, on the detached predictions above.
+        self.discriminator.requires_grad_(True)
+        source_logits = source_dense["sem_seg"].detach()
+        source_valid = [torch.ones(x["image"].shape[-2:], dtype=torch.bool, device=device) for x in source_batch]
+        source_maps = _softmax_maps(source_logits, stack_padded(source_valid, False, source_logits.shape[-2:]))
+        disc_source = gan_loss(self.discriminator(source_maps), SOURCE_DOMAIN, self.gan_loss_kind) / 2
+        disc_target = gan_loss(self.discriminator(target_maps.detach()), TARGET_DOMAIN, self.gan_loss_kind) / 2
+        runner.backward(disc_source + disc_target)
+        self.average_discriminator_gradients()
+        return losses, {
+            "advseg/disc_loss_source": float(disc_source.detach()),
+            "advseg/disc_loss_target": float(disc_target.detach()),
+        }

@@ -1,0 +1,54 @@
+"""The two places where the project needs more of Detectron2 than v0.6's public API offers.
+
+Detectron2 v0.6 (the registry build) has no public way to do either; upstream Detectron2 (built from
+source, ``tools/install_detectron2.py --source``) added one for each after v0.6. Each function uses
+the public API where it exists and otherwise the v0.6 module attribute that upstream's public function
+reads or sets, so the rest of the project uses no private Detectron2 name:
+
+- :func:`active_event_storage`: the model logs the GBW class weights only inside a training loop's
+  ``EventStorage``; v0.6's ``get_event_storage()`` fails with an assertion outside one, and only the
+  module list ``detectron2.utils.events._CURRENT_STORAGE_STACK`` tells whether one is active (upstream:
+  ``has_event_storage()``).
+- :func:`create_local_process_group`: ``comm.get_local_rank()`` and ``comm.get_local_size()`` need the
+  process group of the ranks on this machine; the project's own launcher (gloo on the CPU) must create
+  it, which v0.6 does only inside its NCCL-only ``launch`` by setting ``comm._LOCAL_PROCESS_GROUP``
+  (upstream: ``comm.create_local_process_group(num_workers_per_machine)``).
+"""
+from typing import Optional
+
+import torch.distributed as dist
+from detectron2.utils import comm, events
+
+__all__ = ["active_event_storage", "create_local_process_group"]
+
+
+def active_event_storage() -> Optional[events.EventStorage]:
+    """The current Detectron2 ``EventStorage``, or None outside ``with EventStorage():``."""
+    if hasattr(events, "has_event_storage"):
+        active = events.has_event_storage()
+    else:
+        active = bool(events._CURRENT_STORAGE_STACK)
+    return events.get_event_storage() if active else None
+
+
+def create_local_process_group(num_processes_per_machine: int) -> None:
+    """Create Detectron2's process group of the ranks on this machine (machine ``m`` holds the ranks
+    ``m * num_processes_per_machine ... (m + 1) * num_processes_per_machine - 1``).
+
+    Call it once in every process, after ``torch.distributed.init_process_group`` (it creates one group
+    per machine, a collective call).
+    """
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(num_processes_per_machine)
+        return
+    world_size = dist.get_world_size()
+    if world_size % num_processes_per_machine:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of {num_processes_per_machine} processes per machine"
+        )
+    machine_rank = dist.get_rank() // num_processes_per_machine
+    for machine in range(world_size // num_processes_per_machine):
+        ranks = list(range(machine * num_processes_per_machine, (machine + 1) * num_processes_per_machine))
+        group = dist.new_group(ranks)
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group

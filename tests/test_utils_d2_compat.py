@@ -1,0 +1,30 @@
+"""The Detectron2 compatibility module: the active event storage and the local process group."""
+import json
+import subprocess
+import sys
+
+from detectron2.utils.events import EventStorage
+
+from gbw_panoptic.utils.d2_compat import active_event_storage
+
+
+def test_active_event_storage_only_inside_a_storage():
+    assert active_event_storage() is None
+    with EventStorage() as storage:
+        assert active_event_storage() is storage
+    assert active_event_storage() is None
+
+
+def test_local_process_group_gives_detectron2_the_local_rank(tmp_path):
+    """In a one-process gloo group, Detectron2's local rank and size need the group the module creates."""
+    script = (
+        "import json, torch.distributed as dist\n"
+        "from detectron2.utils import comm\n"
+        "from gbw_panoptic.utils.d2_compat import create_local_process_group\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'rendezvous'}', world_size=1, rank=0)\n"
+        "create_local_process_group(1)\n"
+        "print(json.dumps([comm.get_local_rank(), comm.get_local_size()]))\n"
+        "dist.destroy_process_group()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout.splitlines()[-1]) == [0, 1]
