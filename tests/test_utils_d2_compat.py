@@ -28,3 +28,25 @@ def test_local_process_group_gives_detectron2_the_local_rank(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout.splitlines()[-1]) == [0, 1]
+
+
+def test_loss_metrics_are_written_with_either_write_metrics_signature(monkeypatch):
+    import torch
+    from detectron2.engine import SimpleTrainer
+
+    from gbw_panoptic.utils import d2_compat
+
+    losses = {"loss_a": torch.tensor(1.5), "loss_b": torch.tensor(0.25)}
+    with EventStorage(7) as storage:
+        d2_compat.write_loss_metrics(losses, 0.125, 7)
+        latest = storage.latest()
+    assert latest["total_loss"][0] == 1.75 and latest["data_time"][0] == 0.125
+
+    # Upstream Detectron2: write_metrics(loss_dict, data_time, cur_iter, prefix="").
+    calls = []
+    monkeypatch.setattr(d2_compat, "_WRITE_METRICS_TAKES_ITERATION", True)
+    monkeypatch.setattr(
+        SimpleTrainer, "write_metrics", staticmethod(lambda loss_dict, data_time, cur_iter, prefix="": calls.append(cur_iter))
+    )
+    d2_compat.write_loss_metrics(losses, 0.125, 11)
+    assert calls == [11]

@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from detectron2.config import CfgNode
-from detectron2.engine import SimpleTrainer, TrainerBase, default_writers, hooks
+from detectron2.engine import TrainerBase, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, get_event_storage
 
 from ..data import UDATrainLoader, build_test_loader, build_uda_train_loader
+from ..utils.d2_compat import write_loss_metrics
 from .checkpoint import (
     AtomicCheckpointer,
     PeriodicCheckpointerWithRNG,
@@ -358,7 +359,7 @@ class UDATrainer(TrainerBase):
     def _write_metrics(self, losses: Dict[str, torch.Tensor], metrics: Dict[str, float], data_time: float) -> None:
         """Losses via Detectron2's ``SimpleTrainer.write_metrics`` (averaged over processes, ``total_loss``,
         error on non-finite values); other scalars averaged over processes."""
-        SimpleTrainer.write_metrics(losses, data_time)
+        write_loss_metrics(losses, data_time, self.iter)
         all_metrics = comm.gather(metrics)
         if comm.is_main_process() and metrics:
             get_event_storage().put_scalars(**{k: float(np.mean([m[k] for m in all_metrics])) for k in metrics})

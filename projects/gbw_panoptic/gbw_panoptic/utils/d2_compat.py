@@ -1,4 +1,4 @@
-"""The two places where the project needs more of Detectron2 than v0.6's public API offers.
+"""The places where Detectron2 v0.6 and upstream Detectron2 differ in what the project uses.
 
 Detectron2 v0.6 (the registry build) has no public way to do either; upstream Detectron2 (built from
 source, ``tools/install_detectron2.py --source``) added one for each after v0.6. Each function uses
@@ -13,13 +13,20 @@ reads or sets, so the rest of the project uses no private Detectron2 name:
   process group of the ranks on this machine; the project's own launcher (gloo on the CPU) must create
   it, which v0.6 does only inside its NCCL-only ``launch`` by setting ``comm._LOCAL_PROCESS_GROUP``
   (upstream: ``comm.create_local_process_group(num_workers_per_machine)``).
+- :func:`write_loss_metrics`: ``SimpleTrainer.write_metrics(loss_dict, data_time)`` in v0.6 takes the
+  iteration as a third, required argument ``cur_iter`` upstream.
 """
-from typing import Optional
+import inspect
+from typing import Mapping, Optional
 
+import torch
 import torch.distributed as dist
+from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm, events
 
-__all__ = ["active_event_storage", "create_local_process_group"]
+__all__ = ["active_event_storage", "create_local_process_group", "write_loss_metrics"]
+
+_WRITE_METRICS_TAKES_ITERATION = "cur_iter" in inspect.signature(SimpleTrainer.write_metrics).parameters
 
 
 def active_event_storage() -> Optional[events.EventStorage]:
@@ -52,3 +59,13 @@ def create_local_process_group(num_processes_per_machine: int) -> None:
         group = dist.new_group(ranks)
         if machine == machine_rank:
             comm._LOCAL_PROCESS_GROUP = group
+
+
+def write_loss_metrics(losses: Mapping[str, torch.Tensor], data_time: float, iteration: int) -> None:
+    """Detectron2's ``SimpleTrainer.write_metrics``: the losses (averaged over processes, their sum as
+    ``total_loss``, an error on non-finite values) and ``data_time`` (seconds) of ``iteration`` into the
+    current ``EventStorage``."""
+    if _WRITE_METRICS_TAKES_ITERATION:
+        SimpleTrainer.write_metrics(losses, data_time, iteration)
+    else:
+        SimpleTrainer.write_metrics(losses, data_time)
