@@ -40,6 +40,7 @@ from tabulate import tabulate
 
 from detectron2.config import CfgNode, get_cfg
 
+import gbw_panoptic.data.datasets  # noqa: F401  (registers the datasets whose metadata the model reads)
 from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.utils.io import write_json
 from gbw_panoptic.uda import UDATrainer
@@ -64,7 +65,7 @@ def arm_config(preset: str, arm: str, method: str, device: str) -> CfgNode:
         [
             "MODEL.DEVICE", device, "MODEL.MIT.PRETRAINED", "", "MODEL.WEIGHTS", "",
             "MODEL.INS_EMBED_HEAD.ENABLED", False, "UDA.METHOD", method,
-            "DATASETS.TRAIN", "()", "DATASETS.TARGET_TRAIN", "()", "DATASETS.TEST", "()",
+            "DATASETS.TRAIN", "()", "DATASETS.TARGET_TRAIN", "()",
         ]
     )  # fmt: skip
     return cfg
