@@ -18,7 +18,7 @@ from detectron2.projects.deeplab.loss import DeepLabCE
 from detectron2.utils.events import EventStorage
 from PIL import Image
 from test_modeling_meta_arch import CITYSCAPES_CLASSES, _batch, _cfg
-from test_uda_training import _Killed, _KillBeforeIteration
+from test_uda_training import _Killed, _train
 
 from gbw_panoptic.data.mapper import GBWPanopticDatasetMapper
 from gbw_panoptic.modeling import HRDASegmentor
@@ -447,12 +447,7 @@ def test_pseudo_label_margins_zero_the_mixed_weights(synthetic_datasets, tmp_pat
 def test_killed_and_resumed_hrda_run_equals_uninterrupted(synthetic_datasets, tmp_path):
     def train(output_dir, resume, kill_before=None, seed="7"):
         extra = ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "SEED", seed, "DATASETS.TEST", "()"]
-        trainer = UDATrainer(setup(_args(output_dir, "hrda_panoptic_dacs_gbw.yaml", extra=extra)))
-        if kill_before is not None:
-            trainer.register_hooks([_KillBeforeIteration(kill_before)])
-        trainer.resume_or_load(resume=resume)
-        trainer.train()
-        return trainer
+        return _train(setup(_args(output_dir, "hrda_panoptic_dacs_gbw.yaml", extra=extra)), resume, kill_before)
 
     straight = train(tmp_path / "straight", resume=False)
     with pytest.raises(_Killed):

@@ -55,6 +55,16 @@ class _KillBeforeIteration(HookBase):
             raise _Killed(f"killed before iteration {self.iteration}")
 
 
+def _train(cfg, resume: bool, kill_before=None) -> UDATrainer:
+    """Train ``cfg`` (``--resume`` if ``resume``), killed before iteration ``kill_before`` if given."""
+    trainer = UDATrainer(cfg)
+    if kill_before is not None:
+        trainer.register_hooks([_KillBeforeIteration(kill_before)])
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config, losses, extra",
@@ -199,13 +209,7 @@ def test_feature_distance_against_initial_weights(synthetic_datasets, repo_root,
 def test_killed_and_resumed_run_equals_uninterrupted(synthetic_datasets, repo_root, tmp_path):
     def train(output_dir, resume, kill_before=None, seed="7"):
         extra = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SEED", seed]
-        cfg = setup(_args(repo_root, output_dir, extra=extra))
-        trainer = UDATrainer(cfg)
-        if kill_before is not None:
-            trainer.register_hooks([_KillBeforeIteration(kill_before)])
-        trainer.resume_or_load(resume=resume)
-        trainer.train()
-        return trainer
+        return _train(setup(_args(repo_root, output_dir, extra=extra)), resume, kill_before)
 
     straight = train(tmp_path / "straight", resume=False)
     with pytest.raises(_Killed):
