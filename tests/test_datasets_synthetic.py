@@ -54,6 +54,16 @@ def test_regeneration_writes_only_missing_images_and_refuses_other_settings(tmp_
         generate_synthetic(out, seed=6, **SMALL)
 
 
+def test_a_folder_of_another_generator_design_is_refused(tmp_path):
+    out = tmp_path / "synthetic"
+    generate_synthetic(str(out), seed=5, **SMALL)
+    settings = json.loads((out / "generation.json").read_text())
+    settings["design"] -= 1  # as written by the previous scene generator
+    (out / "generation.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="'design': %d" % settings["design"]):
+        generate_synthetic(str(out), seed=5, **SMALL)
+
+
 def test_target_polygons_rasterise_to_the_label_images(synthetic_datasets):
     gt_dir = synthetic_datasets / "synthetic" / "target" / "gtFine"
     polygon_files = sorted(glob.glob(str(gt_dir / "*" / "*" / "*_gtFine_polygons.json")))
