@@ -40,6 +40,7 @@ from .image_io import read_image
 from .panoptic_target import PanopticTargetGenerator
 
 __all__ = [
+    "FLIP_DIRECTIONS",
     "DOMAINS",
     "RCS_CLASS_KEY",
     "RCS_CROP_TRIES",
@@ -48,6 +49,9 @@ __all__ = [
     "build_augmentations",
     "build_target_generator",
 ]
+
+# Values of INPUT.RANDOM_FLIP.
+FLIP_DIRECTIONS = ("none", "horizontal", "vertical")
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +106,8 @@ def build_augmentations(
         else:
             augmentations.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
     flip = cfg.INPUT.RANDOM_FLIP
-    if flip not in ("none", "horizontal", "vertical"):
-        raise ValueError(f"INPUT.RANDOM_FLIP must be 'none', 'horizontal' or 'vertical', got {flip!r}")
+    if flip not in FLIP_DIRECTIONS:
+        raise ValueError(f"INPUT.RANDOM_FLIP must be one of {FLIP_DIRECTIONS}, got {flip!r}")
     if flip != "none":
         augmentations.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
     return augmentations

@@ -14,7 +14,11 @@ from torch import nn
 from detectron2.config import CfgNode
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 
-__all__ = ["NORM_MODULE_TYPES", "NO_DECAY_NAME_KEYS", "build_param_groups", "build_optimizer", "build_lr_scheduler"]
+__all__ = ["CLIP_TYPES", "OPTIMIZERS", "NORM_MODULE_TYPES", "NO_DECAY_NAME_KEYS", "build_param_groups", "build_optimizer", "build_lr_scheduler"]
+
+# Values of SOLVER.OPTIMIZER (case-insensitive) and of SOLVER.CLIP_GRADIENTS.CLIP_TYPE.
+OPTIMIZERS = ("ADAMW", "SGD")
+CLIP_TYPES = ("value", "norm")
 
 NORM_MODULE_TYPES = (
     nn.modules.batchnorm._BatchNorm,
@@ -97,7 +101,7 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS))
     if name == "SGD":
         return torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
-    raise ValueError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not supported; expected 'ADAMW' or 'SGD'")
+    raise ValueError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not supported; expected one of {OPTIMIZERS}")
 
 
 def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:

@@ -41,7 +41,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .method import UDAMethod, build_uda_method
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import CLIP_TYPES, build_lr_scheduler, build_optimizer
 from .runner import StudentRunner
 from .validate import check_uda_config
 
@@ -132,7 +132,7 @@ def _clip_gradients(parameters: List[nn.Parameter], clip_cfg: CfgNode) -> None:
     elif clip_cfg.CLIP_TYPE == "norm":
         torch.nn.utils.clip_grad_norm_(parameters, clip_cfg.CLIP_VALUE, norm_type=clip_cfg.NORM_TYPE)
     else:
-        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={clip_cfg.CLIP_TYPE!r}; expected 'value' or 'norm'")
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={clip_cfg.CLIP_TYPE!r}; expected one of {CLIP_TYPES}")
 
 
 def _rates(optimizer: torch.optim.Optimizer) -> List[Tuple[float, float]]:

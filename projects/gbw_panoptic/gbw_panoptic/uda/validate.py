@@ -7,11 +7,13 @@ from detectron2.config import CfgNode
 from ..gbw.grad_norms import CE_MODES
 from ..gbw.losses import ACTIVE_CLASS_MODES, REGRESSION_NORMALIZERS
 from ..gbw.qp import LAMBDA_MODES, SOLVERS
+from ..data.mapper import FLIP_DIRECTIONS
 from ..modeling.meta_arch import CENTER_PIXEL_CLASSES
 from .augment import CLASS_MIX_CANDIDATES
 from .advseg import GAN_LOSSES
 from .dacs import PSEUDO_WEIGHT_SCOPES
 from .method import UDA_METHOD_REGISTRY, uda_method_names
+from .optim import CLIP_TYPES, OPTIMIZERS
 from .teacher import TEACHER_BATCH_NORM_MODES
 
 __all__ = ["check_gbw_config", "check_uda_config"]
@@ -58,7 +60,8 @@ def check_gbw_config(cfg: CfgNode) -> None:
 
 def check_uda_config(cfg: CfgNode) -> None:
     """Raise ``ValueError`` naming the key, its value and what is expected for an invalid config
-    (``UDA.*``, ``SOLVER.MAX_ITER`` and, through :func:`check_gbw_config`, ``MODEL.GBW.*``)."""
+    (``UDA.*``, ``SOLVER.MAX_ITER`` / ``OPTIMIZER`` / ``CLIP_GRADIENTS.CLIP_TYPE``, ``INPUT.RANDOM_FLIP``,
+    ``DATALOADER.RCS.MIN_CROP_RATIO`` and, through :func:`check_gbw_config`, ``MODEL.GBW.*``)."""
     check_gbw_config(cfg)
     methods = {cls.config_name: cls for _, cls in UDA_METHOD_REGISTRY}
     method = methods.get(cfg.UDA.METHOD)
@@ -106,3 +109,10 @@ def check_uda_config(cfg: CfgNode) -> None:
     ratio = cfg.DATALOADER.RCS.MIN_CROP_RATIO
     _require(ratio >= 0, f"DATALOADER.RCS.MIN_CROP_RATIO={ratio} must be >= 0 (0.5 DAFormer, 2.0 HRDA, 0 off)")
     _require(cfg.SOLVER.MAX_ITER > 0, f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER} must be > 0")
+    _require_choice("INPUT.RANDOM_FLIP", cfg.INPUT.RANDOM_FLIP, FLIP_DIRECTIONS)
+    _require(
+        str(cfg.SOLVER.OPTIMIZER).upper() in OPTIMIZERS,
+        f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is unknown; expected one of {OPTIMIZERS} (any case)",
+    )
+    if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
+        _require_choice("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE, CLIP_TYPES)
