@@ -146,6 +146,32 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, caplog):
         checkpointer.resume_or_load("", resume=True)
 
 
+def test_resume_fall_back_with_a_load_that_keeps_state_after_failing(tmp_path, monkeypatch):
+    """Upstream Detectron2's ``DetectionCheckpointer.load`` sets ``_parsed_url_during_load``, asserts on
+    entry that it is None and does not reset it when loading raises; emulated on v0.6."""
+    import inspect
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    original_load = DetectionCheckpointer.load
+    upstream = "_parsed_url_during_load" in inspect.getsource(original_load)
+
+    def upstream_load(self, path, *args, **kwargs):
+        assert getattr(self, "_parsed_url_during_load", None) is None
+        self._parsed_url_during_load = path
+        result = original_load(self, path, *args, **kwargs)
+        self._parsed_url_during_load = None
+        return result
+
+    if not upstream:
+        monkeypatch.setattr(DetectionCheckpointer, "load", upstream_load)
+    model, checkpointer = _tiny_checkpoints(tmp_path)
+    _truncate(tmp_path / "model_0000005.pth")
+    torch.nn.init.zeros_(model.weight)
+    checkpoint = checkpointer.resume_or_load("", resume=True)
+    assert checkpoint["iteration"] == 2 and torch.all(model.weight == 2.0)
+
+
 def test_stale_temporary_files_are_removed_at_setup(tmp_path):
     from gbw_panoptic.uda.cli import setup
     from gbw_panoptic.uda.output_lock import unlock_output_dir

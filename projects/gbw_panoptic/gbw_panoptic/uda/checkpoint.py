@@ -23,6 +23,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
+from ..utils.d2_compat import reset_after_failed_load
 from ..utils.io import atomic_write
 from ..utils.rng import get_rng_state, preserved_rng_state, set_rng_state
 
@@ -106,6 +107,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 try:
                     result = self.load(candidate)
                 except CorruptCheckpointError as e:
+                    reset_after_failed_load(self)
                     problems.append(str(e))
                 else:
                     if problems:

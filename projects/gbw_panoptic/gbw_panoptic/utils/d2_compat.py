@@ -15,6 +15,10 @@ reads or sets, so the rest of the project uses no private Detectron2 name:
   (upstream: ``comm.create_local_process_group(num_workers_per_machine)``).
 - :func:`write_loss_metrics`: ``SimpleTrainer.write_metrics(loss_dict, data_time)`` in v0.6 takes the
   iteration as a third, required argument ``cur_iter`` upstream.
+- :func:`reset_after_failed_load`: upstream ``DetectionCheckpointer.load`` keeps the URL it parses in
+  ``_parsed_url_during_load``, asserts on entry that it is None and leaves it set when the load raises,
+  so a second ``load()`` after a failed one (the resume fall-back to an older checkpoint) fails; v0.6
+  has no such attribute.
 """
 import inspect
 from typing import Mapping, Optional
@@ -24,7 +28,7 @@ import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm, events
 
-__all__ = ["active_event_storage", "create_local_process_group", "write_loss_metrics"]
+__all__ = ["active_event_storage", "create_local_process_group", "reset_after_failed_load", "write_loss_metrics"]
 
 _WRITE_METRICS_TAKES_ITERATION = "cur_iter" in inspect.signature(SimpleTrainer.write_metrics).parameters
 
@@ -69,3 +73,9 @@ def write_loss_metrics(losses: Mapping[str, torch.Tensor], data_time: float, ite
         SimpleTrainer.write_metrics(losses, data_time, iteration)
     else:
         SimpleTrainer.write_metrics(losses, data_time)
+
+
+def reset_after_failed_load(checkpointer: object) -> None:
+    """Make ``checkpointer`` (a ``DetectionCheckpointer``) loadable again after a ``load()`` that raised."""
+    if getattr(checkpointer, "_parsed_url_during_load", None) is not None:
+        checkpointer._parsed_url_during_load = None
