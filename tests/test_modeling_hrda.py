@@ -18,7 +18,7 @@ from detectron2.projects.deeplab.loss import DeepLabCE
 from detectron2.utils.events import EventStorage
 from PIL import Image
 from test_modeling_meta_arch import CITYSCAPES_CLASSES, _batch, _cfg
-from test_uda_training import _Killed, _train
+from test_uda_training import _Killed, _train, assert_same_training_state
 
 from gbw_panoptic.data.mapper import GBWPanopticDatasetMapper
 from gbw_panoptic.modeling import HRDASegmentor
@@ -456,11 +456,7 @@ def test_killed_and_resumed_hrda_run_equals_uninterrupted(synthetic_datasets, tm
     # The random detail crops and everything else come from the checkpoint's generators.
     resumed = train(tmp_path / "resumed", resume=True, seed="-1")
     assert resumed.start_iter == 2
-    for name, modules in (("student", (straight.model, resumed.model)), ("method", (straight.method, resumed.method))):
-        expected, actual = (m.state_dict() for m in modules)
-        assert expected.keys() == actual.keys()
-        for key in expected:
-            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+    assert_same_training_state(straight, resumed)
 
 
 @pytest.mark.slow

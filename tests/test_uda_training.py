@@ -44,6 +44,15 @@ class _Killed(RuntimeError):
     pass
 
 
+def assert_same_training_state(straight, resumed) -> None:
+    """The student and the UDA method (teacher, discriminators) of two trainers hold equal state."""
+    for name, modules in (("student", (straight.model, resumed.model)), ("method", (straight.method, resumed.method))):
+        expected, actual = (m.state_dict() for m in modules)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
 class _KillBeforeIteration(HookBase):
     """Stops training abruptly before ``iteration`` runs (as a killed process would)."""
 
@@ -224,11 +233,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(synthetic_datasets, repo_ro
         stream.seed for stream in straight.data_loader.streams
     ]
 
-    for name, modules in (("student", (straight.model, resumed.model)), ("method", (straight.method, resumed.method))):
-        expected, actual = (m.state_dict() for m in modules)
-        assert expected.keys() == actual.keys()
-        for key in expected:
-            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+    assert_same_training_state(straight, resumed)
 
 
 @pytest.mark.slow
