@@ -1,6 +1,7 @@
 """Faults a hostile user or a cluster causes, injected on purpose: truncated images and checkpoints,
 two runs on one OUTPUT_DIR, killed processes, SIGTERM, bad config values, interrupted converters."""
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from detectron2.engine import default_argument_parser
+from detectron2.engine import HookBase, default_argument_parser
 
-from gbw_panoptic.uda.cli import build_parser, load_config, run
+from gbw_panoptic.uda import UDATrainer
+from gbw_panoptic.uda.trainer import TrainingInterrupted
+from gbw_panoptic.uda.cli import build_parser, load_config, run, setup
 
 import test_uda_training
 from test_tools_viz import VAL, _evaluation_folder, _tool
@@ -392,6 +395,34 @@ def _iterations_logged(output_dir: Path) -> int:
     except FileNotFoundError:
         return 0
     return sum('"total_loss"' in line for line in lines)
+
+
+class _SignalDuringIteration(HookBase):
+    """Sends ``signum`` to this process when iteration ``iteration`` starts."""
+
+    def __init__(self, iteration: int, signum: int):
+        self.iteration, self.signum = iteration, signum
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_stop_before_the_timer_warm_up_ends_cleanly_and_stops_the_loader_workers(synthetic_datasets, tmp_path):
+    # Stopped after iteration 1, before the iteration timer has a time: the writers' last write when
+    # training ends must not fail, and the loader workers (which ignore SIGTERM) must be stopped before
+    # train() returns, or the interpreter's exit would wait for them forever.
+    argv = ["--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "6", "DATALOADER.NUM_WORKERS", "2"]
+    trainer = UDATrainer(setup(default_argument_parser().parse_args(argv)))
+    trainer.register_hooks([_SignalDuringIteration(1, signal.SIGTERM)])
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM: training stopped after iteration 1 of 6"):
+        trainer.train()
+    workers = multiprocessing.active_children()
+    trainer._data_loader_iter = None  # a failure here must not leave the test run waiting for them
+    assert workers == []
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1]
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from detectron2.engine import TrainerBase, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.utils import comm
-from detectron2.utils.events import EventWriter, get_event_storage
+from detectron2.utils.events import CommonMetricPrinter, EventWriter, get_event_storage
 
 from ..data import UDATrainLoader, build_test_loader, build_uda_train_loader
 from ..utils.d2_compat import write_loss_metrics
@@ -107,6 +107,25 @@ class _StopSignals:
             f"{name} received: finishing the current iteration, then writing a checkpoint and stopping "
             f"(send {name} again to stop at once without a checkpoint)"
         )
+
+
+class _ConsolePrinter(CommonMetricPrinter):
+    """Detectron2's console printer (losses, times, ETA), printing each iteration at most once.
+
+    ``PeriodicWriter`` writes once more when training ends; Detectron2's printer would repeat the last
+    line and, when training stopped before the iteration timer's warm-up (a stop signal at iteration
+    1), divide by zero in its ETA estimate.
+    """
+
+    def __init__(self, max_iter: int):
+        super().__init__(max_iter)
+        self._printed_iter: Optional[int] = None
+
+    def write(self) -> None:
+        iteration = get_event_storage().iter
+        if iteration != self._printed_iter:
+            super().write()
+            self._printed_iter = iteration
 
 
 class _StopOnSignal(hooks.HookBase):
@@ -252,7 +271,9 @@ class UDATrainer(TrainerBase):
 
     def build_writers(self) -> List[EventWriter]:
         """Console (with ETA), ``OUTPUT_DIR/metrics.json`` and TensorBoard writers."""
-        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+        console, *files = default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+        assert isinstance(console, CommonMetricPrinter), console
+        return [_ConsolePrinter(self.max_iter), *files]
 
     def build_hooks(self) -> List[hooks.HookBase]:
         cfg = self.cfg
@@ -303,6 +324,10 @@ class UDATrainer(TrainerBase):
                 last_iter = self.iter - 1
                 saved = (last_iter + 1) % self.cfg.SOLVER.CHECKPOINT_PERIOD == 0
                 self.interrupt(self.stop_signals.received, last_iter, saved)
+            finally:
+                # Stop the loader workers now, however training ended. Left alive until the interpreter
+                # exits, they would be sent SIGTERM, which they ignore, and the exit would wait forever.
+                self._data_loader_iter = None
         return getattr(self, "_last_eval_results", None)
 
     def interrupt(self, signum: int, last_iter: int, saved: bool) -> None:
