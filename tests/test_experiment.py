@@ -14,7 +14,7 @@ from scipy import stats as scipy_stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from experiment import run_experiment  # noqa: E402
 from experiment.report import ExperimentResults, conclusion_section, design_checks  # noqa: E402
-from experiment.runs import ARMS, PRESETS, plan_runs, train_and_evaluate  # noqa: E402
+from experiment.runs import ARMS, PRESETS, RunSpec, plan_runs, train_and_evaluate  # noqa: E402
 from experiment.stats import gap_closed, t_interval  # noqa: E402
 
 
@@ -30,6 +30,21 @@ def test_presets_name_existing_configs(tmp_path):
     # HRDA arms are compared with the single-scale ones they extend, in their own preset.
     assert not any(arm.startswith("hrda") for arm in PRESETS["experiment"].arms)
     assert {"source_only", "dacs", "hrda_dacs", "hrda_dacs_gbw"} <= set(PRESETS["hrda"].arms)
+
+
+def test_adaptation_arms_start_from_the_source_only_model_of_their_seed(tmp_path):
+    runs = plan_runs(PRESETS["experiment"], tmp_path)
+    for position, run in enumerate(runs):
+        if run.arm.name.startswith("dacs"):
+            assert (run.starts_from.arm.name, run.starts_from.seed) == ("source_only", run.seed)
+            assert runs.index(run.starts_from) < position  # planned (hence started) before
+            weights = run.command[run.command.index("MODEL.WEIGHTS") + 1]
+            assert weights == str(tmp_path / "runs" / "source_only" / f"600it_seed{run.seed}" / "model_final.pth")
+        else:
+            assert run.starts_from is None and "MODEL.WEIGHTS" not in run.command
+    with pytest.raises(ValueError, match="arm 'dacs' starts from the final model of arm 'source_only'"):
+        run_experiment("smoke", tmp_path / "out", tmp_path / "datasets", arms=["dacs", "target_oracle"])
+    assert not (tmp_path / "datasets").exists() and not (tmp_path / "out").exists()
 
 
 def test_t_interval_matches_scipy_and_needs_two_values():
@@ -115,6 +130,28 @@ def test_unknown_arm_is_rejected_before_any_work(tmp_path):
     assert not (tmp_path / "datasets").exists()
 
 
+def test_a_run_of_another_benchmark_is_set_aside_and_trained_again(tmp_path):
+    datasets = tmp_path / "datasets"
+    (datasets / "synthetic").mkdir(parents=True)
+    (datasets / "synthetic" / "generation.json").write_text(json.dumps({"design": 3, "seed": 0}))
+    run = RunSpec(ARMS["dacs"], 0, tmp_path / "runs" / "dacs" / "seed0", [sys.executable, "-c", "print('trained')"])
+    run.output_dir.mkdir(parents=True)
+    old_marker = {"command": run.command, "benchmark": {"design": 2, "seed": 0}, "seconds": 5.0}
+    (run.output_dir / "experiment_run.json").write_text(json.dumps(old_marker))
+    (run.output_dir / "model_final.pth").write_text("weights of the old benchmark")
+
+    train_and_evaluate(run, datasets, threads=1)
+    kept = tmp_path / "runs" / "dacs" / "seed0.old1"
+    assert json.loads((kept / "experiment_run.json").read_text()) == old_marker
+    assert (kept / "model_final.pth").is_file() and not (run.output_dir / "model_final.pth").exists()
+    made_with = run.made_with()
+    assert made_with["benchmark"] == {"design": 3, "seed": 0} and made_with["seconds"] > 0
+    assert "trained" in (run.output_dir / "train_stdout.log").read_text()
+    # Same command and benchmark but not evaluated: trained again in place (resumed), nothing set aside.
+    train_and_evaluate(run, datasets, threads=1)
+    assert not (tmp_path / "runs" / "dacs" / "seed0.old2").exists()
+
+
 @pytest.mark.slow
 def test_smoke_experiment_writes_the_report_and_skips_finished_runs(tmp_path):
     out, datasets = tmp_path / "out", tmp_path / "datasets"
@@ -128,13 +165,16 @@ def test_smoke_experiment_writes_the_report_and_skips_finished_runs(tmp_path):
     for figure in ("recall_delta.png", "pseudo_confidence.png", "dacs_gbw/gbw_weights.png"):
         assert (out / "figures" / figure).stat().st_size > 1000, figure
     results = json.loads((out / "results.json").read_text())
-    assert set(results["runs"]) == {"dacs/seed0", "dacs_gbw/seed0"}
-    for run in results["runs"].values():
+    assert set(results["runs"]) == {"source_only/seed0", "dacs/seed0", "dacs_gbw/seed0"}
+    for name, run in results["runs"].items():
         assert 0.0 <= run["mIoU"] <= 100.0 and 0.0 <= run["source-val mIoU"] <= 100.0
-        assert 0.0 <= run["confident fraction"] <= 100.0
+        if name.startswith("dacs"):
+            assert 0.0 <= run["confident fraction"] <= 100.0
+        else:
+            assert run["confident fraction"] is None  # no teacher
 
     # Run again, every run is found done: nothing is trained again.
     logs = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/train_stdout.log")}
-    assert len(logs) == 2
-    assert [train_and_evaluate(run, datasets, threads=1) for run in plan_runs(PRESETS["smoke"], out)] == [0.0, 0.0]
+    assert len(logs) == 3
+    assert [train_and_evaluate(run, datasets, threads=1) for run in plan_runs(PRESETS["smoke"], out)] == [0.0] * 3
     assert {p: p.stat().st_mtime_ns for p in logs} == logs

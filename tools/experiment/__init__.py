@@ -8,17 +8,27 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from .report import write_report
-from .runs import ARMS, PRESETS, plan_runs, prepare_benchmark, train_and_evaluate
+from .runs import ARMS, PRESETS, RunSpec, plan_runs, prepare_benchmark, train_and_evaluate
 
 __all__ = ["run_experiment"]
 
 logger = logging.getLogger("experiment")
+
+
+def _train_after(after: Optional[Future], run: RunSpec, datasets_root: Path, threads: int) -> float:
+    """Train and evaluate ``run`` once ``after`` (the run it starts from) has finished."""
+    if after is not None:
+        try:
+            after.result()
+        except Exception as e:
+            raise RuntimeError(f"{run.arm.name} seed {run.seed} not trained: the run it starts from failed ({e})") from e
+    return train_and_evaluate(run, datasets_root, threads)
 
 
 def run_experiment(
@@ -55,13 +65,19 @@ def run_experiment(
             description=f"{len(preset.seeds)} seed(s) of {labels}, {preset.max_iter} iterations (preset {preset_name!r} modified)",
         )
     start = time.perf_counter()
+    runs = plan_runs(preset, out)
     out.mkdir(parents=True, exist_ok=True)
     prepare_benchmark(preset, datasets_root, workers=max(jobs, 1))
-    runs = plan_runs(preset, out)
     threads = max((os.cpu_count() or 1) // max(jobs, 1), 1)
     logger.info("%d runs (%s), %d at a time with %d thread(s) each", len(runs), preset.description, jobs, threads)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        list(pool.map(lambda run: train_and_evaluate(run, datasets_root, threads), runs))
+        futures: Dict[Path, Future] = {}
+        for run in runs:
+            # plan_runs puts a run after the one it starts from: that one has started when this one does.
+            after = futures[run.starts_from.output_dir] if run.starts_from is not None else None
+            futures[run.output_dir] = pool.submit(_train_after, after, run, datasets_root, threads)
+        for future in futures.values():
+            future.result()
     report = write_report(preset_name, preset, runs, out, datasets_root, time.perf_counter() - start)
     logger.info("Report: %s", report)
     return report

@@ -218,7 +218,7 @@ def _tool(name: str, *args: str, datasets_root: Path) -> None:
 def setting_section(experiment: ExperimentResults, seconds: float) -> List[str]:
     """Title, how the report was made, the benchmark and its rare classes."""
     preset, runs = experiment.preset, list(experiment.run_of.values())
-    train_minutes = sum(json.loads((run.output_dir / "experiment_run.json").read_text())["seconds"] for run in runs) / 60
+    train_minutes = sum(run.made_with()["seconds"] for run in runs) / 60
     height, width = preset.image_size
     rare_classes = ", ".join(
         f"{experiment.class_names[c]} ({100 * experiment.fractions[c]:.2f}%)" for c in np.flatnonzero(experiment.rare)

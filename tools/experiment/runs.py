@@ -46,12 +46,14 @@ SOURCE_ONLY, ORACLE, REFERENCE = "source_only", "target_oracle", "dacs"
 
 @dataclass(frozen=True)
 class Arm:
-    """One training setting: ``config`` (relative to ``configs/``) and the arm it adds GBW to."""
+    """One training setting: ``config`` (relative to ``configs/``), the arm it adds GBW to, and the arm
+    whose final model (same seed) it starts from (``MODEL.WEIGHTS``; None: random initial weights)."""
 
     name: str
     config: str
     label: str
     baseline: Optional[str] = None
+    starts_from: Optional[str] = None
 
 
 ARMS: "OrderedDict[str, Arm]" = OrderedDict(
@@ -59,22 +61,29 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
     for arm in (
         Arm(SOURCE_ONLY, "synthetic/mit_b0_source_only.yaml", "source only"),
         Arm("source_only_gbw", "synthetic/mit_b0_source_only_gbw.yaml", "source only + GBW", SOURCE_ONLY),
-        Arm(REFERENCE, "synthetic/dacs.yaml", "DACS"),
-        Arm("dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", REFERENCE),
-        Arm("dacs_gbw_absolute", "synthetic/dacs_gbw_absolute.yaml", "DACS + GBW (absolute λ)", REFERENCE),
-        Arm("dacs_gbw_semantic", "synthetic/dacs_gbw_semantic.yaml", "DACS + GBW (semantic loss only)", REFERENCE),
+        # Adaptation starts from the source-only model of the same seed, the CPU benchmark's stand-in
+        # for the ImageNet weights DACS starts from (datasets/README.md, "Design"): every DACS arm
+        # from the same weights, so that paired differences measure the adaptation alone.
+        Arm(REFERENCE, "synthetic/dacs.yaml", "DACS", starts_from=SOURCE_ONLY),
+        Arm("dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", REFERENCE, SOURCE_ONLY),
+        Arm("dacs_gbw_absolute", "synthetic/dacs_gbw_absolute.yaml", "DACS + GBW (absolute λ)", REFERENCE, SOURCE_ONLY),
+        Arm(
+            "dacs_gbw_semantic", "synthetic/dacs_gbw_semantic.yaml", "DACS + GBW (semantic loss only)", REFERENCE,
+            SOURCE_ONLY,
+        ),
         Arm(
             "dacs_gbw_semantic_center",
             "synthetic/dacs_gbw_semantic_center.yaml",
             "DACS + GBW (semantic + center)",
             REFERENCE,
+            SOURCE_ONLY,
         ),
         Arm(ORACLE, "synthetic/target_oracle.yaml", "target oracle"),
         # HRDA (semantic only): context crop at 0.5 + full-resolution detail crop, scale attention.
         Arm("hrda_source_only", "synthetic/hrda_source_only.yaml", "HRDA source only"),
         Arm("hrda_source_only_gbw", "synthetic/hrda_source_only_gbw.yaml", "HRDA source only + GBW", "hrda_source_only"),
-        Arm("hrda_dacs", "synthetic/hrda_dacs.yaml", "HRDA + DACS"),
-        Arm("hrda_dacs_gbw", "synthetic/hrda_dacs_gbw.yaml", "HRDA + DACS + GBW", "hrda_dacs"),
+        Arm("hrda_dacs", "synthetic/hrda_dacs.yaml", "HRDA + DACS", starts_from="hrda_source_only"),
+        Arm("hrda_dacs_gbw", "synthetic/hrda_dacs_gbw.yaml", "HRDA + DACS + GBW", "hrda_dacs", "hrda_source_only"),
     )
 )
 
@@ -123,7 +132,7 @@ PRESETS: Dict[str, Preset] = {
     ),
     # CI smoke test: a few iterations of two arms on a tiny benchmark; the numbers mean nothing.
     "smoke": Preset(
-        arms=(REFERENCE, "dacs_gbw"),
+        arms=(SOURCE_ONLY, REFERENCE, "dacs_gbw"),
         seeds=(0,),
         max_iter=2,
         num_source=4,
@@ -145,18 +154,32 @@ class RunSpec:
     seed: int
     output_dir: Path
     command: List[str] = field(default_factory=list)
+    starts_from: Optional["RunSpec"] = None  # the run whose final model is the initial weights
 
     def eval_dir(self, dataset: str = VAL_DATASET) -> Path:
         """Folder of the evaluation reports on ``dataset`` (``sem_seg.json``, ``panoptic_seg.json``)."""
         return self.output_dir / "inference" / dataset
 
-    def is_done(self) -> bool:
-        """Evaluated on both val sets, and with the same command as now (a changed preset retrains)."""
-        marker = self.output_dir / "experiment_run.json"
+    @property
+    def marker(self) -> Path:
+        """``experiment_run.json``: the command and benchmark of the run (written when it starts) and
+        its training time in seconds (added when it ends)."""
+        return self.output_dir / "experiment_run.json"
+
+    def made_with(self) -> Optional[Dict]:
+        """The marker's content, or None when the run has not been started by the experiment."""
+        return json.loads(self.marker.read_text()) if self.marker.is_file() else None
+
+    def is_done(self, benchmark: Dict) -> bool:
+        """Evaluated on both val sets, with the same command as now, on the same benchmark ``benchmark``
+        (the datasets' ``generation.json``)."""
+        made_with = self.made_with()
         evaluated = all((self.eval_dir(name) / "sem_seg.json").is_file() for name in (VAL_DATASET, SOURCE_VAL_DATASET))
-        if not evaluated or not marker.is_file():
-            return False
-        return json.loads(marker.read_text()).get("command") == self.command
+        return evaluated and made_with is not None and "seconds" in made_with and self.matches(made_with, benchmark)
+
+    def matches(self, made_with: Dict, benchmark: Dict) -> bool:
+        """Whether a run made with ``made_with`` (a marker's content) is this run on ``benchmark``."""
+        return made_with.get("command") == self.command and made_with.get("benchmark") == benchmark
 
 
 def prepare_benchmark(preset: Preset, datasets_root: Path, workers: int) -> None:
@@ -192,27 +215,67 @@ def plan_runs(preset: Preset, out: Path) -> List[RunSpec]:
         configs[arm_name] = REPO_ROOT / "configs" / ARMS[arm_name].config
         if not configs[arm_name].is_file():
             raise FileNotFoundError(f"config {configs[arm_name]} of arm {arm_name!r} does not exist")
-    runs = []
+        starts_from = ARMS[arm_name].starts_from
+        if starts_from is not None and starts_from not in preset.arms:
+            raise ValueError(
+                f"arm {arm_name!r} starts from the final model of arm {starts_from!r} (same seed); add {starts_from!r} to the arms"
+            )
+    # The arms others start from first: in a pool that takes runs in order, a run waits only for one
+    # that has already started.
+    ordered = sorted(configs, key=lambda name: ARMS[name].starts_from is not None)
+    runs: List[RunSpec] = []
     for seed in preset.seeds:
-        for arm_name, config in configs.items():
+        runs_of_seed: Dict[str, RunSpec] = {}
+        for arm_name in ordered:
             # One folder per schedule: a longer run is a new run, not a continuation of a short one.
             output_dir = out / "runs" / arm_name / f"{preset.max_iter}it_seed{seed}"
             command = [
-                sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", str(config), "--resume",
-                "OUTPUT_DIR", str(output_dir), "SEED", str(seed),
+                sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", str(configs[arm_name]),
+                "--resume", "OUTPUT_DIR", str(output_dir), "SEED", str(seed),
                 "SOLVER.MAX_ITER", str(preset.max_iter), "SOLVER.CHECKPOINT_PERIOD", str(max(preset.max_iter // 3, 1)),
                 "TEST.EVAL_PERIOD", "0", *preset.extra_opts,
             ]
-            runs.append(RunSpec(ARMS[arm_name], seed, output_dir, command))
+            starts_from = runs_of_seed.get(ARMS[arm_name].starts_from or "")
+            if starts_from is not None:
+                command += ["MODEL.WEIGHTS", str(starts_from.output_dir / "model_final.pth")]
+            runs_of_seed[arm_name] = RunSpec(ARMS[arm_name], seed, output_dir, command, starts_from)
+        runs += runs_of_seed.values()
     return runs
 
 
+def benchmark_of(datasets_root: Path) -> Dict:
+    """What identifies the generated benchmark under ``datasets_root``: its ``generation.json`` (design,
+    seed, sizes)."""
+    return json.loads((datasets_root / "synthetic" / "generation.json").read_text())
+
+
+def set_aside(output_dir: Path) -> Path:
+    """Rename ``output_dir`` to the first free ``<name>.old<k>``; returns the new path."""
+    k = 1
+    while output_dir.with_name(f"{output_dir.name}.old{k}").exists():
+        k += 1
+    return output_dir.rename(output_dir.with_name(f"{output_dir.name}.old{k}"))
+
+
 def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int) -> float:
-    """Run one training (skipped when already done); returns its wall time in seconds (0 if skipped)."""
-    if run.is_done():
+    """Run one training (skipped when already done); returns its wall time in seconds (0 if skipped).
+
+    A run started with another command or on another benchmark (the datasets were generated again with
+    another design, seed or size) is not continued: its folder is kept as ``<folder>.old<k>`` and the run
+    starts over."""
+    benchmark = benchmark_of(datasets_root)
+    if run.is_done(benchmark):
         logger.info("%s seed %d: already trained and evaluated (%s)", run.arm.name, run.seed, run.output_dir)
         return 0.0
+    made_with = run.made_with()
+    if made_with is not None and not run.matches(made_with, benchmark):
+        kept = set_aside(run.output_dir)
+        logger.warning(
+            "%s seed %d: %s was made with another command or benchmark; kept as %s, training again",
+            run.arm.name, run.seed, run.output_dir, kept,
+        )
     run.output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run.marker, {"command": run.command, "benchmark": benchmark})
     log_path = run.output_dir / "train_stdout.log"
     logger.info("%s seed %d: training (log: %s)", run.arm.name, run.seed, log_path)
     start = time.perf_counter()
@@ -223,7 +286,6 @@ def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int) -> float
         raise RuntimeError(
             f"training run {run.arm.name} seed {run.seed} failed (exit {result.returncode}); see {log_path}"
         )
-    marker = run.output_dir / "experiment_run.json"
-    write_json(marker, {"command": run.command, "seconds": elapsed})
+    write_json(run.marker, {"command": run.command, "benchmark": benchmark, "seconds": elapsed})
     logger.info("%s seed %d: done in %.0f s", run.arm.name, run.seed, elapsed)
     return elapsed
