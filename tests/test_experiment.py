@@ -162,6 +162,7 @@ def test_smoke_experiment_writes_the_report_and_skips_finished_runs(tmp_path):
                     "## Pseudo-label confidence during training", "## GBW class weights"):
         assert section in text, section
     assert "| DACS + GBW − DACS |" in text and "cannot be judged from one seed" in text
+    assert "DACS, DACS + GBW start from the final model of source only of the same seed" in text
     for figure in ("recall_delta.png", "pseudo_confidence.png", "dacs_gbw/gbw_weights.png"):
         assert (out / "figures" / figure).stat().st_size > 1000, figure
     results = json.loads((out / "results.json").read_text())

@@ -215,6 +215,16 @@ def _tool(name: str, *args: str, datasets_root: Path) -> None:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
 
 
+def starting_points(runs: Sequence[RunSpec]) -> str:
+    """Which arms start from another arm's final model, as a clause of the setting sentence ("" if none)."""
+    starts = OrderedDict((run.arm.label, run.starts_from.arm.label) for run in runs if run.starts_from is not None)
+    if not starts:
+        return ""
+    labels = ", ".join(starts)
+    sources = sorted(set(starts.values()))
+    return f"; {labels} start from the final model of {' / '.join(sources)} of the same seed (`MODEL.WEIGHTS`)"
+
+
 def setting_section(experiment: ExperimentResults, seconds: float) -> List[str]:
     """Title, how the report was made, the benchmark and its rare classes."""
     preset, runs = experiment.preset, list(experiment.run_of.values())
@@ -235,7 +245,8 @@ def setting_section(experiment: ExperimentResults, seconds: float) -> List[str]:
         f"`datasets/README.md`): {preset.num_source} source, {preset.num_source_val} held-out source, "
         f"{preset.num_target_train} target train and {preset.num_target_val} target val images of {height}×{width} px; "
         f"configs under `configs/synthetic/` (MiT-B0 encoder from random weights, 64-channel DAFormer decoders), "
-        f"{preset.max_iter} iterations per run, seeds {', '.join(map(str, preset.seeds))}. Unless said otherwise, "
+        f"{preset.max_iter} iterations per run, seeds {', '.join(map(str, preset.seeds))}{starting_points(runs)}. "
+        "Unless said otherwise, "
         "numbers are on the target val split, in percent; `mean [low, high]` is the mean over seeds with its 95 % "
         "Student-t interval (none with one seed).",
         "",
