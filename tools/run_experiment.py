@@ -6,8 +6,11 @@
 
 1. generate + prepare the synthetic two-domain benchmark under $DETECTRON2_DATASETS/synthetic
    (default ./datasets/synthetic) with the same scripts as the real datasets;
-2. train every (arm, seed) with tools/train_net.py (OUTPUT_DIR = OUT/runs/<arm>/seed<k>), evaluated on
-   the target val split at the end; finished runs are skipped, interrupted ones resume;
+2. train every (arm, seed) with tools/train_net.py (OUTPUT_DIR = OUT/runs/<arm>/<N>it_seed<k>), evaluated
+   on the target val and held-out source val splits at the end; the adaptation arms (DACS ± GBW) start
+   from the final source-only model of their seed, so source-only is trained first; finished runs are
+   skipped, interrupted ones resume, and a run made with another command or on another benchmark
+   design is kept as <folder>.old<k> and trained again;
 3. write OUT/report.md (tables: mean ± std per arm, GBW − baseline paired by seed, per-class recall;
    figures: recall change per class, GBW weights during training, example predictions) and
    OUT/results.json.
