@@ -235,7 +235,8 @@ def plan_runs(preset: Preset, out: Path) -> List[RunSpec]:
                 "SOLVER.MAX_ITER", str(preset.max_iter), "SOLVER.CHECKPOINT_PERIOD", str(max(preset.max_iter // 3, 1)),
                 "TEST.EVAL_PERIOD", "0", *preset.extra_opts,
             ]
-            starts_from = runs_of_seed.get(ARMS[arm_name].starts_from or "")
+            start_arm = ARMS[arm_name].starts_from
+            starts_from = runs_of_seed[start_arm] if start_arm is not None else None  # planned above
             if starts_from is not None:
                 command += ["MODEL.WEIGHTS", str(starts_from.output_dir / "model_final.pth")]
             runs_of_seed[arm_name] = RunSpec(ARMS[arm_name], seed, output_dir, command, starts_from)
