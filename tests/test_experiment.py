@@ -32,10 +32,10 @@ def test_presets_name_existing_configs(tmp_path):
     assert {"source_only", "dacs", "hrda_dacs", "hrda_dacs_gbw"} <= set(PRESETS["hrda"].arms)
 
 
-def test_adaptation_arms_start_from_the_source_only_model_of_their_seed(tmp_path):
+def test_adaptation_arms_and_the_oracle_start_from_the_source_only_model_of_their_seed(tmp_path):
     runs = plan_runs(PRESETS["experiment"], tmp_path)
     for position, run in enumerate(runs):
-        if run.arm.name.startswith("dacs"):
+        if run.arm.name.startswith("dacs") or run.arm.name == "target_oracle":
             assert (run.starts_from.arm.name, run.starts_from.seed) == ("source_only", run.seed)
             assert runs.index(run.starts_from) < position  # planned (hence started) before
             weights = run.command[run.command.index("MODEL.WEIGHTS") + 1]

@@ -7,8 +7,8 @@
 1. generate + prepare the synthetic two-domain benchmark under $DETECTRON2_DATASETS/synthetic
    (default ./datasets/synthetic) with the same scripts as the real datasets;
 2. train every (arm, seed) with tools/train_net.py (OUTPUT_DIR = OUT/runs/<arm>/<N>it_seed<k>), evaluated
-   on the target val and held-out source val splits at the end; the adaptation arms (DACS ± GBW) start
-   from the final source-only model of their seed, so source-only is trained first; finished runs are
+   on the target val and held-out source val splits at the end; the adaptation arms (DACS ± GBW) and the
+   target oracle start from the final source-only model of their seed, so source-only is trained first; finished runs are
    skipped, interrupted ones resume, and a run made with another command or on another benchmark
    design is kept as <folder>.old<k> and trained again;
 3. write OUT/report.md (tables: mean ± std per arm, GBW − baseline paired by seed, per-class recall;
@@ -36,7 +36,9 @@ def main() -> int:
     parser.add_argument("--datasets-root", type=Path,
                         default=Path(os.environ.get("DETECTRON2_DATASETS", "datasets")),
                         help="datasets root holding synthetic/ (default: $DETECTRON2_DATASETS or ./datasets)")
-    parser.add_argument("--jobs", type=int, default=2, help="training runs in parallel (default: 2)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="training runs in parallel, each with CPU cores ÷ jobs threads (at least 1); "
+                        "default: 3 for demo, 2 otherwise")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="override the preset's arms")
     parser.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
     parser.add_argument("--max-iter", type=int, help="override the preset's iterations per run")

@@ -35,12 +35,13 @@ def run_experiment(
     preset_name: str,
     out: Path,
     datasets_root: Path,
-    jobs: int = 2,
+    jobs: Optional[int] = None,
     arms: Optional[Sequence[str]] = None,
     seeds: Optional[Sequence[int]] = None,
     max_iter: Optional[int] = None,
 ) -> Path:
-    """Prepare the benchmark, train and evaluate every run (``jobs`` at a time), write the report.
+    """Prepare the benchmark, train and evaluate every run (``jobs`` at a time; default: the preset's),
+    write the report.
 
     Returns the path of ``report.md``.
     """
@@ -64,13 +65,14 @@ def run_experiment(
             preset,
             description=f"{len(preset.seeds)} seed(s) of {labels}, {preset.max_iter} iterations (preset {preset_name!r} modified)",
         )
+    jobs = max(jobs or preset.jobs, 1)
     start = time.perf_counter()
     runs = plan_runs(preset, out)
     out.mkdir(parents=True, exist_ok=True)
-    prepare_benchmark(preset, datasets_root, workers=max(jobs, 1))
-    threads = max((os.cpu_count() or 1) // max(jobs, 1), 1)
+    prepare_benchmark(preset, datasets_root, workers=jobs)
+    threads = max((os.cpu_count() or 1) // jobs, 1)
     logger.info("%d runs (%s), %d at a time with %d thread(s) each", len(runs), preset.description, jobs, threads)
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures: Dict[Path, Future] = {}
         for run in runs:
             # plan_runs puts a run after the one it starts from: that one has started when this one does.
