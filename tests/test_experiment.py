@@ -12,7 +12,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from experiment import run_experiment  # noqa: E402
+from experiment import run_experiment, threads_per_run  # noqa: E402
 from experiment.report import ExperimentResults, conclusion_section, design_checks  # noqa: E402
 from experiment.runs import ARMS, PRESETS, RunSpec, plan_runs, train_and_evaluate  # noqa: E402
 from experiment.stats import gap_closed, t_interval  # noqa: E402
@@ -45,6 +45,18 @@ def test_adaptation_arms_and_the_oracle_start_from_the_source_only_model_of_thei
     with pytest.raises(ValueError, match="arm 'dacs' starts from the final model of arm 'source_only'"):
         run_experiment("smoke", tmp_path / "out", tmp_path / "datasets", arms=["dacs", "target_oracle"])
     assert not (tmp_path / "datasets").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_run_every_other_run_starts_from_gets_every_core(tmp_path):
+    demo = plan_runs(PRESETS["demo"], tmp_path)
+    threads = threads_per_run(demo, jobs=3, cores=2)
+    assert {run.arm.name: threads[run.output_dir] for run in demo} == {
+        "source_only": 2, "dacs": 1, "dacs_gbw": 1, "target_oracle": 1,
+    }
+    # Three seeds: the source-only runs train beside each other, every run shares the cores.
+    experiment = plan_runs(PRESETS["experiment"], tmp_path)
+    assert set(threads_per_run(experiment, jobs=2, cores=8).values()) == {4}
+    assert set(threads_per_run(experiment, jobs=3, cores=2).values()) == {1}
 
 
 def test_t_interval_matches_scipy_and_needs_two_values():

@@ -37,8 +37,8 @@ def main() -> int:
                         default=Path(os.environ.get("DETECTRON2_DATASETS", "datasets")),
                         help="datasets root holding synthetic/ (default: $DETECTRON2_DATASETS or ./datasets)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="training runs in parallel, each with CPU cores ÷ jobs threads (at least 1); "
-                        "default: 3 for demo, 2 otherwise")
+                        help="training runs in parallel, each with CPU cores ÷ jobs threads (at least 1; a run that "
+                        "every other run starts from gets every core); default: 3 for demo, 2 otherwise")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="override the preset's arms")
     parser.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
     parser.add_argument("--max-iter", type=int, help="override the preset's iterations per run")

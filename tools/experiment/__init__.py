@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence
 from .report import write_report
 from .runs import ARMS, PRESETS, RunSpec, plan_runs, prepare_benchmark, train_and_evaluate
 
-__all__ = ["run_experiment"]
+__all__ = ["run_experiment", "threads_per_run"]
 
 logger = logging.getLogger("experiment")
 
@@ -29,6 +29,20 @@ def _train_after(after: Optional[Future], run: RunSpec, datasets_root: Path, thr
         except Exception as e:
             raise RuntimeError(f"{run.arm.name} seed {run.seed} not trained: the run it starts from failed ({e})") from e
     return train_and_evaluate(run, datasets_root, threads)
+
+
+def threads_per_run(runs: Sequence[RunSpec], jobs: int, cores: int) -> Dict[Path, int]:
+    """CPU threads of each run (by output folder): ``cores ÷ jobs`` (at least 1), or every core for a run
+    that all the other runs start from (nothing can train beside it, e.g. the source-only run of
+    ``make demo``). Fixed by the plan, not by timing, so that a run's numbers do not depend on when it
+    happened to start."""
+    shared = max(cores // max(jobs, 1), 1)
+    threads = {}
+    for run in runs:
+        others = [other for other in runs if other is not run]
+        alone = all(other.starts_from is not None and other.starts_from.output_dir == run.output_dir for other in others)
+        threads[run.output_dir] = cores if alone else shared
+    return threads
 
 
 def run_experiment(
@@ -70,14 +84,20 @@ def run_experiment(
     runs = plan_runs(preset, out)
     out.mkdir(parents=True, exist_ok=True)
     prepare_benchmark(preset, datasets_root, workers=jobs)
-    threads = max((os.cpu_count() or 1) // jobs, 1)
-    logger.info("%d runs (%s), %d at a time with %d thread(s) each", len(runs), preset.description, jobs, threads)
+    cores = os.cpu_count() or 1
+    threads = threads_per_run(runs, jobs, cores)
+    logger.info(
+        "%d runs (%s), %d at a time with %d thread(s) each", len(runs), preset.description, jobs, max(cores // jobs, 1)
+    )
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures: Dict[Path, Future] = {}
         for run in runs:
+            if threads[run.output_dir] == cores and len(runs) > 1:
+                logger.info("%s seed %d: every other run starts from it, so it trains alone with %d thread(s)",
+                            run.arm.name, run.seed, cores)
             # plan_runs puts a run after the one it starts from: that one has started when this one does.
             after = futures[run.starts_from.output_dir] if run.starts_from is not None else None
-            futures[run.output_dir] = pool.submit(_train_after, after, run, datasets_root, threads)
+            futures[run.output_dir] = pool.submit(_train_after, after, run, datasets_root, threads[run.output_dir])
         for future in futures.values():
             future.result()
     report = write_report(preset_name, preset, runs, out, datasets_root, time.perf_counter() - start)
