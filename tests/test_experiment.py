@@ -78,12 +78,19 @@ def test_gap_closed_is_paired_by_seed():
     assert gap_closed({0: 30.0, 1: 40.0, 2: 99.0}, lower, upper) == [25.0, 50.0]
 
 
-def _experiment(differences, miou_differences, seeds=(0, 1, 2)):
+def _experiment(differences, miou_differences, seeds=(0, 1, 2), bounds=False):
     """Constructed results of DACS and DACS + GBW: GBW's rare recall and mIoU are DACS's plus the
-    given per-seed differences; ten classes, the last four rare."""
-    preset = PRESETS["smoke"].__class__(arms=("dacs", "dacs_gbw"), seeds=seeds, max_iter=1)
+    given per-seed differences; ten classes, the last four rare. With ``bounds``, also source-only
+    (mIoU 10 below DACS) and the oracle (20 above): DACS closes a third of the gap on every seed."""
+    arm_names = ("dacs", "dacs_gbw") + (("source_only", "target_oracle") if bounds else ())
+    preset = PRESETS["smoke"].__class__(arms=arm_names, seeds=seeds, max_iter=1)
     metrics, per_class, curves = {}, {}, {}
     for seed in seeds:
+        if bounds:
+            for arm, offset in (("source_only", -10.0), ("target_oracle", 20.0)):
+                metrics[(arm, seed)] = OrderedDict([("mIoU", 40.0 + seed + offset), ("recall (rare)", 30.0),
+                                                    ("recall (frequent)", 70.0)])
+                per_class[(arm, seed)] = {key: np.full(10, 50.0) for key in ("IoU", "recall", "precision")}
         base = OrderedDict([("mIoU", 40.0 + seed), ("recall (rare)", 10.0 + 2 * seed), ("precision (rare)", 50.0),
                             ("recall (frequent)", 70.0), ("confident fraction", 60.0)])
         gbw = OrderedDict(base)
@@ -95,7 +102,7 @@ def _experiment(differences, miou_differences, seeds=(0, 1, 2)):
             curves[(arm, seed)] = (np.arange(10), np.linspace(0, 0.6, 10))
     fractions = np.array([0.3, 0.2, 0.2, 0.15, 0.1, 0.03, 0.008, 0.006, 0.004, 0.002])
     return ExperimentResults(
-        "test", preset, [ARMS["dacs"], ARMS["dacs_gbw"]], {}, metrics, per_class, curves,
+        "test", preset, [ARMS[name] for name in arm_names], {}, metrics, per_class, curves,
         [f"class{c}" for c in range(10)], fractions, fractions < 0.01, fractions >= 0.01,
     )
 
@@ -129,6 +136,15 @@ def test_design_checks_report_only_what_the_arms_allow():
     assert checks["≥ 6 classes under 1 % of the target pixels"] == ("4", False)
     assert checks["DACS teacher confident fraction > 50 % at the end"][1] is True
     assert not any("oracle" in check for check in checks)  # no oracle arm, no oracle bound
+
+
+@pytest.mark.parametrize("seeds, passed", [((0, 1, 2), True), ((0,), None)])
+def test_gap_check_needs_two_seeds_for_its_standard_error(seeds, passed):
+    checks = {check: (measured, ok) for check, measured, ok in design_checks(_experiment(
+        {s: 0 for s in seeds}, {s: 0 for s in seeds}, seeds=seeds, bounds=True))}
+    measured, ok = checks["DACS closes ≥ 25 % of the gap, beyond 2 std errors"]
+    assert ok is passed and measured.startswith("+33.33")
+    assert ("one seed" in measured) == (len(seeds) == 1)
 
 
 def test_unknown_preset_is_rejected(tmp_path):
