@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from detectron2.config import CfgNode
 from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -145,6 +146,22 @@ def test_gap_check_needs_two_seeds_for_its_standard_error(seeds, passed):
     measured, ok = checks["DACS closes ≥ 25 % of the gap, beyond 2 std errors"]
     assert ok is passed and measured.startswith("+33.33")
     assert ("one seed" in measured) == (len(seeds) == 1)
+
+
+def test_a_run_whose_config_changed_since_it_was_made_does_not_match(tmp_path):
+    run = next(r for r in plan_runs(PRESETS["demo"], tmp_path) if r.arm.name == "target_oracle")
+    benchmark = {"design": 2, "seed": 0}
+    made_with = {"command": run.command, "benchmark": benchmark}
+    assert run.matches(made_with, benchmark)  # not started yet: nothing saved to compare
+    run.output_dir.mkdir(parents=True)
+    saved = run.output_dir / "config.yaml"
+    saved.write_text(run.config())
+    assert run.matches(made_with, benchmark)
+    # The run was made when the oracle's config file did not turn the feature distance off.
+    before = CfgNode.load_cfg(run.config())
+    before.UDA.FD.WEIGHT = 0.005
+    saved.write_text(before.dump())
+    assert not run.matches(made_with, benchmark)
 
 
 def test_unknown_preset_is_rejected(tmp_path):

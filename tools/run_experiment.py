@@ -8,9 +8,9 @@
    (default ./datasets/synthetic) with the same scripts as the real datasets;
 2. train every (arm, seed) with tools/train_net.py (OUTPUT_DIR = OUT/runs/<arm>/<N>it_seed<k>), evaluated
    on the target val and held-out source val splits at the end; the adaptation arms (DACS ± GBW) and the
-   target oracle start from the final source-only model of their seed, so source-only is trained first; finished runs are
-   skipped, interrupted ones resume, and a run made with another command or on another benchmark
-   design is kept as <folder>.old<k> and trained again;
+   target oracle start from the final source-only model of their seed, so source-only is trained first;
+   finished runs are skipped, interrupted ones resume, and a run made with another command or config,
+   or on another benchmark design, is kept as <folder>.old<k> and trained again;
 3. write OUT/report.md (tables: mean ± std per arm, GBW − baseline paired by seed, per-class recall;
    figures: recall change per class, GBW weights during training, example predictions) and
    OUT/results.json.

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from detectron2.config import get_cfg
+from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.data.datasets.synthetic import DEFAULT_SIZES
+from gbw_panoptic.uda.cli import build_parser
 from gbw_panoptic.utils.io import write_json
 
 __all__ = [
@@ -184,8 +187,22 @@ class RunSpec:
         return evaluated and made_with is not None and "seconds" in made_with and self.matches(made_with, benchmark)
 
     def matches(self, made_with: Dict, benchmark: Dict) -> bool:
-        """Whether a run made with ``made_with`` (a marker's content) is this run on ``benchmark``."""
-        return made_with.get("command") == self.command and made_with.get("benchmark") == benchmark
+        """Whether a run made with ``made_with`` (a marker's content) is this run on ``benchmark``: the same
+        command and benchmark, and the config the run saved (``OUTPUT_DIR/config.yaml``, once started) is
+        the one the command gives now, so that an edited config file or default is not reused."""
+        if made_with.get("command") != self.command or made_with.get("benchmark") != benchmark:
+            return False
+        saved = self.output_dir / "config.yaml"
+        return not saved.is_file() or saved.read_text() == self.config()
+
+    def config(self) -> str:
+        """The full config (``cfg.dump()``) of the command, as ``tools/train_net.py`` saves it."""
+        args = build_parser().parse_args(self.command[2:])
+        cfg = get_cfg()
+        add_gbw_panoptic_config(cfg)
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+        return cfg.dump()
 
 
 def prepare_benchmark(preset: Preset, datasets_root: Path, workers: int) -> None:
@@ -267,9 +284,9 @@ def set_aside(output_dir: Path) -> Path:
 def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int) -> float:
     """Run one training (skipped when already done); returns its wall time in seconds (0 if skipped).
 
-    A run started with another command or on another benchmark (the datasets were generated again with
-    another design, seed or size) is not continued: its folder is kept as ``<folder>.old<k>`` and the run
-    starts over."""
+    A run started with another command, with a config that has changed since (a config file or default
+    edited), or on another benchmark (the datasets were generated again with another design, seed or
+    size) is not continued: its folder is kept as ``<folder>.old<k>`` and the run starts over."""
     benchmark = benchmark_of(datasets_root)
     if run.is_done(benchmark):
         logger.info("%s seed %d: already trained and evaluated (%s)", run.arm.name, run.seed, run.output_dir)
@@ -278,7 +295,7 @@ def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int) -> float
     if made_with is not None and not run.matches(made_with, benchmark):
         kept = set_aside(run.output_dir)
         logger.warning(
-            "%s seed %d: %s was made with another command or benchmark; kept as %s, training again",
+            "%s seed %d: %s was made with another command, config or benchmark; kept as %s, training again",
             run.arm.name, run.seed, run.output_dir, kept,
         )
     run.output_dir.mkdir(parents=True, exist_ok=True)
