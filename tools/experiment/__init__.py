@@ -85,15 +85,13 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     prepare_benchmark(preset, datasets_root, workers=jobs)
     cores = os.cpu_count() or 1
-    threads = threads_per_run(runs, jobs, cores)
-    logger.info(
-        "%d runs (%s), %d at a time with %d thread(s) each", len(runs), preset.description, jobs, max(cores // jobs, 1)
-    )
+    threads, shared = threads_per_run(runs, jobs, cores), max(cores // jobs, 1)
+    logger.info("%d runs (%s), %d at a time with %d thread(s) each", len(runs), preset.description, jobs, shared)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures: Dict[Path, Future] = {}
         for run in runs:
-            if threads[run.output_dir] == cores and len(runs) > 1:
-                logger.info("%s seed %d: every other run starts from it, so it trains alone with %d thread(s)",
+            if threads[run.output_dir] > shared:
+                logger.info("%s seed %d: nothing can train beside it, so it trains with %d thread(s)",
                             run.arm.name, run.seed, cores)
             # plan_runs puts a run after the one it starts from: that one has started when this one does.
             after = futures[run.starts_from.output_dir] if run.starts_from is not None else None

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from detectron2.config import get_cfg
-from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.data.datasets.synthetic import DEFAULT_SIZES
-from gbw_panoptic.uda.cli import build_parser
+from gbw_panoptic.uda.cli import build_parser, merged_config
 from gbw_panoptic.utils.io import write_json
 
 __all__ = [
@@ -197,12 +195,7 @@ class RunSpec:
 
     def config(self) -> str:
         """The full config (``cfg.dump()``) of the command, as ``tools/train_net.py`` saves it."""
-        args = build_parser().parse_args(self.command[2:])
-        cfg = get_cfg()
-        add_gbw_panoptic_config(cfg)
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-        return cfg.dump()
+        return merged_config(build_parser().parse_args(self.command[2:])).dump()
 
 
 def prepare_benchmark(preset: Preset, datasets_root: Path, workers: int) -> None:

@@ -23,7 +23,7 @@ from .output_lock import lock_output_dir, unlock_output_dir
 from .trainer import TrainingInterrupted, UDATrainer
 from .validate import check_uda_config
 
-__all__ = ["EPILOG", "build_parser", "load_config", "setup", "main", "run"]
+__all__ = ["EPILOG", "build_parser", "merged_config", "load_config", "setup", "main", "run"]
 
 EPILOG = """Examples:
   train:       tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml OUTPUT_DIR output/dacs_gbw
@@ -61,14 +61,21 @@ def _check_weights(args: argparse.Namespace, cfg: CfgNode) -> None:
     )
 
 
-def load_config(args: argparse.Namespace) -> CfgNode:
-    """Detectron2's defaults + the project's keys, the ``--config-file``, then the ``KEY VALUE`` overrides;
-    checked (:func:`check_uda_config`, the weights to load) and frozen. Nothing is written."""
+def merged_config(args: argparse.Namespace) -> CfgNode:
+    """Detectron2's defaults + the project's keys, the ``--config-file``, then the ``KEY VALUE`` overrides:
+    the config a run of ``args`` uses (and saves as ``OUTPUT_DIR/config.yaml``), not yet checked."""
     cfg = get_cfg()
     add_gbw_panoptic_config(cfg)
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def load_config(args: argparse.Namespace) -> CfgNode:
+    """:func:`merged_config`, checked (:func:`check_uda_config`, the weights to load) and frozen. Nothing
+    is written."""
+    cfg = merged_config(args)
     check_uda_config(cfg)
     _check_weights(args, cfg)
     cfg.freeze()
