@@ -161,6 +161,55 @@ def test_pseudo_labels_weights_and_margins():
         pseudo_labels(logits, 0.5, scope="pixel")
 
 
+@pytest.mark.parametrize("pixel_weights_in_norms", [False, True])
+def test_padding_is_no_pseudo_label_and_leaves_the_gbw_weights_unchanged(pixel_weights_in_norms):
+    """A target batch padded to a common size (one crop shorter than the other) gives the same
+    pseudo-labels on the real pixels, ignore on the padding, and the same GBW class weights of the
+    mixed-batch loss as the unpadded crops; the teacher's confident padding does not count."""
+    from gbw_panoptic.gbw import GBWCrossEntropyLoss
+
+    torch.manual_seed(0)
+    num_classes, height, width, short = 5, 12, 8, 7
+    teacher = torch.randn(2, num_classes, height, width) * 4
+    student = torch.randn(2, num_classes, height, width)
+    # The padded batch: image 1 has only `short` real rows; the teacher sees black padding below and
+    # predicts class 3 there with full confidence.
+    valid = torch.ones(2, height, width, dtype=torch.bool)
+    valid[1, short:] = False
+    padded_teacher = teacher.clone()
+    padded_teacher[1, :, short:] = -20.0
+    padded_teacher[1, 3, short:] = 20.0
+    padded = pseudo_labels(padded_teacher, threshold=0.968, valid=valid, ignore_value=255)
+    assert (padded.labels[1, short:] == 255).all() and (padded.weights[1, short:] == 0).all()
+    # Unpadded reference: each crop alone at its own size, one confident fraction for both.
+    crops = [teacher[0:1], teacher[1:2, :, :short]]
+    real = [pseudo_labels(crop, threshold=0.968) for crop in crops]
+    assert torch.equal(padded.labels[0], real[0].labels[0])
+    assert torch.equal(padded.labels[1, :short], real[1].labels[0])
+    confident = sum(float((p.max_probs >= 0.968).sum()) for p in real)
+    torch.testing.assert_close(padded.confidence, torch.full((2,), confident / (height * width + short * width)))
+
+    def gbw_weights(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        loss = GBWCrossEntropyLoss(num_classes, lam=1.0, lam_mode="relative", pixel_weights_in_norms=pixel_weights_in_norms)
+        loss(logits, labels, weights)
+        return loss.last_weights
+
+    with_padding = gbw_weights(student, padded.labels, padded.weights)
+    # The same pixels without the padded rows: both crops cut to `short` rows would lose image 0's
+    # rows, so compare against the batch whose padded pixels are simply absent (flattened real pixels).
+    real_logits = torch.cat([student[0].flatten(1), student[1, :, :short].flatten(1)], dim=1)
+    real_labels = torch.cat([padded.labels[0].flatten(), padded.labels[1, :short].flatten()])
+    real_weights = torch.cat([padded.weights[0].flatten(), padded.weights[1, :short].flatten()])
+    without_padding = gbw_weights(real_logits[None, :, None], real_labels[None, None], real_weights[None, None])
+    torch.testing.assert_close(with_padding, without_padding, rtol=1e-6, atol=1e-7)
+    # Padding labelled with the teacher's class 3 (weight 0): N_3 grows, so the authors' rule (every
+    # labelled pixel counts) gives other weights; with the pixel weights in the norms it did not matter.
+    labelled = padded.labels.clone()
+    labelled[1, short:] = 3
+    changed = not torch.allclose(gbw_weights(student, labelled, padded.weights), without_padding, atol=1e-4)
+    assert changed != pixel_weights_in_norms
+
+
 def test_class_mix_takes_half_the_classes_and_keeps_images_and_labels_consistent():
     torch.manual_seed(1)
     labels = torch.randint(0, 6, (3, 16, 16))

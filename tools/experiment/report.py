@@ -436,7 +436,13 @@ def conclusion_section(experiment: ExperimentResults) -> List[str]:
     gbw_arms = [arm for arm in experiment.arms if arm.baseline is not None and experiment.has(arm.baseline)]
     if not gbw_arms:
         return []
-    lines = ["## Conclusion", "", "The claim tested: GBW raises the recall of rare classes without lowering mIoU.", ""]
+    lines = [
+        "## Conclusion",
+        "",
+        "The claim tested: the treatment of each arm (GBW, frequency weighting, or a GBW-trained starting "
+        "point) raises the recall of rare classes without lowering mIoU, against the arm it is added to.",
+        "",
+    ]
     for arm in gbw_arms:
         baseline = ARMS[arm.baseline]
         rare = experiment.difference(arm.name, baseline.name, "recall (rare)")

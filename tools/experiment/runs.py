@@ -47,8 +47,9 @@ SOURCE_ONLY, ORACLE, REFERENCE = "source_only", "target_oracle", "dacs"
 
 @dataclass(frozen=True)
 class Arm:
-    """One training setting: ``config`` (relative to ``configs/``), the arm it adds GBW to, and the arm
-    whose final model (same seed) it starts from (``MODEL.WEIGHTS``; None: random initial weights)."""
+    """One training setting: ``config`` (relative to ``configs/``), the arm it adds its treatment to
+    (``baseline``: GBW, frequency weighting or another starting point), and the arm whose final model
+    (same seed) it starts from (``MODEL.WEIGHTS``; None: random initial weights)."""
 
     name: str
     config: str
@@ -62,6 +63,10 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
     for arm in (
         Arm(SOURCE_ONLY, "synthetic/mit_b0_source_only.yaml", "source only"),
         Arm("source_only_gbw", "synthetic/mit_b0_source_only_gbw.yaml", "source only + GBW", SOURCE_ONLY),
+        Arm(
+            "source_only_freq", "synthetic/mit_b0_source_only_freq.yaml", "source only + frequency weighting",
+            SOURCE_ONLY,
+        ),
         # Adaptation starts from the source-only model of the same seed, the CPU benchmark's stand-in
         # for the ImageNet weights DACS starts from (datasets/README.md, "Design"): every DACS arm
         # from the same weights, so that paired differences measure the adaptation alone.
@@ -78,6 +83,14 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
             "DACS + GBW (semantic + center)",
             REFERENCE,
             SOURCE_ONLY,
+        ),
+        Arm("dacs_freq", "synthetic/dacs_freq.yaml", "DACS + frequency weighting", REFERENCE, SOURCE_ONLY),
+        # GBW from the start: adaptation from the source-only + GBW model (the feature distance then
+        # anchors the encoder to that model), without and with GBW during adaptation.
+        Arm("dacs_from_gbw", "synthetic/dacs.yaml", "DACS (from source only + GBW)", REFERENCE, "source_only_gbw"),
+        Arm(
+            "dacs_gbw_from_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW (GBW from the start)", "dacs_from_gbw",
+            "source_only_gbw",
         ),
         # The oracle starts from the same model and trains as many iterations with the target labels:
         # the upper bound of what adaptation from that model can reach.
@@ -127,6 +140,19 @@ PRESETS: Dict[str, Preset] = {
         max_iter=ITERATIONS,
         description="3 seeds of every arm: source-only (± GBW), DACS (± GBW, relative and absolute λ, "
         "GBW ablation) and the target oracle",
+    ),
+    # What decides whether GBW raises rare-class recall under DACS: GBW from the first iteration (source
+    # pre-training with GBW, adaptation from that model, ± GBW) against GBW during adaptation only, and
+    # frequency weighting in place of GBW (datasets/README.md, "Study: initialisation and weighting").
+    "weighting": Preset(
+        arms=(
+            SOURCE_ONLY, "source_only_gbw", "source_only_freq", REFERENCE, "dacs_gbw", "dacs_freq",
+            "dacs_from_gbw", "dacs_gbw_from_gbw",
+        ),
+        seeds=(0, 1, 2),
+        max_iter=ITERATIONS,
+        description="3 seeds of source-only and DACS, each plain, + GBW and + frequency weighting, and DACS ± GBW "
+        "started from the source-only + GBW model",
     ),
     # HRDA next to the single-scale arms it extends (not part of `make experiment`: an HRDA + DACS
     # step costs about 3x a single-scale one on the CPU).

@@ -77,6 +77,10 @@ def add_model_config(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
     cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT = 1.0
+    # Static class weights of the cross-entropy, the classical alternative to MODEL.GBW.SEM_SEG:
+    # "none" (reference) or "median_frequency" (median frequency balancing of the class pixel counts
+    # of DATASETS.TRAIN, scaled to sum to C as GBW's weights; gbw_panoptic.gbw.frequency).
+    cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = "none"
     cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256
     cfg.MODEL.SEM_SEG_HEAD.FUSION_DILATIONS = [1, 6, 12, 18]
     cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1

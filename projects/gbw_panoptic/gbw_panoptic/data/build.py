@@ -31,6 +31,7 @@ from .stream import IndexStream, ShuffledIndexStream, TrainStream, build_stream_
 __all__ = [
     "UDATrainLoader",
     "build_rcs_sampler",
+    "dataset_class_pixels",
     "build_source_train_loader",
     "build_target_train_loader",
     "build_uda_train_loader",
@@ -46,26 +47,38 @@ def _dataset_dicts(names: Sequence[str], config_key: str) -> List[Dict[str, Any]
     return get_detection_dataset_dicts(list(names), filter_empty=False)
 
 
-def build_rcs_sampler(cfg: CfgNode, dataset_names: Sequence[str]) -> RareClassSampler:
-    """Rare class sampler over the concatenation of ``dataset_names`` (in order); with
-    ``DATALOADER.RCS.MIN_CROP_RATIO`` > 0 its items carry the drawn class for the mapper's crop.
-
-    Each dataset's metadata must name its ``class_stats_file``.
-    """
+def dataset_class_pixels(dataset_names: Sequence[str], num_classes: int, used_for: str) -> np.ndarray:
+    """int64 (N, C) labelled pixels of each class in each image of the concatenation of
+    ``dataset_names`` (in order), from each dataset's ``class_stats_file`` (metadata) written by its
+    ``datasets/prepare_*.py`` script; ``used_for`` names the feature (and its switch) in the error
+    raised when a dataset has no such file."""
     counts = []
     for name in dataset_names:
         meta = MetadataCatalog.get(name)
         stats_file = meta.get("class_stats_file")
         if not stats_file:
             raise KeyError(
-                f"Rare class sampling needs the metadata 'class_stats_file' of dataset '{name}' "
-                "(written by its datasets/prepare_*.py script); set DATALOADER.RCS.ENABLED False "
-                "to sample uniformly"
+                f"{used_for} needs the metadata 'class_stats_file' of dataset '{name}' "
+                "(written by its datasets/prepare_*.py script)"
             )
         dicts = get_detection_dataset_dicts(name, filter_empty=False)
-        counts.append(load_class_pixel_counts(stats_file, dicts, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES))
+        counts.append(load_class_pixel_counts(stats_file, dicts, num_classes))
+    return np.concatenate(counts)
+
+
+def build_rcs_sampler(cfg: CfgNode, dataset_names: Sequence[str]) -> RareClassSampler:
+    """Rare class sampler over the concatenation of ``dataset_names`` (in order); with
+    ``DATALOADER.RCS.MIN_CROP_RATIO`` > 0 its items carry the drawn class for the mapper's crop.
+
+    Each dataset's metadata must name its ``class_stats_file``.
+    """
+    counts = dataset_class_pixels(
+        dataset_names,
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        "Rare class sampling (set DATALOADER.RCS.ENABLED False to sample uniformly)",
+    )
     return RareClassSampler(
-        np.concatenate(counts),
+        counts,
         cfg.DATALOADER.RCS.TEMPERATURE,
         cfg.DATALOADER.RCS.MIN_PIXELS,
         class_key=RCS_CLASS_KEY if cfg.DATALOADER.RCS.MIN_CROP_RATIO > 0 else None,

@@ -7,7 +7,10 @@ Public API:
 - :func:`qp_class_weights`: the class weights solving the GBW quadratic program (exact simplex
   projection on the device, or the reference ``cvxopt`` solver).
 - :class:`GBWCrossEntropyLoss` / :class:`GBWRegressionLoss`: drop-in loss modules applying them.
+- :func:`median_frequency_weights`: static class weights from class frequencies (the classical
+  baseline GBW is compared with).
 """
+from .frequency import median_frequency_weights
 from .grad_norms import ce_grad_sq_norms, class_pixel_counts, regression_grad_sq_norms
 from .losses import GBWCrossEntropyLoss, GBWRegressionLoss
 from .qp import CVXOPT_REFERENCE_OPTIONS, effective_lambda, project_to_scaled_simplex, qp_class_weights
@@ -22,4 +25,5 @@ __all__ = [
     "CVXOPT_REFERENCE_OPTIONS",
     "GBWCrossEntropyLoss",
     "GBWRegressionLoss",
+    "median_frequency_weights",
 ]

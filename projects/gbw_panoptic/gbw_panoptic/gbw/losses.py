@@ -147,6 +147,7 @@ class GBWCrossEntropyLoss(_ClassWeighting):
         active_classes: ActiveClasses = "all",
         ema_momentum: float = 0.0,
         pixel_weights_in_norms: bool = False,
+        fixed_class_weights: Optional[Sequence[float]] = None,
     ):
         """
         Args:
@@ -164,12 +165,24 @@ class GBWCrossEntropyLoss(_ClassWeighting):
                 unweighted cross-entropy and every labelled pixel counts in N_c; the pixel weights
                 enter only the reduction. True: the pixel weights scale each pixel's gradient in
                 the norms and zero-weight pixels are not counted in N_c.
+            fixed_class_weights: optional [C] static class weights (e.g. :func:`.median_frequency_weights`)
+                applied as ``q_i * w_{y_i} * CE_i`` instead of GBW's; only with ``enabled=False``.
         """
         super().__init__(num_classes, ignore_index, enabled, lam, lam_mode, solver, active_classes, ema_momentum)
         if mode not in ("channel", "class"):
             raise ValueError(f"mode must be 'channel' or 'class', got {mode!r}")
         self.mode = mode
         self.pixel_weights_in_norms = pixel_weights_in_norms
+        fixed = None
+        if fixed_class_weights is not None:
+            if enabled:
+                raise ValueError("fixed_class_weights replace the GBW weights; pass them with enabled=False")
+            fixed = torch.as_tensor(fixed_class_weights, dtype=torch.float32).flatten()
+            if fixed.numel() != num_classes or not bool(torch.isfinite(fixed).all()) or bool((fixed < 0).any()):
+                raise ValueError(
+                    f"fixed_class_weights must be {num_classes} finite weights >= 0, got {fixed.tolist()}"
+                )
+        self.register_buffer("fixed_class_weights", fixed, persistent=False)
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, pixel_weights: Optional[torch.Tensor] = None
@@ -191,6 +204,10 @@ class GBWCrossEntropyLoss(_ClassWeighting):
             check_class_map(labels, self.num_classes, self.ignore_index, "labels")
             self.last_weights = None
             pixel_losses = F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index, reduction="none")
+            if self.fixed_class_weights is not None:
+                # Ignored pixels have loss 0 whatever weight they take.
+                known = torch.where(labels == self.ignore_index, 0, labels).long()
+                pixel_losses = pixel_losses * self.fixed_class_weights.take(known)
             loss = self._weighted_mean(pixel_losses, pixel_weights)
             # The finiteness check of the norms applied to the loss: on the CPU it raises naming the
             # non-finite input; elsewhere it passes the loss through (a non-finite loss stays so).

@@ -14,6 +14,7 @@
 With ``MODEL.INS_EMBED_HEAD.ENABLED False`` the model is semantic-only (DAFormer): no instance
 head, only ``loss_sem_seg`` and the ``sem_seg`` output.
 """
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +26,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList, Instances
 from torch import nn
 
-from ..gbw import GBWCrossEntropyLoss, GBWRegressionLoss
+from ..gbw import GBWCrossEntropyLoss, GBWRegressionLoss, median_frequency_weights
 from ..utils.d2_compat import active_event_storage
 from .heads import build_ins_embed_head
 from .post_processing import panoptic_segmentation, panoptic_to_segments
@@ -33,7 +34,11 @@ from .post_processing import panoptic_segmentation, panoptic_to_segments
 __all__ = ["GBWPanopticSegmentor"]
 
 _VOID = -1
+logger = logging.getLogger(__name__)
+
 CENTER_PIXEL_CLASSES = ("semantic", "instance")
+# MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING: static class weights of the cross-entropy.
+CLASS_WEIGHTINGS = ("none", "median_frequency")
 
 
 def _gbw_loss_kwargs(node: CfgNode) -> Dict:
@@ -46,6 +51,26 @@ def _gbw_loss_kwargs(node: CfgNode) -> Dict:
         "active_classes": node.ACTIVE_CLASSES,
         "ema_momentum": node.EMA_MOMENTUM,
     }
+
+
+def _fixed_class_weights(cfg: CfgNode) -> Optional[torch.Tensor]:
+    """The static class weights of ``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING`` (None for "none"): median
+    frequency weights of the class pixel counts of the source training sets (DATASETS.TRAIN)."""
+    if cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING == "none":
+        return None
+    from ..data.build import dataset_class_pixels
+
+    pixels = dataset_class_pixels(
+        cfg.DATASETS.TRAIN,
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        "MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING 'median_frequency'",
+    )
+    weights = median_frequency_weights(pixels.sum(axis=0))
+    logger.info(
+        "Median frequency class weights of DATASETS.TRAIN %s: %s",
+        tuple(cfg.DATASETS.TRAIN), ", ".join(f"{w:.3f}" for w in weights.tolist()),
+    )
+    return weights
 
 
 def _dataset_classes(cfg: CfgNode) -> Tuple[List[str], List[int], int]:
@@ -191,6 +216,7 @@ class GBWPanopticSegmentor(nn.Module):
             ignore_index=ignore,
             mode=gbw.SEM_SEG.MODE,
             pixel_weights_in_norms=gbw.SEM_SEG.PIXEL_WEIGHTS_IN_NORMS,
+            fixed_class_weights=_fixed_class_weights(cfg),
             **_gbw_loss_kwargs(gbw.SEM_SEG),
         )
         center_loss = offset_loss = None

@@ -7,9 +7,11 @@ and blur; the student trains on the mixed batch through the model's normal forwa
 under ``gbw/mixed``). The defaults are those of the reference code (DAFormer/EDAPS ``dacs.py``); the
 project's README compares every setting with it.
 """
+import logging
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from detectron2.config import CfgNode, configurable
@@ -20,6 +22,8 @@ from .runner import StudentRunner, common_size, stack_images
 from .teacher import EMATeacher
 
 __all__ = ["PSEUDO_WEIGHT_SCOPES", "PseudoLabels", "pseudo_labels", "DACS"]
+
+logger = logging.getLogger(__name__)
 
 # Instance targets pasted with their source pixels (UDA.MIX_INSTANCES).
 INSTANCE_FIELDS = ("center", "center_weights", "offset", "offset_weights")
@@ -43,18 +47,22 @@ def pseudo_labels(
     ignore_bottom: int = 0,
     valid: Optional[torch.Tensor] = None,
     scope: str = "batch",
+    ignore_value: int = 255,
 ) -> PseudoLabels:
     """Hard pseudo-labels and their per-pixel weights from teacher logits.
 
     The weight is the fraction of pixels whose maximum probability is at least ``threshold``, counted
-    over the whole batch (``scope="batch"``: one scalar for every image, as the reference code) or
-    over each image (``scope="image"``: one scalar per image), set to 0 on the ``ignore_top`` first and
-    the ``ignore_bottom`` last rows (absolute row counts, clipped to the image height).
+    over the whole batch (``scope="batch"``: one scalar for every image, as the reference code; with
+    several processes over the batches of all of them, so that it equals the single-process value
+    of the whole batch) or over each image (``scope="image"``: one scalar per image), set to 0 on the
+    ``ignore_top`` first and the ``ignore_bottom`` last rows (absolute row counts, clipped to the
+    image height).
 
     Args:
         logits: ``B x C x H x W`` (softmax computed in float32).
-        valid: optional bool ``B x H x W``, False on padding: those pixels get weight 0 and do not
-            count in the confident fraction.
+        valid: optional bool ``B x H x W``, False on padding: those pixels are labelled
+            ``ignore_value`` (so that they enter no loss and no GBW class statistic), get weight 0 and
+            do not count in the confident fraction.
         scope: "batch" or "image".
     """
     if scope not in PSEUDO_WEIGHT_SCOPES:
@@ -63,9 +71,14 @@ def pseudo_labels(
     max_probs, labels = probs.max(dim=1)
     if valid is None:
         valid = torch.ones_like(labels, dtype=torch.bool)
+    else:
+        labels = labels.masked_fill(~valid, ignore_value)
     confident = (max_probs >= threshold) & valid
     dims = (0, 1, 2) if scope == "batch" else (1, 2)
-    fraction = confident.sum(dim=dims) / valid.sum(dim=dims).clamp(min=1)
+    counts = torch.stack([confident.sum(dim=dims), valid.sum(dim=dims)]).float()
+    if scope == "batch" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    fraction = counts[0] / counts[1].clamp(min=1)
     confidence = fraction.expand(labels.shape[0]).float()
     weights = confidence[:, None, None] * valid
     height = weights.shape[1]
@@ -118,6 +131,7 @@ class DACS(UDAMethod):
             )
         self.class_mix_candidates = class_mix_candidates
         self.mix_instances = mix_instances
+        self._padding_logged = False
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model: nn.Module) -> dict:
@@ -185,6 +199,19 @@ class DACS(UDAMethod):
                 )
         return mixed, masks
 
+    def _log_padding(self, teacher_logits: torch.Tensor, valid: torch.Tensor, iteration: int) -> None:
+        """Log, once per run, the share of padded pixels in the target batch and the classes of the
+        teacher's argmax there: what they would be as pseudo-labels (they are ignored instead)."""
+        padding = ~valid
+        counts = torch.bincount(teacher_logits.argmax(dim=1)[padding], minlength=teacher_logits.shape[1])
+        share = {c: n for c, n in enumerate(counts.tolist()) if n > 0}
+        logger.info(
+            "Iteration %d: %.1f %% of the target batch is padding (ignored in the pseudo-labels and GBW's "
+            "class statistics); the teacher's argmax there, class: pixels: %s",
+            iteration, 100.0 * float(padding.float().mean()), share,
+        )
+        self._padding_logged = True
+
     def run_step(
         self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
     ) -> StepOutput:
@@ -201,7 +228,10 @@ class DACS(UDAMethod):
             self.ignore_bottom,
             valid=target_valid,
             scope=self.pseudo_weight_scope,
+            ignore_value=self.ignore_value,
         )
+        if not self._padding_logged and any(tuple(x["image"].shape[-2:]) != size for x in target_batch):
+            self._log_padding(teacher_logits, target_valid, iteration)
         pseudo_weights = pseudo.weights
         if all("pseudo_label_valid" in x for x in target_batch):
             # UDA.PSEUDO_LABEL_MARGINS (HRDA): margins of the whole image, cropped with it by the mapper.

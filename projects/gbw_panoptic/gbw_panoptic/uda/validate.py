@@ -8,7 +8,7 @@ from ..gbw.grad_norms import CE_MODES
 from ..gbw.losses import ACTIVE_CLASS_MODES, REGRESSION_NORMALIZERS
 from ..gbw.qp import LAMBDA_MODES, SOLVERS
 from ..data.mapper import FLIP_DIRECTIONS
-from ..modeling.meta_arch import CENTER_PIXEL_CLASSES
+from ..modeling.meta_arch import CENTER_PIXEL_CLASSES, CLASS_WEIGHTINGS
 from .augment import CLASS_MIX_CANDIDATES
 from .advseg import GAN_LOSSES
 from .dacs import PSEUDO_WEIGHT_SCOPES
@@ -54,6 +54,13 @@ def check_gbw_config(cfg: CfgNode) -> None:
                 f"class ids in [0, {num_classes})",
             )
     _require_choice("MODEL.GBW.CENTER.PIXEL_CLASS", cfg.MODEL.GBW.CENTER.PIXEL_CLASS, CENTER_PIXEL_CLASSES)
+    weighting = cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING
+    _require_choice("MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING", weighting, CLASS_WEIGHTINGS)
+    _require(
+        weighting == "none" or not cfg.MODEL.GBW.SEM_SEG.ENABLED,
+        f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={weighting!r} replaces GBW's class weights of the cross-entropy; "
+        "set it to 'none' or MODEL.GBW.SEM_SEG.ENABLED False",
+    )
     normalizer = cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER
     _require_choice("MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER", normalizer, REGRESSION_NORMALIZERS)
 
