@@ -244,10 +244,12 @@ def check_shapes(
 
 
 def _residual_sq_norms(
-    log_probs: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str
+    log_probs: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str, by_label: bool
 ) -> torch.Tensor:
     """Turn ``log_probs`` (float32 [B, C, H, W], log-softmax) in place into the gradient of
-    ``sum_c L_c``, ``scale_i * (softmax_i - onehot(y_i))``, and return its squared per-class norms.
+    ``sum_c L_c``, ``scale_i * (softmax_i - onehot(y_i))``, and return its squared per-class norms
+    ([C]; with ``by_label`` in ``"channel"`` mode the [C, C] matrix whose row y holds the share of
+    the pixels of class y in each channel norm, which sums over its rows to the norms).
 
     The label entry ``p_y - 1`` is formed as ``-sum_{k != y} p_k``, which keeps float32 relative
     precision for confident pixels, where ``p_y - 1`` would be rounding error."""
@@ -255,12 +257,17 @@ def _residual_sq_norms(
     residual = log_probs.exp_().scatter_(1, label_index, 0.0)
     residual.scatter_(1, label_index, residual.sum(dim=1, keepdim=True).neg_())
     residual.mul_(scale.unsqueeze(1))
+    num_classes = residual.shape[1]
+    if mode == "channel" and by_label:
+        pixel_sq = residual.square().permute(0, 2, 3, 1).reshape(-1, num_classes)
+        sq_norms = torch.zeros(num_classes, num_classes, dtype=torch.float32, device=residual.device)
+        return sq_norms.index_add_(0, safe_class_map.flatten(), pixel_sq)
     if mode == "channel":
         # Norms along the contiguous pixel axis, then over the batch: much faster on CPU than
         # one reduction over the strided dims (0, 2, 3).
         return torch.linalg.vector_norm(residual.flatten(2), dim=2).square().sum(dim=0)
     pixel_sq = torch.linalg.vector_norm(residual, dim=1).square()
-    sq_norms = torch.zeros(residual.shape[1], dtype=torch.float32, device=residual.device)
+    sq_norms = torch.zeros(num_classes, dtype=torch.float32, device=residual.device)
     return sq_norms.scatter_add_(0, safe_class_map.flatten(), pixel_sq.flatten())
 
 
@@ -273,10 +280,12 @@ class _CrossEntropyWithGradNorms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str):
+    def forward(
+        ctx, logits: torch.Tensor, safe_class_map: torch.Tensor, scale: torch.Tensor, mode: str, by_label: bool
+    ):
         residual = torch.log_softmax(logits, dim=1)
         pixel_losses = torch.where(scale > 0, -residual.gather(1, safe_class_map.unsqueeze(1)).squeeze(1), 0.0)
-        sq_norms = _residual_sq_norms(residual, safe_class_map, scale, mode)
+        sq_norms = _residual_sq_norms(residual, safe_class_map, scale, mode, by_label)
         ctx.save_for_backward(residual, scale)
         ctx.mark_non_differentiable(sq_norms)
         return pixel_losses, sq_norms
@@ -287,11 +296,11 @@ class _CrossEntropyWithGradNorms(torch.autograd.Function):
         residual, scale = ctx.saved_tensors
         covered = scale > 0
         factor = torch.where(covered, grad_pixel_losses / torch.where(covered, scale, 1.0), 0.0)
-        return residual * factor.unsqueeze(1), None, None, None
+        return residual * factor.unsqueeze(1), None, None, None, None
 
 
 def cross_entropy_with_grad_sq_norms(
-    logits: torch.Tensor, groups: PixelGroups, mode: str = "channel"
+    logits: torch.Tensor, groups: PixelGroups, mode: str = "channel", by_label: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel cross-entropy and the squared norms of :func:`ce_grad_sq_norms` in one pass.
 
@@ -299,14 +308,18 @@ def cross_entropy_with_grad_sq_norms(
         logits: float32 tensor [B, C, H, W] (may require grad).
         groups: :func:`group_pixels` of the labels (and pixel weights).
         mode: ``"channel"`` or ``"class"``.
+        by_label: in ``"channel"`` mode, return the norms split by the pixels' class (see Returns),
+            which :func:`~gbw_panoptic.gbw.distributed.global_class_statistics` needs.
 
     Returns:
         ``(pixel_losses, sq_norms)``: float32 [B, H, W], ``-log softmax(z)[y_i]`` on covered
-        pixels and 0 elsewhere (differentiable w.r.t. ``logits``); float32 [C] (constant).
+        pixels and 0 elsewhere (differentiable w.r.t. ``logits``); float32 [C] (constant), or with
+        ``by_label`` in ``"channel"`` mode [C, C], row y the share of the pixels of class y in each
+        channel norm (the rows sum to the [C] norms).
     """
     if mode not in CE_MODES:
         raise ValueError(f"mode must be one of {CE_MODES}, got {mode!r}")
-    return _CrossEntropyWithGradNorms.apply(logits, groups.safe_class_map, groups.scale, mode)
+    return _CrossEntropyWithGradNorms.apply(logits, groups.safe_class_map, groups.scale, mode, by_label)
 
 
 def ce_grad_sq_norms(

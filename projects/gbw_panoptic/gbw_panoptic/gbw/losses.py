@@ -19,8 +19,15 @@ norms: there the weights say which pixels the loss covers at all (crowd, stuff i
 
 On a GPU a call adds no host synchronisation (with the default ``solver="projection"``): the input
 checks stay on the device, as :mod:`.grad_norms` describes, and ``last_weights`` stays there too.
+
+Several processes (``torch.distributed`` initialised with a world size > 1, e.g. one per GPU under
+DistributedDataParallel): each call sums the per-class statistics of all processes in one
+all-reduce (:mod:`.distributed`), so that every process gets the class weights one process would
+compute on the whole batch; every process must therefore make the same loss calls. The weight sums
+that normalise the regression losses are summed likewise, so that the gradients DDP averages are
+those of the whole batch. With one process nothing changes.
 """
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +42,7 @@ from .grad_norms import (
     group_pixels,
     regression_sq_norms_from_groups,
 )
+from .distributed import all_reduce_sum, global_class_statistics, world_size
 from .qp import LAMBDA_MODES, SOLVERS, qp_class_weights
 
 __all__ = ["GBWCrossEntropyLoss", "GBWRegressionLoss", "ActiveClasses"]
@@ -106,7 +114,27 @@ class _ClassWeighting(nn.Module):
         self.last_weights: Optional[torch.Tensor] = None
 
     def class_weights(self, sq_norms: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Detached float32 class weights [C] from the squared norms and covered pixel counts [C]."""
+        """Detached float32 class weights [C] from this process's squared norms and covered pixel
+        counts [C] (see :meth:`class_weights_and_sums` for several processes)."""
+        return self.class_weights_and_sums(sq_norms, counts)[0]
+
+    def class_weights_and_sums(
+        self, sq_norms: torch.Tensor, counts: torch.Tensor, *sums: torch.Tensor
+    ) -> Tuple[torch.Tensor, ...]:
+        """The class weights and ``sums`` of the whole batch.
+
+        With one process: ``(weights, *sums)``, the weights solved from ``sq_norms`` [C] and
+        ``counts`` [C]. With several, ``sq_norms`` is as
+        :func:`~gbw_panoptic.gbw.distributed.global_class_statistics` takes it ([C], or [C, C] split
+        by the pixels' class in the cross-entropy's ``"channel"`` mode); the norms, counts and
+        ``sums`` of all processes are summed in one all-reduce and the weights solved from the
+        totals, the same in every process.
+
+        Returns:
+            detached float32 class weights [C], then the (summed) ``sums``.
+        """
+        if world_size() > 1:
+            sq_norms, counts, *sums = global_class_statistics(sq_norms, counts, *sums)
         active = self.fixed_active.to(sq_norms.device)
         if self.active_classes == "present":
             present = counts > 0
@@ -117,7 +145,7 @@ class _ClassWeighting(nn.Module):
                 weights = self.ema_momentum * self.ema_weights + (1.0 - self.ema_momentum) * weights
             self.ema_weights = weights
         self.last_weights = weights.detach()
-        return self.last_weights
+        return (self.last_weights, *sums)
 
     def extra_repr(self) -> str:
         return (
@@ -214,7 +242,9 @@ class GBWCrossEntropyLoss(_ClassWeighting):
             return check_finite_norms(loss.reshape(1), ("logits", logits), ("pixel_weights", pixel_weights))[0]
         norm_weights = pixel_weights if self.pixel_weights_in_norms else None
         groups = group_pixels(labels, self.num_classes, self.ignore_index, norm_weights, "labels")
-        pixel_losses, sq_norms = cross_entropy_with_grad_sq_norms(logits, groups, self.mode)
+        pixel_losses, sq_norms = cross_entropy_with_grad_sq_norms(
+            logits, groups, self.mode, by_label=world_size() > 1
+        )
         if pixel_weights is not None and norm_weights is None:
             # Pixel weights outside the norms: 0 * their sum is NaN when one is not finite, so the
             # one finiteness check of the norms covers them too.
@@ -303,19 +333,31 @@ class GBWRegressionLoss(_ClassWeighting):
         weight_sum = pixel_weights.sum()
         if self.normalizer == "channel_weight_sum":
             weight_sum = weight_sum * pred.shape[1]
+        processes = world_size()
+        # With several processes the weight sum is that of the whole batch (see the module docstring).
+        global_weight_sum = processes > 1 and self.normalizer != "mean"
         if self.enabled:
             groups = group_pixels(pixel_class, self.num_classes, self.ignore_index, pixel_weights, "pixel_class")
             sq_norms = regression_sq_norms_from_groups(pred, target, groups, self.kind)
-            weights = self.class_weights(sq_norms, groups.counts)
+            if global_weight_sum:
+                weights, weight_sum = self.class_weights_and_sums(sq_norms, groups.counts, weight_sum)
+            else:
+                weights = self.class_weights(sq_norms, groups.counts)
             ignored = pixel_class == self.ignore_index
             pixel_weights = pixel_weights * torch.where(ignored, 1.0, weights.take(groups.safe_class_map))
         else:
             self.last_weights = None
+            if global_weight_sum:
+                (weight_sum,) = all_reduce_sum(weight_sum)
         if self.kind == "mse":
             element_losses = F.mse_loss(pred, target, reduction="none")
         else:
             element_losses = F.l1_loss(pred, target, reduction="none")
         total = (element_losses * pixel_weights.unsqueeze(1)).sum()
+        if global_weight_sum:
+            # DDP averages the processes' gradients: each process's share of the total, times the
+            # number of processes, averages to the gradient of the whole batch's loss.
+            total = total * processes
         if self.normalizer == "mean":
             return total / element_losses.numel()
         has_weight = weight_sum > 0
