@@ -135,7 +135,10 @@ PRESETS: Dict[str, Preset] = {
     ),
     # `make experiment`: every arm, enough seeds for confidence intervals.
     "experiment": Preset(
-        arms=tuple(name for name in ARMS if not name.startswith("hrda")),
+        arms=(
+            SOURCE_ONLY, "source_only_gbw", REFERENCE, "dacs_gbw", "dacs_gbw_absolute", "dacs_gbw_semantic",
+            "dacs_gbw_semantic_center", ORACLE,
+        ),
         seeds=(0, 1, 2),
         max_iter=ITERATIONS,
         description="3 seeds of every arm: source-only (± GBW), DACS (± GBW, relative and absolute λ, "
