@@ -23,7 +23,17 @@ from .output_lock import lock_output_dir, unlock_output_dir
 from .trainer import TrainingInterrupted, UDATrainer
 from .validate import check_uda_config
 
-__all__ = ["EPILOG", "build_parser", "merged_config", "load_config", "setup", "main", "run"]
+__all__ = [
+    "EPILOG",
+    "BATCH_KEYS",
+    "build_parser",
+    "check_batch_split",
+    "merged_config",
+    "load_config",
+    "setup",
+    "main",
+    "run",
+]
 
 EPILOG = """Examples:
   train:       tools/train_net.py --config-file configs/synthetic/dacs_gbw.yaml OUTPUT_DIR output/dacs_gbw
@@ -59,6 +69,32 @@ def _check_weights(args: argparse.Namespace, cfg: CfgNode) -> None:
         f"a checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR} has none); --eval-random-weights evaluates a randomly "
         "initialised model on purpose"
     )
+
+
+# The batch sizes that are totals over all processes, each process taking an equal share.
+BATCH_KEYS = ("SOLVER.IMS_PER_BATCH", "DATASETS.TARGET_IMS_PER_BATCH")
+
+
+def check_batch_split(cfg: CfgNode, num_gpus: int, num_machines: int) -> None:
+    """Each total of :data:`BATCH_KEYS` splits evenly over the ``num_gpus * num_machines`` processes.
+
+    Raises:
+        ValueError: naming the key, its value, the world size and the totals and world sizes that would work.
+    """
+    world_size = num_gpus * num_machines
+    for key in BATCH_KEYS:
+        section, name = key.split(".")
+        total = cfg[section][name]
+        if total % world_size == 0:
+            continue
+        totals = ", ".join(str(world_size * k) for k in range(1, 4))
+        sizes = ", ".join(str(n) for n in range(1, total + 1) if total % n == 0)
+        raise ValueError(
+            f"{key}={total} is the total over all processes and cannot be split over a world size of "
+            f"{world_size} (--num-gpus {num_gpus} x --num-machines {num_machines}): set {key} to a multiple of "
+            f"{world_size} ({totals}, ...; scale the learning rate with it, projects/gbw_panoptic/README.md, "
+            f'"Training") or run on a world size that divides {total} ({sizes})'
+        )
 
 
 def merged_config(args: argparse.Namespace) -> CfgNode:
@@ -144,10 +180,12 @@ def run(argv: Optional[List[str]] = None) -> None:
     """Parse ``argv`` (default: ``sys.argv``) and launch :func:`main` on ``--num-gpus`` processes per machine
     (NCCL when ``MODEL.DEVICE`` is CUDA, gloo on the CPU).
 
-    The config is checked and, for a multi-process run on machine rank 0, ``OUTPUT_DIR`` locked before any
-    process starts. A run stopped by SIGTERM / SIGINT exits with ``128 + signal`` after its checkpoint."""
+    The config and, for training, the split of the batch over the processes (:func:`check_batch_split`) are
+    checked and, for a multi-process run on machine rank 0, ``OUTPUT_DIR`` locked before any process starts. A run stopped by SIGTERM / SIGINT exits with ``128 + signal`` after its checkpoint."""
     args = build_parser().parse_args(argv)
     cfg = load_config(args)  # fail on a bad config before any process starts
+    if not args.eval_only:
+        check_batch_split(cfg, args.num_gpus, args.num_machines)
     multi_process = args.num_gpus * args.num_machines > 1
     if multi_process and args.machine_rank == 0:
         lock_output_dir(cfg.OUTPUT_DIR)
