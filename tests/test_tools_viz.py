@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from test_evaluation_evaluators import VAL, _evaluate, model_outputs
 
@@ -156,3 +157,38 @@ def test_visualize_model_checkpoint(synthetic_datasets, tmp_path, config, panels
     pictures = sorted(out.glob("*.png"))
     assert len(pictures) == 2
     assert _png_size(pictures[0]) == (visualize.TITLE_HEIGHT + 128, panels * 256)
+
+
+def test_visualize_hrda_draws_the_sliding_window_prediction_of_evaluation(synthetic_datasets, tmp_path):
+    """HRDA evaluates on sliding TEST_WINDOW_SIZE windows; the pictures must show that prediction, not the
+    single-pass predict_dense (which differs on these 128x256 images: two 128x128 windows per row)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import MetadataCatalog
+    from detectron2.modeling import build_model
+
+    from gbw_panoptic.data import build_test_loader
+    from gbw_panoptic.data.image_io import read_image
+    from gbw_panoptic.modeling import load_inference_model
+    from gbw_panoptic.utils.visualization import draw_panoptic
+
+    visualize = _tool("visualize")
+    config_file = str(REPO_ROOT / "configs" / "synthetic" / "hrda_panoptic_dacs_gbw.yaml")
+    small = ["MODEL.SEM_SEG_HEAD.EMBED_DIM", 16, "MODEL.INS_EMBED_HEAD.EMBED_DIM", 16, "MODEL.HRDA.ATTENTION_EMBED_DIM", 16]
+    cfg = visualize.load_config(config_file, [*small, "MODEL.WEIGHTS", str(tmp_path / "model.pth")])
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model")
+    metadata = MetadataCatalog.get(VAL)
+    record, panels = next(visualize.model_panels(cfg, VAL, metadata, dense=True))
+
+    model = load_inference_model(cfg)
+    batch = next(iter(build_test_loader(cfg, VAL)))
+    assert batch[0]["file_name"] == record["file_name"]
+    with torch.no_grad():
+        evaluated = model(batch)[0]
+        images = model.preprocess_image(batch)
+        single_pass = model.postprocess(model.predict_dense(images.tensor), batch, images.image_sizes)[0]
+    assert not torch.allclose(evaluated["sem_seg"], single_pass["sem_seg"])
+    image = read_image(record["file_name"], format="RGB")
+    png, segments_info = evaluated["panoptic_seg"]
+    assert [title for title, _ in panels][:3] == ["input", "ground truth", "prediction"]
+    np.testing.assert_array_equal(panels[2][1], draw_panoptic(image, png.numpy(), segments_info, metadata))

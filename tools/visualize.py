@@ -5,7 +5,8 @@ Two sources of predictions:
 
 - ``--predictions DIR``: the ``panoptic_predictions.json`` + ``panoptic_predictions/`` that the
   panoptic evaluator wrote (``OUTPUT_DIR/inference/<dataset>``);
-- ``--config-file CFG MODEL.WEIGHTS CKPT``: runs the model on the dataset, and also draws the
+- ``--config-file CFG MODEL.WEIGHTS CKPT``: runs the model on the dataset as evaluation does (HRDA: the
+  sliding test windows), and also draws the
   center heatmap and the offset field (hue = direction, brightness = length) of the instance head.
   A semantic-only model gets semantic ground truth and prediction panels instead.
 
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from gbw_panoptic.utils.visualization import draw_panoptic, draw_semantic
+
 logger = logging.getLogger("visualize")
 
 TITLE_HEIGHT = 24  # pixels of the title strip above each panel
@@ -48,22 +51,6 @@ def titled(title: str, image: np.ndarray) -> np.ndarray:
 def compose(panels: Panels) -> np.ndarray:
     """Panels side by side, each under its title: (TITLE_HEIGHT + H) x (n W) x 3 RGB."""
     return np.concatenate([titled(title, image) for title, image in panels], axis=1)
-
-
-def panoptic_panel(image: np.ndarray, panoptic: np.ndarray, segments_info: List[Dict[str, Any]], metadata: Any) -> np.ndarray:
-    """Segments (ids HxW; segments_info with contiguous ``category_id`` and ``isthing``) drawn on ``image``."""
-    from detectron2.utils.visualizer import Visualizer
-
-    visualizer = Visualizer(image, metadata)
-    return visualizer.draw_panoptic_seg(torch.as_tensor(panoptic), segments_info, area_threshold=0).get_image()
-
-
-def semantic_panel(image: np.ndarray, labels: np.ndarray, metadata: Any) -> np.ndarray:
-    """Class ids (HxW, ``ignore_label`` not drawn) drawn on ``image``."""
-    from detectron2.utils.visualizer import Visualizer
-
-    labels = np.where(labels == metadata.ignore_label, len(metadata.stuff_classes), labels)
-    return Visualizer(image, metadata).draw_sem_seg(labels, area_threshold=0).get_image()
 
 
 def center_panel(image: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -87,7 +74,7 @@ def ground_truth_panel(record: Dict[str, Any], image: np.ndarray, metadata: Any)
     """The dataset's panoptic ground truth of ``record`` (VOID not drawn)."""
     from gbw_panoptic.evaluation.panoptic_io import read_panoptic_png
 
-    return panoptic_panel(image, read_panoptic_png(record["pan_seg_file_name"]).astype(np.int64), record["segments_info"], metadata)
+    return draw_panoptic(image, read_panoptic_png(record["pan_seg_file_name"]).astype(np.int64), record["segments_info"], metadata)
 
 
 def contiguous_segments(segments_info: List[Dict[str, Any]], metadata: Any) -> List[Dict[str, Any]]:
@@ -136,25 +123,22 @@ def predictions_folder_panels(folder: Path, dataset_name: str, dataset_dicts: Li
         yield record, [
             ("input", image),
             ("ground truth", ground_truth_panel(record, image, metadata)),
-            ("prediction", panoptic_panel(image, panoptic, contiguous_segments(annotation["segments_info"], metadata), metadata)),
+            ("prediction", draw_panoptic(image, panoptic, contiguous_segments(annotation["segments_info"], metadata), metadata)),
         ]
 
 
 def model_panels(cfg: Any, dataset_name: str, metadata: Any, dense: bool) -> Iterator[Tuple[Dict[str, Any], Panels]]:
-    """Panels of every image of ``dataset_name`` predicted by the model of ``cfg`` (``MODEL.WEIGHTS``)."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
+    """Panels of every image of ``dataset_name`` predicted by the model of ``cfg`` (``MODEL.WEIGHTS``) as
+    evaluation predicts them (HRDA: the sliding test windows)."""
     from gbw_panoptic.data import build_test_loader
     from gbw_panoptic.data.image_io import read_image
+    from gbw_panoptic.modeling import inference_dense_predictions, load_inference_model
 
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
+    model = load_inference_model(cfg)
     for batch in build_test_loader(cfg, dataset_name):
         with torch.no_grad():
             images = model.preprocess_image(batch)
-            predictions = model.predict_dense(images.tensor)
+            predictions = inference_dense_predictions(model, images.tensor)
             outputs = model.postprocess(predictions, batch, images.image_sizes)
         for index, (record, output) in enumerate(zip(batch, outputs)):
             image = read_image(record["file_name"], format="RGB")
@@ -164,15 +148,15 @@ def model_panels(cfg: Any, dataset_name: str, metadata: Any, dense: bool) -> Ite
                 prediction = output["sem_seg"].argmax(0).to("cpu").numpy()
                 yield record, [
                     ("input", image),
-                    ("ground truth", semantic_panel(image, labels, metadata)),
-                    ("prediction", semantic_panel(image, prediction, metadata)),
+                    ("ground truth", draw_semantic(image, labels, metadata)),
+                    ("prediction", draw_semantic(image, prediction, metadata)),
                 ]
                 continue
             png, segments_info = output["panoptic_seg"]
             panels = [
                 ("input", image),
                 ("ground truth", ground_truth_panel(record, image, metadata)),
-                ("prediction", panoptic_panel(image, png.to("cpu").numpy(), segments_info, metadata)),
+                ("prediction", draw_panoptic(image, png.to("cpu").numpy(), segments_info, metadata)),
             ]
             if dense:
                 resized = model.resize_to_output(
@@ -184,17 +168,11 @@ def model_panels(cfg: Any, dataset_name: str, metadata: Any, dense: bool) -> Ite
 
 
 def load_config(config_file: str, opts: List[str]) -> Any:
-    from detectron2.config import get_cfg
-
+    """The config of ``config_file`` with the ``KEY VALUE`` overrides ``opts``, as training merges it."""
     import gbw_panoptic.modeling  # noqa: F401  (registers the meta-architecture, backbones and heads)
-    from gbw_panoptic.config import add_gbw_panoptic_config
+    from gbw_panoptic.uda.cli import merged_config
 
-    cfg = get_cfg()
-    add_gbw_panoptic_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError("give the checkpoint to draw as MODEL.WEIGHTS /path/to/model.pth")
+    cfg = merged_config(argparse.Namespace(config_file=config_file, opts=opts))
     cfg.freeze()
     return cfg
 

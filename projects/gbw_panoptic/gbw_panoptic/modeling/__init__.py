@@ -8,6 +8,7 @@ from .backbone import MixVisionTransformer, build_mit_backbone, build_resnet_dee
 from .heads import DAFormerDecoder, DAFormerInstanceHead, DAFormerSemSegHead, build_ins_embed_head
 from .meta_arch import GBWPanopticSegmentor
 from .hrda import HRDASegmentor
+from .inference import inference_dense_predictions, load_inference_model
 from .post_processing import find_instance_centers, panoptic_segmentation, panoptic_to_segments
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "DAFormerSemSegHead",
     "DAFormerInstanceHead",
     "build_ins_embed_head",
+    "inference_dense_predictions",
+    "load_inference_model",
     "find_instance_centers",
     "panoptic_segmentation",
     "panoptic_to_segments",
