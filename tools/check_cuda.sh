@@ -12,7 +12,22 @@
 #
 #   tools/check_cuda.sh                     # PYTHON=python, OUT=output/check_cuda, ITERS=200
 #   OUT=/tmp/cuda ITERS=300 tools/check_cuda.sh
+#   tools/check_cuda.sh --help              # this text; runs nothing
 set -uo pipefail
+
+case "${1:-}" in
+    -h | --help)
+        echo "usage: [PYTHON=...] [OUT=DIR] [ITERS=N] [BUDGET=SECONDS] tools/check_cuda.sh [--help]"
+        echo
+        sed -n '2,/^set -uo pipefail$/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    "") ;;
+    *)
+        echo "check_cuda: unknown argument '$1'; it takes none (settings: PYTHON, OUT, ITERS, BUDGET; see --help)" >&2
+        exit 64
+        ;;
+esac
 
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD/projects/gbw_panoptic${PYTHONPATH:+:$PYTHONPATH}"
