@@ -49,8 +49,9 @@ all other optimizer and schedule state comes from the checkpoint.
 
 --num-gpus is the number of processes per machine: NCCL when MODEL.DEVICE is cuda, gloo on the CPU.
 SOLVER.IMS_PER_BATCH and DATASETS.TARGET_IMS_PER_BATCH are totals over all processes. UDA.METHOD is
-source_only, dacs, advent or minent; MODEL.GBW.{SEM_SEG,CENTER,OFFSET}.ENABLED switch GBW. KEY VALUE
-pairs come last, after every flag, and override config keys (projects/gbw_panoptic/README.md, "Training").
+source_only, dacs (DACS self-training), advseg (AdvSeg, output-space discriminator), advent (AdvEnt) or
+minent (MinEnt); MODEL.GBW.{SEM_SEG,CENTER,OFFSET}.ENABLED switch GBW. KEY VALUE pairs come last, after
+every flag, and override config keys (projects/gbw_panoptic/README.md, "Training").
 """
 
 
