@@ -290,7 +290,7 @@ def test_bench_pq_runs_and_agrees_on_a_tiny_set(tmp_path):
     """The benchmark runs in its own process (panopticapi forks workers: never from the test process,
     whose threads could hold a lock at the fork), with a timeout."""
     bench = Path(__file__).resolve().parents[1] / "tools" / "bench_pq.py"
-    argv = ["--sizes", "1", "3", "--height", "96", "--width", "192", "--data-dir", str(tmp_path / "set"), "--output", str(tmp_path / "bench.json")]
+    argv = ["--sizes", "1", "3", "--height", "96", "--width", "192", "--data-dir", str(tmp_path / "set"), "--out", str(tmp_path / "bench.json")]
     completed = subprocess.run(
         [sys.executable, str(bench), *argv], capture_output=True, text=True, timeout=300, env=_subprocess_env()
     )

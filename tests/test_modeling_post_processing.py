@@ -129,7 +129,7 @@ def test_bench_post_processing_agrees_with_detectron2(repo_root, tmp_path):
     output = tmp_path / "bench.json"
     command = [
         sys.executable, str(repo_root / "tools" / "bench_post_processing.py"), "--sizes", "48x96",
-        "--instances", "4", "--repeats", "1", "--device", "cpu", "--output", str(output),
+        "--instances", "4", "--repeats", "1", "--device", "cpu", "--out", str(output),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, text=True)
     (result,) = json.loads(output.read_text())["results"]

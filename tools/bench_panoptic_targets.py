@@ -9,7 +9,7 @@ image and the speed-up, and writes a JSON report.
 
 Example:
     python tools/bench_panoptic_targets.py --num-images 10 --height 1024 --width 2048 \\
-        --output bench_panoptic_targets.json
+        --out output/bench/bench_panoptic_targets.json
 """
 import argparse
 import os
@@ -65,7 +65,10 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1024, help="scene height in pixels (default: %(default)s)")
     parser.add_argument("--width", type=int, default=2048, help="scene width in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="scene generator seed (default: %(default)s)")
-    parser.add_argument("--output", default="bench_panoptic_targets.json", help="JSON report path")
+    parser.add_argument(
+        "--out", "--output", default="output/bench/bench_panoptic_targets.json",
+        help="JSON report path (--output: its former name, still accepted)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -105,8 +108,8 @@ def main() -> None:
         "results": rows,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
-    write_json(args.output, report)
-    print(f"wrote {args.output}")
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,10 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=30, help="thing instances per image")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method and size (after a warm-up)")
     parser.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, and cuda if available)")
-    parser.add_argument("--output", default="output/bench/bench_post_processing.json", help="JSON result file")
+    parser.add_argument(
+        "--out", "--output", default="output/bench/bench_post_processing.json",
+        help="JSON report path (--output: its former name, still accepted)",
+    )  # fmt: skip
     args = parser.parse_args()
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 
@@ -139,8 +142,8 @@ def main() -> None:
     }
     load = {"before": load_before, "after": os.getloadavg()}
     print(f"load averages (1, 5, 15 min): before {load_before}, after {load['after']}")
-    write_json(args.output, {"machine": machine, "load_averages": load, "repeats": args.repeats, "results": results})
-    print(f"wrote {args.output}")
+    write_json(args.out, {"machine": machine, "load_averages": load, "repeats": args.repeats, "results": results})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

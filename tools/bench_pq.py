@@ -10,8 +10,8 @@ The ground-truth PNGs are written by Pillow (as cityscapesScripts writes Citysca
 truth), the predicted ones as gbw_panoptic's evaluator writes them (OpenCV).
 
 Example (sizes up to Cityscapes val, then a set of small images):
-    python tools/bench_pq.py --sizes 1 2 8 32 500 --output bench_pq.json
-    python tools/bench_pq.py --sizes 1 2 8 40 --height 256 --width 512 --output bench_pq_small.json
+    python tools/bench_pq.py --sizes 1 2 8 32 500 --out output/bench/bench_pq.json
+    python tools/bench_pq.py --sizes 1 2 8 40 --height 256 --width 512 --out output/bench/bench_pq_small.json
 """
 import argparse
 import contextlib
@@ -208,7 +208,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         default=None,
         help="where to write the generated set: gt.json, pred.json, gt/ and pred/ (default: a temporary folder, removed afterwards)",
     )
-    parser.add_argument("--output", type=Path, default=Path("bench_pq.json"), help="JSON report path (default bench_pq.json)")
+    parser.add_argument(
+        "--out", "--output", type=Path, default=Path("output/bench/bench_pq.json"),
+        help="JSON report path (--output: its former name, still accepted)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     sizes = sorted(set(args.sizes))
 
@@ -265,8 +268,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "max_abs_difference": max(differences.values()),
         "pq_all": {str(size): pq_all[size] for size in sizes},
     }
-    write_json(args.output, report)
-    print(f"wrote {args.output}")
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
     if max(differences.values()) > 1e-9:
         print("ERROR: the implementations disagree", file=sys.stderr)
         return 1

@@ -77,7 +77,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 run_stage "bench_gbw (CUDA)" 120 \
     "$PYTHON" tools/bench_gbw.py --device cuda --repeats 20 --out "$OUT_DIR/bench_gbw.json"
 run_stage "bench_post_processing (CUDA)" 90 \
-    "$PYTHON" tools/bench_post_processing.py --device cuda --repeats 5 --output "$OUT_DIR/bench_post_processing.json"
+    "$PYTHON" tools/bench_post_processing.py --device cuda --repeats 5 --out "$OUT_DIR/bench_post_processing.json"
 run_stage "GBW adds no host sync" 120 \
     "$PYTHON" tools/check_gbw_sync.py --config-file "$CONFIG" --out "$OUT_DIR/gbw_sync.json" MODEL.MIT.PRETRAINED ""
 
