@@ -42,6 +42,31 @@ def _to_mmseg_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return converted
 
 
+def _to_hub_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Current SegformerModel names -> those of the checkpoints on the Hugging Face hub (``nvidia/mit-b*``,
+    a ``SegformerForImageClassification`` saved by transformers 4: ``segformer.encoder.block.{i}.{j}...``)."""
+    renames = [
+        (r"^stages\.(\d)\.patch_embeddings\.", r"encoder.patch_embeddings.\1."),
+        (r"^stages\.(\d)\.blocks\.(\d+)\.", r"encoder.block.\1.\2."),
+        (r"^stages\.(\d)\.layer_norm\.", r"encoder.layer_norm.\1."),
+        (r"\.attention\.q_proj\.", ".attention.self.query."),
+        (r"\.attention\.k_proj\.", ".attention.self.key."),
+        (r"\.attention\.v_proj\.", ".attention.self.value."),
+        (r"\.attention\.sequence_reduction\.sequence_reduction\.", ".attention.self.sr."),
+        (r"\.attention\.sequence_reduction\.layer_norm\.", ".attention.self.layer_norm."),
+        (r"\.attention\.o_proj\.", ".attention.output.dense."),
+        (r"\.mlp\.fc([12])\.", r".mlp.dense\1."),
+        (r"\.layernorm_before\.", ".layer_norm_1."),
+        (r"\.layernorm_after\.", ".layer_norm_2."),
+    ]
+    converted = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        converted[f"segformer.{key}"] = value
+    return converted
+
+
 @pytest.fixture(scope="module")
 def mit_b0() -> MixVisionTransformer:
     torch.manual_seed(0)
@@ -66,6 +91,14 @@ def _save(kind: str, model: MixVisionTransformer, tmp_path: Path) -> str:
     if kind == "safetensors_segformer_prefix":
         save_file({f"segformer.{k}": v.contiguous() for k, v in state.items()}, tmp_path / "mit.safetensors")
         return str(tmp_path / "mit.safetensors")
+    if kind == "hf_download_folder":  # what `hf download nvidia/mit-b0 --local-dir DIR` gives
+        folder = tmp_path / "mit-b0"
+        folder.mkdir()
+        model.encoder.config.to_json_file(folder / "config.json")
+        hub = _to_hub_names(state)
+        hub.update({"classifier.weight": torch.zeros(1000, 256), "classifier.bias": torch.zeros(1000)})
+        torch.save(hub, folder / "pytorch_model.bin")
+        return str(folder)
     if kind == "mmseg_pth":
         mmseg = _to_mmseg_names(state)
         mmseg["head.weight"] = torch.zeros(1000, 256)  # ImageNet classifier, not part of the encoder
@@ -78,7 +111,8 @@ def _save(kind: str, model: MixVisionTransformer, tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    "kind", ["save_pretrained", "safetensors_segformer_prefix", "mmseg_pth", "mmseg_segmentor_bin"]
+    "kind",
+    ["save_pretrained", "hf_download_folder", "safetensors_segformer_prefix", "mmseg_pth", "mmseg_segmentor_bin"],
 )
 def test_mit_weights_round_trip_exact(mit_b0, tmp_path, kind):
     path = _save(kind, mit_b0, tmp_path)
@@ -96,8 +130,11 @@ def test_mit_mmseg_names_cover_every_weight(mit_b0):
 
 
 def test_mit_missing_path_says_what_to_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nvidia/mit-b0.*mit_b0\.pth"):
+    folder = tmp_path / "pretrained" / "mit-b0"
+    with pytest.raises(FileNotFoundError, match=rf"`hf download nvidia/mit-b0 --local-dir {re.escape(str(folder))}`.*mit_b0\.pth"):
         MixVisionTransformer("b0", pretrained=str(tmp_path / "pretrained" / "mit_b0.pth"))
+    with pytest.raises(FileNotFoundError, match=rf"`hf download nvidia/mit-b0 --local-dir {re.escape(str(folder))}`"):
+        MixVisionTransformer("b0", pretrained=str(folder))
 
 
 def test_mit_wrong_variant_is_reported(mit_b0, tmp_path):

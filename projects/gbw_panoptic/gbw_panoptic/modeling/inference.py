@@ -31,7 +31,8 @@ def inference_dense_predictions(model: GBWPanopticSegmentor, images: torch.Tenso
 
 
 def load_inference_model(cfg: CfgNode) -> GBWPanopticSegmentor:
-    """``build_model(cfg)`` with the checkpoint ``MODEL.WEIGHTS`` loaded, in eval mode.
+    """``build_model(cfg)`` with the checkpoint ``MODEL.WEIGHTS`` loaded, in eval mode (the ImageNet encoder
+    weights of ``MODEL.MIT.PRETRAINED`` are not read: the checkpoint replaces them).
 
     Raises:
         ValueError: ``MODEL.WEIGHTS`` is empty.
@@ -42,6 +43,9 @@ def load_inference_model(cfg: CfgNode) -> GBWPanopticSegmentor:
         raise ValueError("MODEL.WEIGHTS is empty: give the checkpoint to predict with as MODEL.WEIGHTS /path/to/model.pth")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS={weights!r}: no such file (a checkpoint of tools/train_net.py, e.g. OUTPUT_DIR/model_final.pth)")
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.MIT.PRETRAINED = ""  # the checkpoint holds every weight: no ImageNet encoder weights needed
     model = build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     return model.eval()

@@ -16,7 +16,7 @@ from .optim import build_lr_scheduler, build_optimizer, build_param_groups
 from .runner import StudentRunner
 from .teacher import EMATeacher, ema_alpha
 from .trainer import UDATrainer
-from .validate import check_uda_config
+from .validate import check_uda_config, check_weights_config
 
 __all__ = [
     "AdvEnt",
@@ -40,6 +40,7 @@ __all__ = [
     "blur_kernel_size",
     "build_uda_method",
     "check_uda_config",
+    "check_weights_config",
     "class_mix_masks",
     "color_jitter",
     "default_backend",

@@ -21,7 +21,7 @@ from .checkpoint import AtomicCheckpointer, remove_stale_temporary_files
 from .launch import default_backend, launch
 from .output_lock import lock_output_dir, unlock_output_dir
 from .trainer import TrainingInterrupted, UDATrainer
-from .validate import check_uda_config
+from .validate import check_uda_config, check_weights_config
 
 __all__ = [
     "EPILOG",
@@ -56,11 +56,11 @@ every flag, and override config keys (projects/gbw_panoptic/README.md, "Training
 
 
 def _check_weights(args: argparse.Namespace, cfg: CfgNode) -> None:
-    """``MODEL.WEIGHTS`` names an existing file; ``--eval-only`` has weights to evaluate: ``MODEL.WEIGHTS``,
-    or ``--resume`` with a checkpoint in ``OUTPUT_DIR``, or the explicit ``--eval-random-weights``."""
+    """The weights to load are local files that exist (:func:`check_weights_config`); ``--eval-only`` has
+    weights to evaluate: ``MODEL.WEIGHTS``, or ``--resume`` with a checkpoint in ``OUTPUT_DIR``, or the
+    explicit ``--eval-random-weights``."""
     weights = cfg.MODEL.WEIGHTS
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS={weights!r}: no such file")
+    check_weights_config(cfg)
     if not args.eval_only or weights or getattr(args, "eval_random_weights", False):
         return
     if args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):

@@ -1,5 +1,6 @@
 """Checks of the config keys, run before anything is built or written, with errors that name the full
 key, its value and what is expected. The allowed values come from the code that uses them."""
+import os
 from typing import Any, Sequence
 
 from detectron2.config import CfgNode
@@ -8,6 +9,7 @@ from ..gbw.grad_norms import CE_MODES
 from ..gbw.losses import ACTIVE_CLASS_MODES, REGRESSION_NORMALIZERS
 from ..gbw.qp import LAMBDA_MODES, SOLVERS
 from ..data.mapper import FLIP_DIRECTIONS
+from ..modeling.backbone.mit import mit_download_hint
 from ..modeling.meta_arch import CENTER_PIXEL_CLASSES, CLASS_WEIGHTINGS
 from .augment import CLASS_MIX_CANDIDATES
 from .advseg import GAN_LOSSES
@@ -16,9 +18,12 @@ from .method import UDA_METHOD_REGISTRY, uda_method_names
 from .optim import CLIP_TYPES, OPTIMIZERS
 from .teacher import TEACHER_BATCH_NORM_MODES
 
-__all__ = ["check_gbw_config", "check_uda_config"]
+__all__ = ["check_gbw_config", "check_uda_config", "check_weights_config"]
 
 GBW_LOSSES = ("SEM_SEG", "CENTER", "OFFSET")
+
+#: Where Detectron2's ``detectron2://`` model-zoo names are served from.
+DETECTRON2_MODEL_ZOO = "https://dl.fbaipublicfiles.com/detectron2/"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -123,3 +128,42 @@ def check_uda_config(cfg: CfgNode) -> None:
     )
     if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
         _require_choice("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE, CLIP_TYPES)
+
+
+def _download_command(url: str, path: str) -> str:
+    return f"`mkdir -p {os.path.dirname(path) or '.'} && wget -O {path} {url}`"
+
+
+def check_weights_config(cfg: CfgNode) -> None:
+    """The weights a run loads are local files that exist, checked before anything is built: ``MODEL.WEIGHTS``
+    (a checkpoint, or the ImageNet weights of the ResNet configs, ``pretrained/R-103.pkl``) and, for a MiT
+    backbone, ``MODEL.MIT.PRETRAINED`` (a file or a ``hf download`` folder).
+
+    Raises:
+        ValueError: ``MODEL.WEIGHTS`` is a URL (downloaded at run time, which fails on compute nodes without
+            internet); the message gives the command that downloads it once and the local path to set.
+        FileNotFoundError: a weights path does not exist; the message names the key, the path and, for the
+            ImageNet weights, how to download them.
+    """
+    weights = cfg.MODEL.WEIGHTS
+    if "://" in weights:
+        url = weights.replace("detectron2://", DETECTRON2_MODEL_ZOO, 1)
+        local = os.path.join("pretrained", os.path.basename(url))
+        raise ValueError(
+            f"MODEL.WEIGHTS={weights!r} is a URL, which would be downloaded when the run starts (compute nodes "
+            f"without internet fail there): download it once where there is internet, e.g. on a login node, "
+            f"{_download_command(url, local)}, and set MODEL.WEIGHTS {local}"
+        )
+    if weights and not os.path.isfile(weights):
+        hint = "a checkpoint of tools/train_net.py (OUTPUT_DIR/model_final.pth) or ImageNet weights"
+        if os.path.basename(weights) == "R-103.pkl":
+            hint = (
+                "Detectron2's ImageNet ResNet-101 with the DeepLab stem; download it once on a machine with "
+                f"internet (e.g. a login node): {_download_command(DETECTRON2_MODEL_ZOO + 'DeepLab/R-103.pkl', weights)}"
+            )
+        raise FileNotFoundError(f"MODEL.WEIGHTS={weights!r}: no such file ({hint})")
+    pretrained = cfg.MODEL.MIT.PRETRAINED
+    if cfg.MODEL.BACKBONE.NAME == "build_mit_backbone" and pretrained and not os.path.exists(pretrained):
+        raise FileNotFoundError(
+            f"MODEL.MIT.PRETRAINED={pretrained!r} does not exist. {mit_download_hint(pretrained, cfg.MODEL.MIT.VARIANT)}"
+        )

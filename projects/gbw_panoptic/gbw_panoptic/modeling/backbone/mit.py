@@ -22,7 +22,14 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 from transformers import SegformerConfig, SegformerModel
 
-__all__ = ["MixVisionTransformer", "MIT_VARIANTS", "build_mit_backbone", "convert_mit_state_dict", "load_mit_weights"]
+__all__ = [
+    "MixVisionTransformer",
+    "MIT_VARIANTS",
+    "build_mit_backbone",
+    "convert_mit_state_dict",
+    "load_mit_weights",
+    "mit_download_hint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +139,19 @@ def _read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     return checkpoint
 
 
+def mit_download_hint(path: str, variant: str) -> str:
+    """How to get the ImageNet MiT weights that ``MODEL.MIT.PRETRAINED`` = ``path`` names: the Hugging Face
+    folder (``hf download``, from huggingface_hub, installed with transformers) or SegFormer's ``.pth``."""
+    folder = path if not os.path.splitext(path)[1] else os.path.join(os.path.dirname(path) or ".", f"mit-{variant}")
+    return (
+        f"Download the ImageNet MiT-{variant.upper()} weights once (on a machine with internet, e.g. a login node): "
+        f"`hf download nvidia/mit-{variant} --local-dir {folder}` (a folder with config.json and the weights) and "
+        f"set MODEL.MIT.PRETRAINED {folder}; or SegFormer's mit_{variant}.pth (NVlabs/SegFormer, mmsegmentation) "
+        f"as MODEL.MIT.PRETRAINED /path/to/mit_{variant}.pth; or MODEL.MIT.PRETRAINED '' for a random "
+        "initialisation."
+    )
+
+
 def load_mit_weights(encoder: SegformerModel, path: str, variant: str) -> None:
     """Load pretrained MiT weights from ``path`` into ``encoder`` (every encoder weight required).
 
@@ -140,13 +160,7 @@ def load_mit_weights(encoder: SegformerModel, path: str, variant: str) -> None:
         ValueError: the checkpoint misses encoder weights or has other shapes (wrong variant).
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"MODEL.MIT.PRETRAINED = {path!r} does not exist. Download the ImageNet MiT-{variant.upper()} "
-            f"weights, e.g. the Hugging Face repository nvidia/mit-{variant} (directory with "
-            f"config.json + model.safetensors, `huggingface-cli download nvidia/mit-{variant} "
-            f"--local-dir {path}`) or SegFormer's mit_{variant}.pth (mmsegmentation), and put it at "
-            f"that path, or set MODEL.MIT.PRETRAINED to '' for a random initialisation."
-        )
+        raise FileNotFoundError(f"MODEL.MIT.PRETRAINED={path!r} does not exist. {mit_download_hint(path, variant)}")
     weights = convert_mit_state_dict(_read_checkpoint(path))
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(weights))
