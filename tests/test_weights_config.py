@@ -61,7 +61,7 @@ def test_every_real_config_has_its_own_output_dir():
         path for folder in REAL_CONFIG_FOLDERS for path in (REPO_ROOT / "configs" / folder).glob("*.yaml")
         if not path.name.startswith("Base-")
     )  # fmt: skip
-    assert len(configs) == 16
+    assert len(configs) >= 16
     for config in configs:
         assert _cfg(str(config)).OUTPUT_DIR == f"output/{config.parent.name}/{config.stem}", config
 
