@@ -1,6 +1,7 @@
 """SYNTHIA class/instance mapping and GTA5 connected-component instances, on hand-made label files."""
 import json
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -48,6 +49,19 @@ def test_synthia_class_ids_map_to_cityscapes_train_ids(tmp_path):
     with open(tmp_path / "class_stats.json") as f:
         counts = json.load(f)["images"]["0000000"]
     assert counts == [16] * 19  # every train id has exactly one 4x4 block
+
+
+def test_synthia_archive_top_folder_is_accepted(tmp_path):
+    """RAND_CITYSCAPES.rar extracted into datasets/synthia keeps its top folder RAND_CITYSCAPES/; the
+    conversion and the registered dataset (both through synthia_paths) use the folder inside."""
+    data = tmp_path / "synthia" / "RAND_CITYSCAPES"
+    class_ids = np.full((16, 24), 3, np.uint16)  # road
+    _write_rgb(data / "RGB" / "0000000.png", *class_ids.shape)
+    _write_synthia_labels(data / "GT" / "LABELS" / "0000000.png", class_ids, np.zeros_like(class_ids))
+    assert prepare_synthia.main([str(tmp_path / "synthia"), "--workers", "1"]) == 0
+    paths = prepare_synthia.synthia_paths(str(tmp_path / "synthia"))
+    assert paths["image_dir"] == str(data / "RGB") and paths["class_stats"] == str(data / "class_stats.json")
+    assert os.path.isfile(paths["panoptic_json"]) and os.path.isfile(paths["class_stats"])
 
 
 def test_synthia_evaluation_subset_is_the_16_classes():
@@ -145,6 +159,20 @@ def test_gta5_rgb_label_is_reported(tmp_path):
     assert prepare_gta5.main([str(tmp_path), "--workers", "1"]) == 1
     ((inputs, message),) = prepare_gta5.prepare_gta5(str(tmp_path)).failures
     assert "single-channel" in message and os.path.join("labels", "00001.png") in message
+
+
+def test_gta5_pairs_of_different_sizes_are_excluded_as_known(tmp_path, capsys):
+    _write_gta5(tmp_path, _gta5_scene(), "00001")
+    _write_gta5(tmp_path, _gta5_scene(), "00002")
+    _write_rgb(tmp_path / "images" / "00002.png", 40, 64)  # the image 4 pixels wider than its label
+    assert prepare_gta5.main([str(tmp_path), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 converted, 0 already valid (skipped), 1 excluded (image and label of different sizes, a known defect" in out
+    assert re.search(r"EXCLUDED .*00002\.png: ImageLabelSizeMismatch: .*label size \(40, 60\) differs from image size \(40, 64\)", out)
+    with open(tmp_path / "panoptic.json") as f:
+        assert [image["id"] for image in json.load(f)["images"]] == ["00001"]
+    report = prepare_gta5.prepare_gta5(str(tmp_path))  # a re-run reports it again
+    assert (report.converted, report.skipped, len(report.excluded), report.failures) == (0, 1, 1, [])
 
 
 def test_gta5_help_mentions_the_approximation(capsys):

@@ -52,6 +52,7 @@ __all__ = [
     "ImageRecord",
     "ConversionJob",
     "ConversionReport",
+    "ImageLabelSizeMismatch",
     "data_file_error",
     "save_png",
     "read_png_size",
@@ -105,25 +106,37 @@ class ConversionJob:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+class ImageLabelSizeMismatch(ValueError):
+    """An image and its label image differ in size (:func:`write_label_outputs`); a known defect of some
+    releases (``run_conversion(..., known_size_mismatch=...)`` excludes such images instead of failing)."""
+
+
 @dataclass
 class ConversionReport:
-    """Outcome of :func:`run_conversion`."""
+    """Outcome of :func:`run_conversion`.
+
+    ``excluded`` holds the images left out for a known defect of the release (``excluded_reason``); they
+    do not count as failures, so they do not change the exit code."""
 
     records: List[ImageRecord]
     converted: int
     skipped: int
     failures: List[Tuple[str, str]]  # (input files, error message)
     frequencies: Dict[str, Any]  # what :func:`class_frequencies` returns for ``records``
+    excluded: List[Tuple[str, str]] = field(default_factory=list)  # (input files, error message)
+    excluded_reason: str = ""
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failures else 0
 
     def summary(self, name: str) -> str:
+        excluded = f"{len(self.excluded)} excluded ({self.excluded_reason}), " if self.excluded else ""
         lines = [
-            f"{name}: {self.converted} converted, {self.skipped} already valid (skipped), "
+            f"{name}: {self.converted} converted, {self.skipped} already valid (skipped), {excluded}"
             f"{len(self.failures)} failed."
         ]
+        lines += [f"  EXCLUDED {inputs}: {message}" for inputs, message in self.excluded]
         lines += [f"  FAILED {inputs}: {message}" for inputs, message in self.failures]
         return "\n".join(lines)
 
@@ -247,7 +260,7 @@ def write_label_outputs(job: ConversionJob, label_ids: np.ndarray, instance_ids:
     if image_size is None:
         raise ValueError(f"{image_path}: image missing or corrupt")
     if label_ids.shape != image_size:
-        raise ValueError(
+        raise ImageLabelSizeMismatch(
             f"{job.inputs[1]}: label size {label_ids.shape} differs from image size {image_size}"
         )
     train_ids = label_id_to_train_id_lut()[label_ids]
@@ -422,18 +435,19 @@ def _init_worker(convert: Callable[[ConversionJob], ImageRecord]) -> None:
     _CONVERT_FN = convert
 
 
-def _convert_one(job: ConversionJob) -> Tuple[ConversionJob, Optional[ImageRecord], str]:
+def _convert_one(job: ConversionJob) -> Tuple[ConversionJob, Optional[ImageRecord], str, bool]:
+    """(job, its record or None, the error message, whether the error is an image/label size mismatch)."""
     assert _CONVERT_FN is not None
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            return job, _CONVERT_FN(job), ""
+            return job, _CONVERT_FN(job), "", False
     except SystemExit:
         # cityscapesScripts prints "ERROR: <reason>" (e.g. an unknown label) and calls sys.exit.
         errors = [line for line in printed.getvalue().splitlines() if line.startswith("ERROR")]
-        return job, None, "; ".join(errors) or "the cityscapesScripts converter exited"
+        return job, None, "; ".join(errors) or "the cityscapesScripts converter exited", False
     except Exception as e:
-        return job, None, f"{type(e).__name__}: {e}"
+        return job, None, f"{type(e).__name__}: {e}", isinstance(e, ImageLabelSizeMismatch)
 
 
 def run_conversion(
@@ -444,6 +458,7 @@ def run_conversion(
     info: Dict[str, Any],
     workers: int = 1,
     description: str = "converting",
+    known_size_mismatch: str = "",
 ) -> ConversionReport:
     """Convert ``jobs`` with ``convert`` and write the dataset-level files.
 
@@ -458,6 +473,9 @@ def run_conversion(
         info: the ``info`` entry of the panoptic JSON (e.g. ``{"has_instances": True}``).
         workers: worker processes (1 = run in this process).
         description: progress bar label.
+        known_size_mismatch: why images whose label differs in size from the image are expected in this
+            dataset (a known defect of its release): they are excluded and reported, not failures. Empty:
+            such an image is a failure.
     """
     panoptic_json, class_stats_json = paths["panoptic_json"], paths["class_stats"]
     previous = _load_previous_records(panoptic_json, class_stats_json, info)
@@ -472,12 +490,13 @@ def run_conversion(
             todo.append(job)
     skipped = len(records)
     failures: List[Tuple[str, str]] = []
+    excluded: List[Tuple[str, str]] = []
     progress = _ProgressLog(progress_file, info, list(records.values()))
 
     def collect(results) -> None:
-        for job, record, error in tqdm(results, total=len(todo), desc=description, disable=not todo):
+        for job, record, error, size_mismatch in tqdm(results, total=len(todo), desc=description, disable=not todo):
             if record is None:
-                failures.append((", ".join(job.inputs), error))
+                (excluded if size_mismatch and known_size_mismatch else failures).append((", ".join(job.inputs), error))
             else:
                 records[job.image_id] = record
                 progress.add(record)
@@ -519,7 +538,10 @@ def run_conversion(
     write_json(paths["frequencies"], frequencies, indent=None)
     progress.close()
     os.remove(progress_file)
-    return ConversionReport(ordered, len(todo) - len(failures), skipped, sorted(failures), frequencies)
+    converted = len(todo) - len(failures) - len(excluded)
+    return ConversionReport(
+        ordered, converted, skipped, sorted(failures), frequencies, sorted(excluded), known_size_mismatch
+    )
 
 
 def class_frequencies(records: Sequence[ImageRecord]) -> Dict[str, Any]:

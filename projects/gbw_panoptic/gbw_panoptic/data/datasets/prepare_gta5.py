@@ -30,7 +30,10 @@ from .conversion import (
     write_label_outputs,
 )
 
-__all__ = ["gta5_paths", "connected_component_instances", "prepare_gta5", "main"]
+__all__ = ["KNOWN_SIZE_MISMATCH", "gta5_paths", "connected_component_instances", "prepare_gta5", "main"]
+
+#: Why an image whose label has another size is left out instead of failing the conversion.
+KNOWN_SIZE_MISMATCH = "image and label of different sizes, a known defect of the GTA5 release"
 
 DESCRIPTION = """\
 Convert GTA5 to COCO panoptic format and train-id label images.
@@ -45,6 +48,9 @@ Outputs (existing valid outputs are kept, so re-running only converts what is mi
   ROOT/panoptic.json                    COCO panoptic JSON, category_id = Cityscapes label id
   ROOT/class_stats.json                 per-image class pixel counts (rare class sampling)
   ROOT/class_frequencies.json           class frequency summary
+
+The GTA5 release has a few image/label pairs of different sizes: they are reported as EXCLUDED
+(known defect), left out of the dataset, and do not make the conversion fail (exit status 0).
 
 GTA5 has no instance ids: thing instances are APPROXIMATED by connected components of each thing
 class (touching objects merge, occluded objects split). --no-instances writes thing classes as
@@ -126,6 +132,7 @@ def prepare_gta5(
         info={"description": f"GTA5 panoptic, instances: {mode}", "has_instances": instances},
         workers=workers,
         description="GTA5",
+        known_size_mismatch=KNOWN_SIZE_MISMATCH,
     )
 
 

@@ -21,7 +21,10 @@ from .conversion import (
     write_label_outputs,
 )
 
-__all__ = ["synthia_paths", "read_synthia_labels", "prepare_synthia", "main"]
+__all__ = ["ARCHIVE_FOLDER", "synthia_paths", "read_synthia_labels", "prepare_synthia", "main"]
+
+#: Top folder of the distributed archive (RAND_CITYSCAPES.rar), holding RGB/, GT/ and Depth/.
+ARCHIVE_FOLDER = "RAND_CITYSCAPES"
 
 DESCRIPTION = """\
 Convert SYNTHIA-RAND-CITYSCAPES to COCO panoptic format and train-id label images.
@@ -30,6 +33,8 @@ Expected input layout (as downloaded, ROOT = e.g. datasets/synthia):
   ROOT/RGB/<id>.png          RGB images
   ROOT/GT/LABELS/<id>.png    16-bit 3-channel PNG; in RGB order channel 0 = SYNTHIA class id,
                              channel 1 = instance id (0 = none)
+The archive extracted into ROOT as distributed, under its top folder (ROOT/RAND_CITYSCAPES/RGB, ...),
+works too: ROOT then stands for ROOT/RAND_CITYSCAPES below, for this script and for training.
 
 Outputs (existing valid outputs are kept, so re-running only converts what is missing):
   ROOT/GT/LABELS/<id>_labelTrainIds.png   Cityscapes train ids (255 = ignore)
@@ -44,7 +49,12 @@ from the instance channel, thing pixels without an instance id become crowd segm
 
 
 def synthia_paths(root: str) -> Dict[str, str]:
-    """Input and output locations of a SYNTHIA-RAND-CITYSCAPES folder."""
+    """Input and output locations of a SYNTHIA-RAND-CITYSCAPES folder: ``root``, or
+    ``root/RAND_CITYSCAPES`` when the archive was extracted into ``root`` with its top folder (no
+    ``root/RGB``, but ``root/RAND_CITYSCAPES/RGB``)."""
+    nested = os.path.join(root, ARCHIVE_FOLDER)
+    if not os.path.isdir(os.path.join(root, "RGB")) and os.path.isdir(os.path.join(nested, "RGB")):
+        root = nested
     return {
         "image_dir": os.path.join(root, "RGB"),
         "label_dir": os.path.join(root, "GT", "LABELS"),
