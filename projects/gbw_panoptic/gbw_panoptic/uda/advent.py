@@ -53,6 +53,8 @@ class OutputSpaceAdversarial(UDAMethod):
     (stepped by the trainer), and under DDP its gradients are averaged across processes
     (:meth:`average_discriminator_gradients`)."""
 
+    semantic_only_pass = True  # the adversarial loss of the target's semantic maps
+
     @configurable
     def __init__(
         self,

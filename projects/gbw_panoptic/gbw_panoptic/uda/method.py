@@ -87,6 +87,9 @@ class UDAMethod(nn.Module):
 
     config_name = ""
     uses_target = True
+    # Whether run_step back-propagates a loss of the student's semantic output alone
+    # (``runner.predict_dense``), a pass that does not reach the instance head of a panoptic model.
+    semantic_only_pass = False
 
     @configurable
     def __init__(self, *, feature_distance: Optional[FeatureDistance] = None, ignore_value: int = 255):

@@ -41,6 +41,7 @@ class MinEnt(UDAMethod):
     """Source losses plus ``UDA.MINENT.LOSS_WEIGHT`` times the entropy of the target predictions."""
 
     config_name = "minent"
+    semantic_only_pass = True  # the entropy of the target's semantic predictions
 
     @configurable
     def __init__(self, *, loss_weight: float, **kwargs):

@@ -15,7 +15,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.utils import comm
 
-__all__ = ["StudentForward", "StudentRunner", "common_size", "stack_images", "stack_padded"]
+__all__ = [
+    "StudentForward",
+    "StudentRunner",
+    "common_size",
+    "needs_unused_parameter_search",
+    "stack_images",
+    "stack_padded",
+]
 
 
 class StudentForward(nn.Module):
@@ -86,17 +93,28 @@ def stack_images(
     return stack_padded(images, 0.0, size), stack_padded(valid, False, size)
 
 
+def needs_unused_parameter_search(model: nn.Module, semantic_only_pass: bool) -> bool:
+    """Whether a UDA step leaves some student parameters out of a pass's graph, so that DDP must search
+    each graph for them (``find_unused_parameters``): a pass whose loss depends on the semantic output
+    alone (``semantic_only_pass``, AdvEnt, AdvSeg, MinEnt) does not reach the instance head of a
+    panoptic model. Every other pass computes all the model's losses and reaches every parameter."""
+    return semantic_only_pass and model.instance_on
+
+
 class StudentRunner:
     """Runs the student for a UDA method.
 
     Args:
         model: the (unwrapped) meta-architecture; gives ``pixel_mean``, ``pixel_std``, ``device``.
-        find_unused_parameters: passed to DDP (some passes do not reach every head).
         amp: run forwards under ``torch.autocast`` of the model's device type.
         grad_scaler: ``torch.amp.GradScaler`` used by :meth:`backward`.
+        find_unused_parameters: passed to DDP: some pass does not reach every parameter (see
+            :func:`needs_unused_parameter_search`); otherwise DDP skips that search of every graph.
     """
 
-    def __init__(self, model: nn.Module, amp: bool, grad_scaler: torch.amp.GradScaler):
+    def __init__(
+        self, model: nn.Module, amp: bool, grad_scaler: torch.amp.GradScaler, find_unused_parameters: bool = False
+    ):
         self.model = model
         self.amp = amp
         self.grad_scaler = grad_scaler
@@ -104,7 +122,10 @@ class StudentRunner:
         if comm.get_world_size() > 1:
             device_ids = [comm.get_local_rank()] if model.device.type == "cuda" else None
             forward = DistributedDataParallel(
-                forward, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=True
+                forward,
+                device_ids=device_ids,
+                broadcast_buffers=False,
+                find_unused_parameters=find_unused_parameters,
             )
         self.forward = forward
 

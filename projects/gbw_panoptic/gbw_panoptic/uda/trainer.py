@@ -42,7 +42,7 @@ from .checkpoint import (
 )
 from .method import UDAMethod, build_uda_method
 from .optim import CLIP_TYPES, build_lr_scheduler, build_optimizer
-from .runner import StudentRunner
+from .runner import StudentRunner, needs_unused_parameter_search
 from .validate import check_uda_config
 
 __all__ = ["TrainingInterrupted", "UDATrainer"]
@@ -213,7 +213,12 @@ class UDATrainer(TrainerBase):
         if cfg.SOLVER.AMP.ENABLED and not self.amp:
             logger.warning("SOLVER.AMP.ENABLED is ignored on %s; mixed precision runs on CUDA only", model.device)
         self.grad_scaler = torch.amp.GradScaler(model.device.type, enabled=self.amp)
-        self.runner = StudentRunner(model, amp=self.amp, grad_scaler=self.grad_scaler)
+        self.runner = StudentRunner(
+            model,
+            amp=self.amp,
+            grad_scaler=self.grad_scaler,
+            find_unused_parameters=needs_unused_parameter_search(model, self.method.semantic_only_pass),
+        )
         model.train()
         self.method.train()
 
