@@ -138,5 +138,7 @@ def test_demo_errors_name_the_problem(panoptic_model, tmp_path):
         demo.main([*base, "--input", str(tmp_path / "a.png"), "--opts", *SMALL])
     with pytest.raises(FileNotFoundError, match="no file matches"):
         demo.main([*base, "--input", str(tmp_path / "*.jpg"), "--opts", "MODEL.WEIGHTS", str(weights)])
+    with pytest.raises(FileNotFoundError, match="--video-input .*drive.mp4: no such file"):
+        demo.main([*base, "--video-input", str(tmp_path / "drive.mp4"), "--opts", "MODEL.WEIGHTS", str(weights)])
     with pytest.raises(NotADirectoryError, match="a.png is a file"):
         demo.main(["--config-file", config, "--output", str(tmp_path / "a.png"), "--input", str(tmp_path / "a.png")])

@@ -176,8 +176,6 @@ def run_video(predictor: Predictor, metadata: Any, video: Path, output: Path) ->
     """
     from gbw_panoptic.utils.io import atomic_path
 
-    if not video.is_file():
-        raise FileNotFoundError(f"--video-input {video}: no such file")
     capture = cv2.VideoCapture(str(video))
     if not capture.isOpened():
         raise OSError(f"cannot open video {video} (not a video file, or a codec OpenCV lacks)")
@@ -226,6 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise NotADirectoryError(f"--output {args.output} is a file; give a folder")
     files = []
+    if args.video_input is not None and not args.video_input.is_file():
+        raise FileNotFoundError(f"--video-input {args.video_input}: no such file")
     if args.input is not None:
         files = expand_inputs(args.input)
         check_unique_names(files)
