@@ -1,21 +1,32 @@
 #!/usr/bin/env python
-"""Benchmark a full UDA training step with GBW on all three losses against the same step without.
+"""Benchmark a full UDA training step: two variants of it, timed in one run.
 
 Builds two :class:`~gbw_panoptic.uda.trainer.UDATrainer` from one config (default
 ``configs/synthetic/dacs.yaml``: DACS, MiT-B0, 128x128 crops, instance targets mixed onto the target
-images), the second with ``MODEL.GBW.{SEM_SEG,CENTER,OFFSET}.ENABLED True`` and nothing else changed,
-from the same initial weights. Both run ``UDATrainer.run_step`` (source losses, teacher
-pseudo-labels, ClassMix, mixed losses, optimizer step) on the same pre-loaded batches, with the
-random generators reseeded alike before each step, round-robin (one step of each in turn) so that
-load from other processes hits both alike. The synthetic benchmark is generated into a temporary
-directory unless ``--datasets`` names a prepared ``$DETECTRON2_DATASETS`` root.
+images) and the same initial weights, which differ by ``--compare``:
+
+- ``gbw`` (default): the second arm with ``MODEL.GBW.{SEM_SEG,CENTER,OFFSET}.ENABLED True``, the first
+  with them False, nothing else changed;
+- ``teacher``: the config as given in both; the first arm's EMA teacher predicts every output of the
+  model and keeps the class logits (:class:`AllOutputsTeacher`, the reference), the second's only the
+  class logits (:meth:`~gbw_panoptic.uda.teacher.EMATeacher.predict_sem_seg`, what training runs).
+  The training must not change: the report says whether the two students and the two teachers'
+  parameters are bit-identical after all the steps.
+
+Both run ``UDATrainer.run_step`` (source losses, teacher pseudo-labels, ClassMix, mixed losses,
+optimizer step) on the same pre-loaded batches, with the random generators reseeded alike before
+each step, round-robin (one step of each in turn) so that load from other processes hits both alike.
+The synthetic benchmark is generated into a temporary directory unless ``--datasets`` names a
+prepared ``$DETECTRON2_DATASETS`` root.
 
 Reports the median, min and max wall-clock seconds per step of each arm and the median CPU seconds
 of this process (steadier on a shared machine), the ratio of the medians and the median of the
-per-repeat ratios (GBW step / plain step) in both clocks, as a table and as JSON.
+per-repeat ratios (second arm / first arm) in both clocks, as a table and as JSON.
 
-Example:
+Examples:
     python tools/bench_train_step.py --threads 1 --repeats 20 --out output/bench/bench_train_step.json
+    python tools/bench_train_step.py --compare teacher --config-file configs/synthetic/dacs_gbw.yaml \\
+        --threads 1 --repeats 12 --out output/bench/bench_train_step_teacher.json
 """
 import argparse
 import os
@@ -23,7 +34,7 @@ import random
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,24 +47,83 @@ from bench_gbw import machine_info, time_round_robin, write_report
 from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.data.datasets import register_all
 from gbw_panoptic.data.datasets.synthetic import prepare_synthetic
+from gbw_panoptic.uda.teacher import EMATeacher
 from gbw_panoptic.uda.trainer import UDATrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GBW_LOSSES = ("SEM_SEG", "CENTER", "OFFSET")
-ARMS = ("without GBW", "GBW on all three losses")
+# --compare: (first arm, second arm) and the label of the ratio second / first.
+COMPARISONS = {
+    "gbw": (("without GBW", "GBW on all three losses"), "GBW / without"),
+    "teacher": (("teacher: all outputs (reference)", "teacher: class logits only"), "class logits only / all outputs"),
+}
+ARMS = COMPARISONS["gbw"][0]
 
 
-def build_cfg(config_file: str, output_dir: str, gbw: bool, opts: Sequence[str]) -> CfgNode:
-    """The config of one arm: ``config_file`` + ``opts``, GBW on or off for the three losses."""
+class AllOutputsTeacher(EMATeacher):
+    """The EMA teacher predicting as it did before it ran the semantic head alone: every output of the
+    model's ``predict_dense`` (the instance head's center and offsets too), of which the class logits
+    are kept. The reference arm of ``--compare teacher``."""
+
+    def predict_sem_seg(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.predict_dense(images)["sem_seg"]
+
+
+def use_all_outputs_teacher(trainer: UDATrainer) -> None:
+    """Replace the EMA teacher of ``trainer``'s method by an :class:`AllOutputsTeacher` in the same state."""
+    teacher = getattr(trainer.method, "teacher", None)
+    if not isinstance(teacher, EMATeacher):
+        raise ValueError(
+            f"--compare teacher needs a method with an EMA teacher (UDA.METHOD dacs), got {trainer.cfg.UDA.METHOD!r}"
+        )
+    reference = AllOutputsTeacher(teacher.model, teacher.alpha, teacher.batch_norm)
+    reference.load_state_dict(teacher.state_dict())
+    trainer.method.teacher = reference
+
+
+def build_cfg(config_file: str, output_dir: str, gbw: Optional[bool], opts: Sequence[str]) -> CfgNode:
+    """The config of one arm: ``config_file`` + ``opts``, GBW on or off for the three losses (None:
+    as the config says)."""
     cfg = get_cfg()
     add_gbw_panoptic_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    for loss in GBW_LOSSES:
-        cfg.merge_from_list([f"MODEL.GBW.{loss}.ENABLED", gbw])
+    if gbw is not None:
+        for loss in GBW_LOSSES:
+            cfg.merge_from_list([f"MODEL.GBW.{loss}.ENABLED", gbw])
     cfg.merge_from_list(["OUTPUT_DIR", output_dir, "TEST.EVAL_PERIOD", 0])
     cfg.freeze()
     return cfg
+
+
+def build_trainers(compare: str, config_file: str, scratch: Path, opts: Sequence[str]) -> Dict[str, UDATrainer]:
+    """The two arms' trainers of ``--compare compare``, from the same initial weights."""
+    arms, _ = COMPARISONS[compare]
+    trainers = {}
+    for index, arm in enumerate(arms):
+        gbw = bool(index) if compare == "gbw" else None
+        cfg = build_cfg(config_file, str(scratch / f"arm{index}"), gbw, opts)
+        seed_everything(0)
+        trainers[arm] = UDATrainer(cfg)
+    if compare == "teacher":
+        use_all_outputs_teacher(trainers[arms[0]])
+    return trainers
+
+
+def same_training(first: UDATrainer, second: UDATrainer) -> Dict[str, bool]:
+    """Whether the students' state (parameters and buffers) and the EMA teachers' parameters of the two
+    trainers are bit-identical (the teachers' batch-norm buffers are left out: with
+    ``UDA.TEACHER_BATCH_NORM "train"`` no prediction reads them)."""
+
+    def identical(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+    return {
+        "students_identical": identical(first.model.state_dict(), second.model.state_dict()),
+        "teacher_parameters_identical": identical(
+            dict(first.method.teacher.named_parameters()), dict(second.method.teacher.named_parameters())
+        ),
+    }
 
 
 def seed_everything(seed: int) -> None:
@@ -102,6 +172,11 @@ def main() -> None:
         "--config-file", default=str(REPO_ROOT / "configs" / "synthetic" / "dacs.yaml"),
         help="config of both arms (default: configs/synthetic/dacs.yaml)",
     )
+    parser.add_argument(
+        "--compare", choices=sorted(COMPARISONS), default="gbw",
+        help="what differs between the arms: GBW off / on (gbw, default), or the EMA teacher predicting every "
+        "output / the class logits only (teacher; config as given)",
+    )
     parser.add_argument("--datasets", default=None, help="prepared $DETECTRON2_DATASETS root (default: generate one)")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per arm (default: 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first (default: 2)")
@@ -117,12 +192,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as scratch:
         prepare_datasets(args.datasets, Path(scratch))
-        trainers = {}
-        for arm, gbw in zip(ARMS, (False, True)):
-            cfg = build_cfg(args.config_file, str(Path(scratch) / arm.replace(" ", "_")), gbw, args.opts)
-            seed_everything(0)
-            trainers[arm] = UDATrainer(cfg)
-        first = trainers[ARMS[0]]
+        arms, ratio_label = COMPARISONS[args.compare]
+        try:
+            trainers = build_trainers(args.compare, args.config_file, Path(scratch), args.opts)
+        except ValueError as e:
+            parser.error(str(e))
+        first = trainers[arms[0]]
         first.data_loader.seek(0)
         loader = iter(first.data_loader)
         batches = [next(loader) for _ in range(args.batches)]
@@ -132,6 +207,7 @@ def main() -> None:
         with tqdm(total=args.repeats, desc="bench_train_step", unit="repeat") as progress:
             times, cpu_times = time_round_robin(paths, args.repeats, args.warmup, device, progress)
         load_after = os.getloadavg()
+        identical = same_training(*trainers.values()) if args.compare == "teacher" else None
 
     stats = {
         arm: {
@@ -144,14 +220,14 @@ def main() -> None:
     }
     ratios = {}
     for clock, seconds in (("wall", times), ("cpu", cpu_times)):
-        plain, weighted = (seconds[arm] for arm in ARMS)
-        ratios[f"{clock}_ratio_of_medians"] = statistics.median(weighted) / statistics.median(plain)
-        ratios[f"{clock}_median_of_ratios"] = statistics.median(w / p for w, p in zip(weighted, plain))
+        reference, variant = (seconds[arm] for arm in arms)
+        ratios[f"{clock}_ratio_of_medians"] = statistics.median(variant) / statistics.median(reference)
+        ratios[f"{clock}_median_of_ratios"] = statistics.median(v / r for v, r in zip(variant, reference))
     rows = [
         [arm, f"{s['median_s']:.3f}", f"{s['min_s']:.3f}", f"{s['max_s']:.3f}", f"{s['median_cpu_s']:.3f}"]
         for arm, s in stats.items()
     ]
-    rows.append(["ratio of medians (GBW / without)", f"{ratios['wall_ratio_of_medians']:.3f}x", "", "",
+    rows.append([f"ratio of medians ({ratio_label})", f"{ratios['wall_ratio_of_medians']:.3f}x", "", "",
                  f"{ratios['cpu_ratio_of_medians']:.3f}x"])
     rows.append(["median of per-repeat ratios", f"{ratios['wall_median_of_ratios']:.3f}x", "", "",
                  f"{ratios['cpu_median_of_ratios']:.3f}x"])
@@ -160,9 +236,15 @@ def main() -> None:
           f"{machine['torch_threads']} torch threads")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     print(tabulate(rows, headers=["training step", "median s", "min s", "max s", "median CPU s"], tablefmt="github"))
+    if identical is not None:
+        print(f"after {args.warmup + args.repeats} steps of each arm: students bit-identical "
+              f"{identical['students_identical']}, teacher parameters bit-identical "
+              f"{identical['teacher_parameters_identical']}")
 
     report = {
         "config_file": args.config_file,
+        "compare": args.compare,
+        "arms": list(arms),
         "opts": list(args.opts),
         "repeats": args.repeats,
         "batches": args.batches,
@@ -172,6 +254,8 @@ def main() -> None:
         "cpu_seconds": cpu_times,
         "ratios": ratios,
     }
+    if identical is not None:
+        report["identical_after_all_steps"] = identical
     print(f"wrote {write_report(args.out, report)}")
 
 

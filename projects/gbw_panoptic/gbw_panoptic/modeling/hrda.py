@@ -43,7 +43,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .heads import _DAFormerHead, _decoder_config
-from .meta_arch import GBWPanopticSegmentor
+from .meta_arch import DENSE_OUTPUTS, GBWPanopticSegmentor
 
 __all__ = [
     "CropBox",
@@ -342,23 +342,32 @@ class HRDASegmentor(GBWPanopticSegmentor):
         compares."""
         return self.backbone(self._resize(images, self.context_scale))
 
-    def _heads(self, features: Dict[str, torch.Tensor], scale: float) -> Dict[str, torch.Tensor]:
+    def _heads(
+        self, features: Dict[str, torch.Tensor], scale: float, outputs: Sequence[str] = DENSE_OUTPUTS
+    ) -> Dict[str, torch.Tensor]:
         """The heads' outputs on their stride-``output_stride`` grid for the features of an input resized
         by ``scale``: ``"sem_seg"`` and, with the instance head, ``"center"`` and ``"offset"`` (converted
-        to pixels of the unresized input)."""
-        outputs = {"sem_seg": self.sem_seg_head(features)}
-        if self.instance_on:
-            outputs["center"], offset = self.ins_embed_head(features)
-            outputs["offset"] = offset / scale
-        return outputs
+        to pixels of the unresized input); only those named in ``outputs``, the other heads not run."""
+        heads = {}
+        if "sem_seg" in outputs:
+            heads["sem_seg"] = self.sem_seg_head(features)
+        if self.instance_on and ("center" in outputs or "offset" in outputs):
+            heads["center"], offset = self.ins_embed_head(features)
+            heads["offset"] = offset / scale
+        return {name: value for name, value in heads.items() if name in outputs}
 
-    def _attention(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The attention of each output (keys of :meth:`_heads`) from the context features."""
-        attention = {"sem_seg": self.scale_attention(features)}
-        if self.instance_on:
+    def _attention(
+        self, features: Dict[str, torch.Tensor], outputs: Sequence[str] = DENSE_OUTPUTS
+    ) -> Dict[str, torch.Tensor]:
+        """The attention of each output (keys of :meth:`_heads`, those named in ``outputs``) from the
+        context features."""
+        attention = {}
+        if "sem_seg" in outputs:
+            attention["sem_seg"] = self.scale_attention(features)
+        if self.instance_on and ("center" in outputs or "offset" in outputs):
             instance = self.instance_attention(features)
             attention["center"], attention["offset"] = instance[:, :1], instance[:, 1:]
-        return attention
+        return {name: value for name, value in attention.items() if name in outputs}
 
     def _fuse(
         self,
@@ -388,35 +397,46 @@ class HRDASegmentor(GBWPanopticSegmentor):
                 "/ DETAIL_SCALE) so that both scales align"
             )
 
-    def predict_dense(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def predict_dense(
+        self, images: torch.Tensor, outputs: Optional[Sequence[str]] = None
+    ) -> Dict[str, torch.Tensor]:
         """Fused predictions of normalised images B x 3 x H x W: the whole image as context, the detail
         branch over the whole image (sliding DETAIL_CROP_SIZE windows with DETAIL_SLIDE_INFERENCE),
         unmasked attention. Images of any size: they are padded (0, the mean colour) to a multiple of
         CROP_COORD_DIVISIBLE / DETAIL_SCALE and the outputs cropped back.
 
+        Args:
+            outputs: the outputs to compute (default: all), as
+                :meth:`GBWPanopticSegmentor.predict_dense`; the heads and attention heads of the
+                others do not run.
+
         Returns:
             ``"sem_seg"``: B x C x H x W logits; with the instance head also ``"center"``: B x 1 x H x W
-            and ``"offset"``: B x 2 x H x W (dy, dx) in input pixels.
+            and ``"offset"``: B x 2 x H x W (dy, dx) in input pixels; only the keys of ``outputs`` when
+            given.
         """
+        outputs = self._requested_outputs(outputs)
         height, width = images.shape[-2:]
         step = int(self.crop_coord_divisible / self.detail_scale)
         if height % step or width % step:
             padded = F.pad(images, (0, -width % step, 0, -height % step))
-            return {name: value[..., :height, :width] for name, value in self.predict_dense(padded).items()}
+            return {
+                name: value[..., :height, :width] for name, value in self.predict_dense(padded, outputs).items()
+            }
         features = self.extract_features(images)
-        context = self._heads(features, self.context_scale)
+        context = self._heads(features, self.context_scale, outputs)
         detail_images = self._resize(images, self.detail_scale)
         if self.detail_slide_inference:
             boxes = sliding_windows(*detail_images.shape[-2:], self.detail_crop_size, self.detail_slide_stride)
             windows = torch.cat([crop(detail_images, box) for box in boxes])
-            window_outputs = self._heads(self.backbone(windows), self.detail_scale)
+            window_outputs = self._heads(self.backbone(windows), self.detail_scale, outputs)
             grid = tuple(side // self.output_stride for side in detail_images.shape[-2:])
             detail = {
                 name: average_windows(value, boxes, grid, self.output_stride) for name, value in window_outputs.items()
             }
         else:
-            detail = self._heads(self.backbone(detail_images), self.detail_scale)
-        return self._fuse(context, self._attention(features), detail, tuple(images.shape[-2:]))
+            detail = self._heads(self.backbone(detail_images), self.detail_scale, outputs)
+        return self._fuse(context, self._attention(features, outputs), detail, tuple(images.shape[-2:]))
 
     def predict_windows(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Test-time prediction: :meth:`predict_dense` on sliding TEST_WINDOW_SIZE windows (all windows in

@@ -31,12 +31,14 @@ from ..utils.d2_compat import active_event_storage
 from .heads import build_ins_embed_head
 from .post_processing import panoptic_segmentation, panoptic_to_segments
 
-__all__ = ["GBWPanopticSegmentor"]
+__all__ = ["DENSE_OUTPUTS", "GBWPanopticSegmentor"]
 
 _VOID = -1
 logger = logging.getLogger(__name__)
 
 CENTER_PIXEL_CLASSES = ("semantic", "instance")
+# The outputs of predict_dense, in order (the last two with the instance head only).
+DENSE_OUTPUTS = ("sem_seg", "center", "offset")
 # MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING: static class weights of the cross-entropy.
 CLASS_WEIGHTINGS = ("none", "median_frequency")
 
@@ -289,24 +291,58 @@ class GBWPanopticSegmentor(nn.Module):
         """Backbone features of normalised images B x 3 x H x W: {name: B x C_i x H/s_i x W/s_i}."""
         return self.backbone(images)
 
-    def predict_dense(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    @property
+    def dense_outputs(self) -> Tuple[str, ...]:
+        """Names of the outputs of :meth:`predict_dense`: ``"sem_seg"`` and, with the instance head,
+        ``"center"`` and ``"offset"``."""
+        return DENSE_OUTPUTS if self.instance_on else DENSE_OUTPUTS[:1]
+
+    def _requested_outputs(self, outputs: Optional[Sequence[str]]) -> Tuple[str, ...]:
+        """The names of ``outputs`` (None: all of :attr:`dense_outputs`) in the order of
+        :attr:`dense_outputs`; an unknown or duplicate name or an empty request is a ValueError."""
+        available = self.dense_outputs
+        if outputs is None:
+            return available
+        requested = tuple(outputs)
+        unknown = [name for name in requested if name not in available]
+        if unknown or not requested or len(set(requested)) != len(requested):
+            raise ValueError(
+                f"outputs must name distinct outputs of this model, some of {available}; got {requested}"
+            )
+        return tuple(name for name in available if name in requested)
+
+    def predict_dense(
+        self, images: torch.Tensor, outputs: Optional[Sequence[str]] = None
+    ) -> Dict[str, torch.Tensor]:
         """Dense predictions at input resolution for normalised images B x 3 x H x W.
+
+        Args:
+            outputs: the outputs to compute, some of :attr:`dense_outputs` (default: all). A head none
+                of whose outputs is requested does not run (e.g. ``outputs=("sem_seg",)`` skips the
+                instance head, whose batch-norm layers then see no batch either); the requested
+                outputs are the same as in a prediction of all of them, the heads being independent.
 
         Returns:
             ``"sem_seg"``: B x C x H x W logits; with the instance head also ``"center"``:
-            B x 1 x H x W heatmap and ``"offset"``: B x 2 x H x W (dy, dx) in input pixels.
+            B x 1 x H x W heatmap and ``"offset"``: B x 2 x H x W (dy, dx) in input pixels; only the
+            keys of ``outputs`` when given.
         """
-        return self.decode_dense(self.extract_features(images), images.shape[-2:])
+        return self.decode_dense(self.extract_features(images), images.shape[-2:], outputs)
 
-    def decode_dense(self, features: Dict[str, torch.Tensor], size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+    def decode_dense(
+        self, features: Dict[str, torch.Tensor], size: Tuple[int, int], outputs: Optional[Sequence[str]] = None
+    ) -> Dict[str, torch.Tensor]:
         """The heads' predictions from backbone ``features``, upsampled to ``size`` (H, W); see
         :meth:`predict_dense`."""
-        outputs = {"sem_seg": self.sem_seg_head(features)}
-        if self.instance_on:
-            outputs["center"], outputs["offset"] = self.ins_embed_head(features)
+        requested = self._requested_outputs(outputs)
+        predictions = {}
+        if "sem_seg" in requested:
+            predictions["sem_seg"] = self.sem_seg_head(features)
+        if "center" in requested or "offset" in requested:
+            predictions["center"], predictions["offset"] = self.ins_embed_head(features)
         return {
-            name: F.interpolate(value, size=size, mode="bilinear", align_corners=False)
-            for name, value in outputs.items()
+            name: F.interpolate(predictions[name], size=size, mode="bilinear", align_corners=False)
+            for name in requested
         }
 
     def losses_and_features(

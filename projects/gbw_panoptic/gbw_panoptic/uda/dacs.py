@@ -220,7 +220,7 @@ class DACS(UDAMethod):
         size = common_size(source_batch + target_batch)
         target_images, target_valid = stack_images(target_batch, device, size)
         with torch.no_grad(), runner.autocast():
-            teacher_logits = self.teacher.model.predict_dense(runner.normalize(target_images))["sem_seg"]
+            teacher_logits = self.teacher.predict_sem_seg(runner.normalize(target_images))
         pseudo = pseudo_labels(
             teacher_logits,
             self.pseudo_threshold,

@@ -31,6 +31,11 @@ class EMATeacher(nn.Module):
     - ``"eval"``: the whole teacher runs in eval mode (batch norm with running statistics), and the
       floating-point buffers (those running statistics) follow the same average as the parameters;
       integer buffers are copied.
+
+    The teacher only predicts pseudo-labels (:meth:`predict_sem_seg`): the heads of its other outputs
+    (the instance head's center and offsets) never run. Their parameters are averaged all the same
+    (the teacher stays an average of the whole student); with ``batch_norm="train"`` their batch-norm
+    running statistics, which no prediction reads, are not updated.
     """
 
     def __init__(self, student: nn.Module, alpha: float = 0.999, batch_norm: str = "train"):
@@ -72,6 +77,13 @@ class EMATeacher(nn.Module):
             else:
                 teacher_tensor.copy_(student_tensor)
         return coefficient
+
+    def predict_sem_seg(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's class logits B x C x H x W for normalised images B x 3 x H x W: the
+        ``"sem_seg"`` output of the model's ``predict_dense``, computed without the other heads
+        (``outputs=("sem_seg",)``), equal to that of a prediction of all outputs. Runs under the
+        caller's grad and autocast modes."""
+        return self.model.predict_dense(images, outputs=("sem_seg",))["sem_seg"]
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
