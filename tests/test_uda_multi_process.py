@@ -1,14 +1,116 @@
-"""Training with several processes: the batch split checked before any process starts; DDP searches
-for unused parameters exactly for the models and methods whose passes leave some out."""
-from typing import List
+"""Training with several processes: one step of two processes with one image per domain equals one step
+of one process with two; the batch split checked before any process starts; DDP searches for unused
+parameters exactly for the models and methods whose passes leave some out."""
+import os
+from typing import Dict, List
 
 import pytest
 import torch
 
-from gbw_panoptic.uda import UDATrainer, cli
+from gbw_panoptic.gbw.losses import _ClassWeighting
+from gbw_panoptic.uda import UDATrainer, cli, dacs, launch
 from gbw_panoptic.uda.output_lock import unlock_output_dir
 from gbw_panoptic.uda.runner import StudentForward, StudentRunner, needs_unused_parameter_search
 from test_uda_training import _args
+
+# One step of 2 + 2 images. Without randomness that depends on the process: no dropout, a fixed
+# ClassMix (the even classes of each source image) and no colour augmentation (their draws come from
+# each process's generator), and BatchNorm statistics over the whole batch (Detectron2's naiveSyncBN).
+EQUIVALENCE = [
+    "SOLVER.MAX_ITER", "1",
+    "DATASETS.TEST", "()",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "DATASETS.TARGET_IMS_PER_BATCH", "2",
+    "MODEL.SEM_SEG_HEAD.DROPOUT", "0.0",
+    "MODEL.INS_EMBED_HEAD.DROPOUT", "0.0",
+    "MODEL.SEM_SEG_HEAD.NORM", "naiveSyncBN",
+    "MODEL.INS_EMBED_HEAD.NORM", "naiveSyncBN",
+]  # fmt: skip
+
+
+def _train_one_step(repo_root: str, output_dir: str, config: str) -> Dict[str, object]:
+    """One training step of ``config`` with :data:`EQUIVALENCE` in this process (one of a launched group
+    or alone): the GBW class weights of every loss call, the step's losses, the student's gradients
+    before the optimizer step and its parameters after it."""
+    from pathlib import Path
+
+    weights: List[torch.Tensor] = []
+    gradients: Dict[str, torch.Tensor] = {}
+    solve = _ClassWeighting.class_weights_and_sums
+
+    def recording_solve(self, *args):
+        result = solve(self, *args)
+        weights.append(result[0].clone())
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_ClassWeighting, "class_weights_and_sums", recording_solve)
+        patch.setattr(dacs, "class_mix_masks", lambda labels, ignore_value, candidates: labels % 2 == 0)
+        patch.setattr(dacs, "strong_augment", lambda images, strength, probability, blur: images)
+        cfg = cli.setup(_args(Path(repo_root), output_dir, config, extra=EQUIVALENCE))
+        try:
+            trainer = UDATrainer(cfg)
+            names = {id(p): name for name, p in trainer.model.named_parameters()}
+            step, losses = trainer.optimizer.step, {}
+            run_step = trainer.method.run_step
+
+            def recording_step(*args, **kwargs):
+                for group in trainer.optimizer.param_groups:
+                    gradients.update({names[id(p)]: p.grad.clone() for p in group["params"] if p.grad is not None})
+                return step(*args, **kwargs)
+
+            def recording_run_step(*args, **kwargs):
+                step_losses, metrics = run_step(*args, **kwargs)
+                losses.update(step_losses)
+                return step_losses, metrics
+
+            trainer.optimizer.step = recording_step
+            trainer.method.run_step = recording_run_step
+            trainer.train()
+        finally:
+            unlock_output_dir(cfg.OUTPUT_DIR)
+    parameters = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    return {"weights": weights, "losses": losses, "gradients": gradients, "parameters": parameters}
+
+
+def _one_step_worker(repo_root: str, output_dir: str, config: str, datasets_root: str) -> None:
+    """Runs in each launched process: :func:`_train_one_step`, saved as ``rank{R}.pt``."""
+    from detectron2.utils import comm
+
+    from gbw_panoptic.data.datasets import register_all
+
+    register_all(datasets_root)
+    result = _train_one_step(repo_root, os.path.join(output_dir, "run"), config)
+    torch.save(result, os.path.join(output_dir, f"rank{comm.get_rank()}.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["mit_b0_source_only_gbw.yaml", "dacs_gbw.yaml"])
+def test_two_processes_with_one_image_per_domain_train_as_one_process_with_two(
+    synthetic_datasets, repo_root, tmp_path, config
+) -> None:
+    args = (str(repo_root), str(tmp_path / "two"), config, str(synthetic_datasets))
+    launch(_one_step_worker, 2, dist_url="auto", args=args)
+    ranks = [torch.load(tmp_path / "two" / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    one = _train_one_step(str(repo_root), str(tmp_path / "one"), config)
+
+    assert len(one["weights"]) == (3 if config.startswith("mit_b0") else 6)  # sem_seg, center, offset per batch
+    for rank in ranks:
+        assert len(rank["weights"]) == len(one["weights"])
+        for ours, reference in zip(rank["weights"], one["weights"]):
+            torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    assert ranks[0]["losses"].keys() == one["losses"].keys()
+    for name, reference in one["losses"].items():
+        # Detectron2 logs the mean of the processes' losses.
+        mean = torch.stack([rank["losses"][name] for rank in ranks]).mean()
+        torch.testing.assert_close(mean, reference, rtol=1e-4, atol=1e-6, msg=name)
+    assert ranks[0]["gradients"].keys() == one["gradients"].keys()
+    for name, reference in one["gradients"].items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["gradients"][name], reference, rtol=1e-3, atol=1e-7, msg=name)
+    for name, reference in one["parameters"].items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["parameters"][name], reference, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(

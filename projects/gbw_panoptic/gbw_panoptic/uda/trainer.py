@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from detectron2.config import CfgNode
@@ -46,6 +47,17 @@ from .runner import StudentRunner, needs_unused_parameter_search
 from .validate import check_uda_config
 
 __all__ = ["TrainingInterrupted", "UDATrainer"]
+
+
+def _broadcast_from_main(module: nn.Module) -> None:
+    """Copy the parameters and buffers of the main process's ``module`` into every other process's (a
+    no-op in a single process). DDP does this for the student alone, when it wraps it: too late for the
+    networks a UDA method builds from the student or from each process's random state."""
+    if comm.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor, src=0)
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +215,12 @@ class UDATrainer(TrainerBase):
         if cfg.MODEL.WEIGHTS:
             # Initial weights go in before the teacher and the frozen feature-distance encoder copy them.
             AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        # Each process seeds its own initialisation (SEED + rank): every process starts from the main
+        # one's student, and its teacher, discriminator and frozen encoder are built from that.
+        _broadcast_from_main(model)
         self.model = model
         self.method = self.build_method(cfg, model)
+        _broadcast_from_main(self.method)
         self.optimizer = self.build_optimizer(cfg, model)
         self.scheduler = self.build_lr_scheduler(cfg, self.optimizer)
         self.data_loader = self.build_train_loader(cfg, self.method.uses_target)
