@@ -119,7 +119,8 @@ def test_two_processes_give_the_weights_loss_and_gradient_of_the_whole_batch(two
     if not enabled:
         per_call = [1] if kind != "ce" else []
     else:
-        norms = NUM_CLASSES * NUM_CLASSES if kind == "ce" and kwargs.get("mode", "channel") == "channel" else NUM_CLASSES
+        channel_mode = kind == "ce" and kwargs.get("mode", "channel") == "channel"
+        norms = NUM_CLASSES * NUM_CLASSES if channel_mode else NUM_CLASSES
         weight_sum = 0 if kind == "ce" or kwargs.get("normalizer") == "mean" else 1
         per_call = [norms + NUM_CLASSES + weight_sum]
     assert reductions == per_call * 2

@@ -182,7 +182,8 @@ def run(argv: Optional[List[str]] = None) -> None:
     (NCCL when ``MODEL.DEVICE`` is CUDA, gloo on the CPU).
 
     The config and, for training, the split of the batch over the processes (:func:`check_batch_split`) are
-    checked and, for a multi-process run on machine rank 0, ``OUTPUT_DIR`` locked before any process starts. A run stopped by SIGTERM / SIGINT exits with ``128 + signal`` after its checkpoint."""
+    checked and, for a multi-process run on machine rank 0, ``OUTPUT_DIR`` locked before any process starts.
+    A run stopped by SIGTERM / SIGINT exits with ``128 + signal`` after its checkpoint."""
     args = build_parser().parse_args(argv)
     cfg = load_config(args)  # fail on a bad config before any process starts
     if not args.eval_only:
