@@ -7,6 +7,9 @@ small stuff regions dropped), with the majority votes, the per-class instance nu
 areas computed by ``bincount``/``cumsum`` instead of Python loops over instances and classes, and the
 center distances computed on thing pixels only.
 
+:func:`merge_semantic_and_instances`, the merge step, also fuses the top-down model's instance masks
+with its semantic map (as EDAPS does).
+
 The model calls it once per image: each image is resized to its own output size first, so a batch of
 them generally has no common shape (and Detectron2's test loader gives one image per batch).
 """
@@ -15,7 +18,7 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["find_instance_centers", "panoptic_segmentation", "panoptic_to_segments"]
+__all__ = ["find_instance_centers", "merge_semantic_and_instances", "panoptic_segmentation", "panoptic_to_segments"]
 
 
 def find_instance_centers(
@@ -107,24 +110,70 @@ def panoptic_segmentation(
         )
     sem_seg = sem_seg.long()
     thing_ids = list(thing_ids)
+    is_thing_class = _thing_class_table(sem_seg, thing_ids)
+    centers = find_instance_centers(center_heatmap, threshold, nms_kernel, top_k)
+    instance_ids = _group_thing_pixels(centers, offsets, is_thing_class[sem_seg])
+    return merge_semantic_and_instances(
+        sem_seg, instance_ids, thing_ids, label_divisor, stuff_area, void_label, num_instances=centers.size(0)
+    )
+
+
+def _thing_class_table(sem_seg: torch.Tensor, thing_ids: Iterable[int]) -> torch.Tensor:
+    """bool [C]: whether each class id is a thing class, C covering every id of ``sem_seg`` and ``thing_ids``."""
+    thing_ids = list(thing_ids)
     num_classes = max(int(sem_seg.max().item()) + 1 if sem_seg.numel() else 1, max(thing_ids, default=0) + 1)
     is_thing_class = torch.zeros(num_classes, dtype=torch.bool, device=sem_seg.device)
     is_thing_class[torch.as_tensor(thing_ids, dtype=torch.long, device=sem_seg.device)] = True
+    return is_thing_class
 
-    centers = find_instance_centers(center_heatmap, threshold, nms_kernel, top_k)
-    instance_ids = _group_thing_pixels(centers, offsets, is_thing_class[sem_seg])
 
-    # Things: majority class of each instance (ties -> smallest class id, as torch.mode), then the
-    # instances of each class numbered 1, 2, ... in the order of their instance ids.
+def merge_semantic_and_instances(
+    sem_seg: torch.Tensor,
+    instance_ids: torch.Tensor,
+    thing_ids: Iterable[int],
+    label_divisor: int,
+    stuff_area: int,
+    void_label: int,
+    num_instances: Optional[int] = None,
+) -> torch.Tensor:
+    """Panoptic labels of one image from its semantic map and class-agnostic instance ids (the merge step
+    of Panoptic-DeepLab, which EDAPS also applies to Mask R-CNN masks).
+
+    Each instance keeps the pixels whose semantic class is a thing class; its class is their majority
+    (ties -> smallest class id, as ``torch.mode``) and the instances of each class are numbered 1, 2, ...
+    in the order of their ids (an instance without such pixels gets no number). Pixels without an
+    instance take their semantic class when it is a stuff class whose region outside the instances has at
+    least ``stuff_area`` pixels. Every other pixel (instance pixels of a stuff class, thing-class pixels
+    without an instance, small stuff) is ``void_label``.
+
+    Args:
+        sem_seg: H x W int64 semantic class (contiguous id) of each pixel.
+        instance_ids: H x W int64, 0 = no instance, k > 0 = the k-th instance.
+        thing_ids, label_divisor, stuff_area, void_label: as :func:`panoptic_segmentation`.
+        num_instances: the largest instance id, when known (saves reading it back from the device).
+    Returns:
+        H x W int64 panoptic labels ``class * label_divisor + number`` (stuff: number 0).
+    """
+    if sem_seg.dim() != 2 or instance_ids.shape != sem_seg.shape:
+        raise ValueError(
+            f"sem_seg {tuple(sem_seg.shape)} and instance_ids {tuple(instance_ids.shape)} must be the same H x W"
+        )
+    sem_seg = sem_seg.long()
+    instance_ids = instance_ids.long()
+    is_thing_class = _thing_class_table(sem_seg, thing_ids)
+    num_classes = is_thing_class.numel()
+    if num_instances is None:
+        num_instances = int(instance_ids.max().item()) if instance_ids.numel() else 0
     has_instance = instance_ids > 0
+    thing_pixel = has_instance & is_thing_class[sem_seg]
     votes = torch.bincount(
-        (instance_ids * num_classes + sem_seg)[has_instance], minlength=(centers.size(0) + 1) * num_classes
+        (instance_ids * num_classes + sem_seg)[thing_pixel], minlength=(num_instances + 1) * num_classes
     ).view(-1, num_classes)
     instance_class = votes.argmax(dim=1)
     class_one_hot = F.one_hot(instance_class, num_classes) * (votes.sum(dim=1, keepdim=True) > 0)
     instance_number = class_one_hot.cumsum(dim=0).gather(1, instance_class.unsqueeze(1)).squeeze(1)
     instance_label = instance_class * label_divisor + instance_number
-    panoptic = torch.where(has_instance, instance_label[instance_ids], torch.full_like(sem_seg, void_label))
+    panoptic = torch.where(thing_pixel, instance_label[instance_ids], torch.full_like(sem_seg, void_label))
 
     # Stuff: every non-thing class region (pixels without an instance) with at least stuff_area pixels.
     areas = torch.bincount(sem_seg[~has_instance], minlength=num_classes)
