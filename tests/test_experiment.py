@@ -48,6 +48,17 @@ def test_adaptation_arms_and_the_oracle_start_from_the_source_only_model_of_thei
     assert not (tmp_path / "datasets").exists() and not (tmp_path / "out").exists()
 
 
+def test_gbw_from_the_start_arms_start_from_the_source_only_gbw_model(tmp_path):
+    runs = {(run.arm.name, run.seed): run for run in plan_runs(PRESETS["weighting"], tmp_path)}
+    for seed in PRESETS["weighting"].seeds:
+        for arm in ("dacs_from_gbw", "dacs_gbw_from_gbw"):
+            run = runs[(arm, seed)]
+            assert run.starts_from is runs[("source_only_gbw", seed)]
+            weights = run.command[run.command.index("MODEL.WEIGHTS") + 1]
+            assert weights == str(tmp_path / "runs" / "source_only_gbw" / f"600it_seed{seed}" / "model_final.pth")
+        assert runs[("dacs_freq", seed)].starts_from is runs[("source_only", seed)]
+
+
 def test_a_run_every_other_run_starts_from_gets_every_core(tmp_path):
     demo = plan_runs(PRESETS["demo"], tmp_path)
     threads = threads_per_run(demo, jobs=3, cores=2)
@@ -218,6 +229,14 @@ def test_smoke_experiment_writes_the_report_and_skips_finished_runs(tmp_path):
             assert 0.0 <= run["confident fraction"] <= 100.0
         else:
             assert run["confident fraction"] is None  # no teacher
+
+    assert "## GBW class weights over training (semantic loss)" in text and "| DACS + GBW |" in text
+
+    # The report alone, from the finished runs; a run that has not finished is named.
+    (out / "report.md").unlink()
+    assert run_experiment("smoke", out, datasets, report_only=True).read_text().startswith("# Synthetic benchmark")
+    with pytest.raises(RuntimeError, match="3 run\(s\) not finished: source_only seed 1"):
+        run_experiment("smoke", out, datasets, seeds=[0, 1], report_only=True)
 
     # Run again, every run is found done: nothing is trained again.
     logs = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/train_stdout.log")}

@@ -42,11 +42,14 @@ def main() -> int:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="override the preset's arms")
     parser.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
     parser.add_argument("--max-iter", type=int, help="override the preset's iterations per run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report of the preset's finished runs without training (a missing run is an "
+                        "error; their configs are not compared with what the current code gives)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     report = run_experiment(
         args.preset, args.out or Path("output") / args.preset, args.datasets_root.resolve(),
-        jobs=args.jobs, arms=args.arms, seeds=args.seeds, max_iter=args.max_iter,
+        jobs=args.jobs, arms=args.arms, seeds=args.seeds, max_iter=args.max_iter, report_only=args.report_only,
     )
     print(f"\nReport written to {report}")
     return 0

@@ -53,9 +53,12 @@ def run_experiment(
     arms: Optional[Sequence[str]] = None,
     seeds: Optional[Sequence[int]] = None,
     max_iter: Optional[int] = None,
+    report_only: bool = False,
 ) -> Path:
     """Prepare the benchmark, train and evaluate every run (``jobs`` at a time; default: the preset's),
-    write the report.
+    write the report. With ``report_only``, write the report of runs that have all finished, without
+    checking that their configs are those the current code gives (e.g. after a later change of the
+    code that added a config key); a missing run is an error.
 
     Returns the path of ``report.md``.
     """
@@ -82,6 +85,13 @@ def run_experiment(
     jobs = max(jobs or preset.jobs, 1)
     start = time.perf_counter()
     runs = plan_runs(preset, out)
+    if report_only:
+        missing = [f"{run.arm.name} seed {run.seed} ({run.output_dir})" for run in runs if not run.is_finished()]
+        if missing:
+            raise RuntimeError(f"--report-only: {len(missing)} run(s) not finished: {'; '.join(missing)}")
+        report = write_report(preset_name, preset, runs, out, datasets_root, time.perf_counter() - start)
+        logger.info("Report: %s", report)
+        return report
     out.mkdir(parents=True, exist_ok=True)
     prepare_benchmark(preset, datasets_root, workers=jobs)
     cores = os.cpu_count() or 1

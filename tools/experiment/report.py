@@ -340,6 +340,52 @@ def per_class_section(experiment: ExperimentResults) -> List[str]:
     return lines
 
 
+def gbw_weight_series(run_dir: Path, call: str) -> Dict[str, np.ndarray]:
+    """The GBW weights of loss call ``call`` (e.g. ``"mixed/sem_seg"``) logged in ``run_dir/metrics.json``:
+    ``{class name: weights over the logged iterations}`` (empty when that call was not weighted)."""
+    prefix = f"gbw/{call}/"
+    series: Dict[str, List[float]] = OrderedDict()
+    for record in read_metrics(run_dir):
+        for key, value in record.items():
+            if key.startswith(prefix):
+                series.setdefault(key[len(prefix):], []).append(float(value))
+    return {name: np.asarray(values) for name, values in series.items()}
+
+
+def weight_stability_section(experiment: ExperimentResults) -> List[str]:
+    """Per arm weighted by GBW, per class: the mean of the semantic loss's class weight over the logged
+    iterations and its standard deviation over them (how much the weights move from step to step),
+    each averaged over seeds; the mixed-batch call for DACS arms, the source call otherwise."""
+    columns, rows_of = [], {}
+    for arm in experiment.arms:
+        per_seed = []
+        for seed in experiment.seeds:
+            run_dir = experiment.run_of[(arm.name, seed)].output_dir
+            series = gbw_weight_series(run_dir, "mixed/sem_seg") or gbw_weight_series(run_dir, "source/sem_seg")
+            if series:
+                per_seed.append(series)
+        if len(per_seed) != len(experiment.seeds):
+            continue
+        columns.append(arm.label)
+        for name in per_seed[0]:
+            mean = np.mean([series[name].mean() for series in per_seed])
+            std = np.mean([series[name].std() for series in per_seed])
+            rows_of.setdefault(name, {})[arm.label] = f"{mean:.2f} ± {std:.2f}"
+    if not columns:
+        return []
+    rows = [[name, *(values.get(label, "") for label in columns)] for name, values in rows_of.items()]
+    return [
+        "## GBW class weights over training (semantic loss)",
+        "",
+        "Mean ± standard deviation of each class's weight over the logged iterations (every "
+        "`UDA.LOG_PERIOD`), averaged over seeds: the mixed-batch loss for DACS arms, the source loss "
+        "otherwise. The standard deviation is the weights' instability from step to step.",
+        "",
+        _markdown(rows, ["class", *columns]),
+        "",
+    ]
+
+
 def curves_section(experiment: ExperimentResults, figures: Path, datasets_root: Path) -> List[str]:
     """The teacher's confident fraction over training (mean over seeds) and the GBW weight curves (first seed)."""
     lines: List[str] = []
@@ -359,7 +405,11 @@ def curves_section(experiment: ExperimentResults, figures: Path, datasets_root: 
     for arm in [arm for arm in experiment.arms if arm.baseline is not None]:
         run_dir = experiment.run_of[(arm.name, seed)].output_dir
         _tool("plot_training.py", str(run_dir), "--output-dir", str(figures / arm.name), datasets_root=datasets_root)
-        lines += [f"## GBW class weights during training: {arm.label} (seed {seed})", "", f"![GBW weights](figures/{arm.name}/gbw_weights.png)", ""]
+        if (figures / arm.name / "gbw_weights.png").is_file():  # arms without GBW log no weights
+            lines += [
+                f"## GBW class weights during training: {arm.label} (seed {seed})", "",
+                f"![GBW weights](figures/{arm.name}/gbw_weights.png)", "",
+            ]
     return lines
 
 
@@ -433,7 +483,13 @@ def conclusion_section(experiment: ExperimentResults) -> List[str]:
     """The conclusion, worded from the intervals only: for each GBW arm against its baseline, whether
     rare-class recall rises without a loss of mIoU (supported), whether it falls or mIoU falls
     (contradicted), or neither at this number of seeds (undecided)."""
-    gbw_arms = [arm for arm in experiment.arms if arm.baseline is not None and experiment.has(arm.baseline)]
+    # An arm whose own baseline is not in the experiment is compared with DACS.
+    baseline_of = {
+        arm.name: arm.baseline if experiment.has(arm.baseline) else REFERENCE
+        for arm in experiment.arms
+        if arm.baseline is not None and (experiment.has(arm.baseline) or experiment.has(REFERENCE))
+    }
+    gbw_arms = [arm for arm in experiment.arms if arm.name in baseline_of]
     if not gbw_arms:
         return []
     lines = [
@@ -444,7 +500,7 @@ def conclusion_section(experiment: ExperimentResults) -> List[str]:
         "",
     ]
     for arm in gbw_arms:
-        baseline = ARMS[arm.baseline]
+        baseline = ARMS[baseline_of[arm.name]]
         rare = experiment.difference(arm.name, baseline.name, "recall (rare)")
         miou = experiment.difference(arm.name, baseline.name, "mIoU")
         if rare.n < 2:
@@ -505,6 +561,7 @@ def write_report(
     lines += conclusion_section(experiment)
     lines += checks_section(experiment)
     lines += per_class_section(experiment)
+    lines += weight_stability_section(experiment)
     lines += curves_section(experiment, figures, datasets_root)
     lines += examples_section(experiment, out, datasets_root)
     report = out / "report.md"

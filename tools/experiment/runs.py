@@ -206,12 +206,17 @@ class RunSpec:
         """The marker's content, or None when the run has not been started by the experiment."""
         return json.loads(self.marker.read_text()) if self.marker.is_file() else None
 
-    def is_done(self, benchmark: Dict) -> bool:
-        """Evaluated on both val sets, with the same command as now, on the same benchmark ``benchmark``
-        (the datasets' ``generation.json``)."""
+    def is_finished(self) -> bool:
+        """Trained to the end by the experiment (its marker has the training time) and evaluated on both
+        val sets."""
         made_with = self.made_with()
         evaluated = all((self.eval_dir(name) / "sem_seg.json").is_file() for name in (VAL_DATASET, SOURCE_VAL_DATASET))
-        return evaluated and made_with is not None and "seconds" in made_with and self.matches(made_with, benchmark)
+        return evaluated and made_with is not None and "seconds" in made_with
+
+    def is_done(self, benchmark: Dict) -> bool:
+        """:meth:`is_finished`, with the same command as now, on the same benchmark ``benchmark`` (the
+        datasets' ``generation.json``)."""
+        return self.is_finished() and self.matches(self.made_with(), benchmark)
 
     def matches(self, made_with: Dict, benchmark: Dict) -> bool:
         """Whether a run made with ``made_with`` (a marker's content) is this run on ``benchmark``: the same
