@@ -73,26 +73,41 @@ def _train_one_step(repo_root: str, output_dir: str, config: str) -> Dict[str, o
     return {"weights": weights, "losses": losses, "gradients": gradients, "parameters": parameters}
 
 
-def _one_step_worker(repo_root: str, output_dir: str, config: str, datasets_root: str) -> None:
-    """Runs in each launched process: :func:`_train_one_step`, saved as ``rank{R}.pt``."""
+EQUIVALENCE_CONFIGS = ("mit_b0_source_only_gbw.yaml", "dacs_gbw.yaml")
+
+
+def _one_step_worker(repo_root: str, output_dir: str, datasets_root: str) -> None:
+    """Runs in each launched process: :func:`_train_one_step` of each of :data:`EQUIVALENCE_CONFIGS`,
+    saved as ``{config}.rank{R}.pt``."""
     from detectron2.utils import comm
 
     from gbw_panoptic.data.datasets import register_all
 
     register_all(datasets_root)
-    result = _train_one_step(repo_root, os.path.join(output_dir, "run"), config)
-    torch.save(result, os.path.join(output_dir, f"rank{comm.get_rank()}.pt"))
+    for config in EQUIVALENCE_CONFIGS:
+        result = _train_one_step(repo_root, os.path.join(output_dir, config), config)
+        torch.save(result, os.path.join(output_dir, f"{config}.rank{comm.get_rank()}.pt"))
+
+
+@pytest.fixture(scope="module")
+def two_process_steps(synthetic_datasets, tmp_path_factory) -> Dict[str, List[Dict[str, object]]]:
+    """The results of :func:`_train_one_step` in each of 2 launched processes, by config (one launch)."""
+    output_dir = tmp_path_factory.mktemp("two_processes")
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    launch(_one_step_worker, 2, dist_url="auto", args=(repo_root, str(output_dir), str(synthetic_datasets)))
+    return {
+        config: [torch.load(output_dir / f"{config}.rank{rank}.pt", weights_only=False) for rank in range(2)]
+        for config in EQUIVALENCE_CONFIGS
+    }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["mit_b0_source_only_gbw.yaml", "dacs_gbw.yaml"])
+@pytest.mark.parametrize("config", EQUIVALENCE_CONFIGS)
 def test_two_processes_with_one_image_per_domain_train_as_one_process_with_two(
-    synthetic_datasets, repo_root, tmp_path, config
+    two_process_steps, repo_root, tmp_path, config
 ) -> None:
-    args = (str(repo_root), str(tmp_path / "two"), config, str(synthetic_datasets))
-    launch(_one_step_worker, 2, dist_url="auto", args=args)
-    ranks = [torch.load(tmp_path / "two" / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
-    one = _train_one_step(str(repo_root), str(tmp_path / "one"), config)
+    ranks = two_process_steps[config]
+    one = _train_one_step(str(repo_root), str(tmp_path), config)
 
     assert len(one["weights"]) == (3 if config.startswith("mit_b0") else 6)  # sem_seg, center, offset per batch
     for rank in ranks:
