@@ -6,7 +6,7 @@ under ``configs/`` are the bases and their ``*_gbw.yaml`` variants switch it on.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_gbw_panoptic_config", "add_hrda_config"]
+__all__ = ["add_gbw_panoptic_config", "add_hrda_config", "add_top_down_config"]
 
 
 def _gbw_loss_node() -> CN:
@@ -251,6 +251,24 @@ def add_hrda_config(cfg: CN) -> None:
     cfg.UDA.PSEUDO_LABEL_MARGINS = [0, 0, 0, 0]
 
 
+def add_top_down_config(cfg: CN) -> None:
+    """``MODEL.TOP_DOWN.*`` and ``MODEL.GBW.{BOX_CLS,MASK}`` of the top-down model
+    (``MODEL.META_ARCHITECTURE "GBWTopDownPanopticSegmentor"``: DAFormer semantic head + Detectron2's
+    Mask R-CNN, set by Detectron2's own ``MODEL.FPN/RPN/ROI_*`` keys and ``MODEL.MASK_ON``)."""
+    cfg.MODEL.TOP_DOWN = CN()
+    # Panoptic fusion (EDAPS): instance masks whose box score reaches this threshold are pasted, class by
+    # class, over the semantic map (their class is the semantic majority); stuff regions under
+    # MODEL.POST_PROCESSING.STUFF_AREA pixels become void.
+    cfg.MODEL.TOP_DOWN.MASK_SCORE_THRESHOLD = 0.95
+    # EDAPS: when an image of a batch has no thing instance, the RPN and RoI losses of the whole batch
+    # are 0; False: Detectron2's behaviour (such an image gives negative samples).
+    cfg.MODEL.TOP_DOWN.ZERO_INSTANCE_LOSSES_IF_EMPTY = True
+    # GBW on the box classifier's cross-entropy (classes: the thing classes + background; samples: the
+    # sampled proposals) and on the mask loss (mask pixels grouped by their proposal's class).
+    cfg.MODEL.GBW.BOX_CLS = _gbw_loss_node()
+    cfg.MODEL.GBW.MASK = _gbw_loss_node()
+
+
 def add_gbw_panoptic_config(cfg: CN) -> None:
     """Add every gbw-panoptic key to a Detectron2 config (``detectron2.config.get_cfg()``)."""
     add_gbw_config(cfg)
@@ -259,3 +277,4 @@ def add_gbw_panoptic_config(cfg: CN) -> None:
     add_uda_config(cfg)
     add_solver_config(cfg)
     add_hrda_config(cfg)
+    add_top_down_config(cfg)

@@ -37,6 +37,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .image_io import read_image
+from .instance_masks import InstanceMaskTargetGenerator
 from .panoptic_target import PanopticTargetGenerator
 
 __all__ = [
@@ -142,7 +143,9 @@ class GBWPanopticDatasetMapper:
     whose dict has ``has_instances`` True (the default) and a ``pan_seg_file_name``, also
     ``"center"`` (float32 ``1xHxW``), ``"center_weights"`` (float32 ``HxW``), ``"offset"``
     (float32 ``2xHxW``, dy, dx in pixels) and ``"offset_weights"`` (float32 ``HxW``); images
-    without instances get none of these, so that the instance losses skip them.
+    without instances get none of these, so that the instance losses skip them. With an instance mask
+    generator (``MODEL.MASK_ON``, the top-down model) such an image gets ``"sem_seg"``,
+    ``"sem_seg_weights"`` and ``"instances"`` (Mask R-CNN targets of its thing segments) instead.
 
     A dict with ``"rcs_class"`` (set by rare class sampling) has its augmentation redrawn, up to
     :data:`RCS_CROP_TRIES` times, until its crop holds more than ``rcs_min_crop_pixels`` pixels of
@@ -160,6 +163,7 @@ class GBWPanopticDatasetMapper:
         target_generator: Optional[PanopticTargetGenerator] = None,
         rcs_min_crop_pixels: float = 0.0,
         pseudo_label_margins: Sequence[int] = (0, 0, 0, 0),
+        instance_mask_generator: Optional[InstanceMaskTargetGenerator] = None,
     ):
         """
         Args:
@@ -174,6 +178,8 @@ class GBWPanopticDatasetMapper:
             pseudo_label_margins: (top, bottom, left, right) pixels of the original image where
                 pseudo-labels are not trusted; when any is > 0, the output has ``"pseudo_label_valid"``
                 (bool ``HxW``, False in the margins, transformed with the image).
+            instance_mask_generator: builds ``sem_seg`` and the Mask R-CNN ``instances`` from the
+                panoptic labels (used instead of ``target_generator``); None: no ``instances``.
         """
         if len(pseudo_label_margins) != 4 or min(pseudo_label_margins) < 0:
             raise ValueError(
@@ -187,6 +193,7 @@ class GBWPanopticDatasetMapper:
         self.load_labels = load_labels
         self.target_generator = target_generator
         self.rcs_min_crop_pixels = rcs_min_crop_pixels
+        self.instance_mask_generator = instance_mask_generator
         mode = "training" if is_train else "inference"
         logger.info(f"[GBWPanopticDatasetMapper] augmentations used in {mode}: {augmentations}")
 
@@ -211,6 +218,14 @@ class GBWPanopticDatasetMapper:
         generator = None
         if load_labels and cfg.MODEL.INS_EMBED_HEAD.ENABLED:
             generator = build_target_generator(cfg, dataset_name or cfg.DATASETS.TRAIN[0])
+        instance_masks = None
+        if load_labels and cfg.MODEL.MASK_ON:
+            meta = MetadataCatalog.get(dataset_name or cfg.DATASETS.TRAIN[0])
+            instance_masks = InstanceMaskTargetGenerator(
+                thing_ids=list(meta.thing_dataset_id_to_contiguous_id.values()),
+                ignore_label=meta.get("ignore_label", cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE),
+                ignore_crowd_in_semantic=cfg.INPUT.IGNORE_CROWD_IN_SEMANTIC,
+            )
         return {
             "is_train": is_train,
             "augmentations": build_augmentations(cfg, is_train, load_labels, domain),
@@ -219,6 +234,7 @@ class GBWPanopticDatasetMapper:
             "target_generator": generator,
             "rcs_min_crop_pixels": cfg.DATALOADER.RCS.MIN_CROP_RATIO * cfg.DATALOADER.RCS.MIN_PIXELS,
             "pseudo_label_margins": cfg.UDA.PSEUDO_LABEL_MARGINS if is_train and not load_labels else (0, 0, 0, 0),
+            "instance_mask_generator": instance_masks,
         }
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -253,10 +269,11 @@ class GBWPanopticDatasetMapper:
 
         if semantic is not None:
             panoptic_file = dataset_dict.get("pan_seg_file_name")
-            if self.target_generator is not None and dataset_dict.get("has_instances", True) and panoptic_file:
+            generator = self.instance_mask_generator or self.target_generator
+            if generator is not None and dataset_dict.get("has_instances", True) and panoptic_file:
                 panoptic_rgb = self._read_label(dataset_dict, "pan_seg_file_name", image)
                 panoptic = rgb2id(transforms.apply_segmentation(panoptic_rgb))
-                dataset_dict.update(self.target_generator(panoptic, dataset_dict["segments_info"]))
+                dataset_dict.update(generator(panoptic, dataset_dict["segments_info"]))
             else:
                 sem_seg = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
                 dataset_dict["sem_seg"] = sem_seg

@@ -21,7 +21,8 @@ def _source_classes(cfg: CfgNode) -> Optional[List[int]]:
 
 
 def build_evaluators(cfg: CfgNode, dataset_name: str, output_dir: Optional[str] = None) -> DatasetEvaluators:
-    """Semantic evaluator, plus the panoptic one when the instance head is on.
+    """Semantic evaluator, plus the panoptic one when the model predicts instances (the center/offset
+    head, ``MODEL.INS_EMBED_HEAD.ENABLED``, or the top-down model's Mask R-CNN, ``MODEL.MASK_ON``).
 
     Besides the dataset's own ``evaluation_classes``, both average over the classes of the
     training source when they differ (mIoU16 / mPQ16 for SYNTHIA -> Cityscapes).
@@ -37,6 +38,6 @@ def build_evaluators(cfg: CfgNode, dataset_name: str, output_dir: Optional[str] 
     evaluators: List[DatasetEvaluator] = [
         GBWSemSegEvaluator(dataset_name, output_dir, extra_class_subset=extra)
     ]
-    if cfg.MODEL.INS_EMBED_HEAD.ENABLED:
+    if cfg.MODEL.INS_EMBED_HEAD.ENABLED or cfg.MODEL.MASK_ON:
         evaluators.append(GBWPanopticEvaluator(dataset_name, output_dir, extra_class_subset=extra))
     return DatasetEvaluators(evaluators)
