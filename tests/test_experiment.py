@@ -14,7 +14,7 @@ from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from experiment import run_experiment, threads_per_run  # noqa: E402
-from experiment.report import ExperimentResults, conclusion_section, design_checks  # noqa: E402
+from experiment.report import ExperimentResults, conclusion_section, design_checks, sweep_section  # noqa: E402
 from experiment.runs import ARMS, PRESETS, RunSpec, plan_runs, train_and_evaluate  # noqa: E402
 from experiment.stats import gap_closed, t_interval  # noqa: E402
 
@@ -141,6 +141,31 @@ def test_conclusion_with_one_seed_claims_nothing():
     experiment = _experiment({0: 10.0}, {0: 5.0}, seeds=(0,))
     text = "\n".join(conclusion_section(experiment))
     assert "cannot be judged from one seed" in text and "supported" not in text
+
+
+def test_sweep_section_draws_each_series_against_its_value(tmp_path):
+    experiment = _experiment({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    # dacs_gbw (relative λ 1) plus two more relative λ and one absolute λ, with rare recall +10 per step.
+    for index, name in enumerate(("dacs_gbw_relative_lambda0.1", "dacs_gbw_relative_lambda10", "dacs_gbw_absolute")):
+        experiment.arms.append(ARMS[name])
+        for seed in experiment.seeds:
+            values = OrderedDict(experiment.metrics[("dacs", seed)])
+            values["recall (rare)"] += 10.0 * (index + 1)
+            experiment.metrics[(name, seed)] = values
+    lines = sweep_section(experiment, tmp_path)
+    text = "\n".join(lines)
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    rows = [line for line in text.splitlines() if line.startswith(("| relative λ", "| absolute λ"))]
+    # Ordered by series, then value; DACS + GBW (relative λ 1) sits between 0.1 and 10.
+    assert [row.split("|")[1:3] for row in rows] == [
+        [" absolute λ ", " 1 "], [" relative λ ", " 0.1 "], [" relative λ ", " 1 "], [" relative λ ", " 10 "],
+    ]
+    assert "| DACS (no GBW) | – | 12.00 [" in text  # DACS's rare recall: 10, 12, 14 over the seeds
+    # Each λ arm's overrides reach its command.
+    run = next(r for r in plan_runs(PRESETS["lambda"], tmp_path) if r.arm.name == "dacs_gbw_absolute_lambda0.0001")
+    tail = run.command[run.command.index("MODEL.GBW.SEM_SEG.LAMBDA_MODE"):]
+    assert tail[:4] == ["MODEL.GBW.SEM_SEG.LAMBDA_MODE", "absolute", "MODEL.GBW.SEM_SEG.LAMBDA", "0.0001"]
+    assert "MODEL.GBW.OFFSET.LAMBDA" in tail and run.config().count("LAMBDA: 0.0001") == 3
 
 
 def test_design_checks_report_only_what_the_arms_allow():

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from gbw_panoptic.utils.io import atomic_write  # noqa: E402
 
-__all__ = ["plot_recall_deltas", "plot_curves"]
+__all__ = ["plot_recall_deltas", "plot_curves", "plot_sweep"]
 
 
 def _save(fig: "plt.Figure", path: Path) -> None:
@@ -64,4 +64,38 @@ def plot_curves(curves: Mapping[str, Tuple[np.ndarray, np.ndarray]], ylabel: str
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_sweep(
+    series: Mapping[str, Sequence[Tuple[float, float, float, float]]],
+    references: Mapping[str, float],
+    metrics: Sequence[str],
+    title: str,
+    path: Path,
+) -> None:
+    """One panel per metric, one line per series of ``(x, mean, low, high)`` points (x on a log axis,
+    the 95 % interval as error bars), the reference arm's mean of each metric as a dashed line.
+
+    Args:
+        series: ``{series name: points}`` per metric, keyed ``"<series>|<metric>"``.
+        references: ``{metric: mean of the reference arm}``.
+    """
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for key, points in series.items():
+            name, of = key.split("|", 1)
+            if of != metric or not points:
+                continue
+            x, mean, low, high = (np.asarray(column, dtype=float) for column in zip(*sorted(points)))
+            error = np.vstack([mean - low, high - mean])
+            axis.errorbar(x, mean, yerr=np.where(np.isfinite(error), error, 0.0), marker="o", capsize=3, label=name)
+        if metric in references:
+            axis.axhline(references[metric], color="grey", linestyle="--", label="DACS")
+        axis.set_xscale("log")
+        axis.set_xlabel("λ")
+        axis.set_ylabel(f"{metric} (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(title)
     _save(fig, path)

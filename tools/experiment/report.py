@@ -27,7 +27,7 @@ from gbw_panoptic.evaluation.report import read_report
 
 from plot_training import read_metrics  # tools/plot_training.py: tools/ is on sys.path
 
-from .figures import plot_curves, plot_recall_deltas
+from .figures import plot_curves, plot_recall_deltas, plot_sweep
 from .runs import (
     ARMS, ORACLE, REFERENCE, REPO_ROOT, SOURCE_ONLY, SOURCE_VAL_DATASET, VAL_DATASET, Arm, Preset, RunSpec, environment,
 )
@@ -323,6 +323,41 @@ def differences_section(experiment: ExperimentResults, figures: Path) -> List[st
     return lines
 
 
+SWEEP_METRICS = ("recall (rare)", "precision (rare)", "mIoU")
+
+
+def sweep_section(experiment: ExperimentResults, figures: Path) -> List[str]:
+    """The arms of a sweep (``Arm.sweep``): rare-class recall, precision and mIoU against the swept value,
+    one series per sweep (e.g. relative and absolute λ), as a table and ``figures/sweep.png``."""
+    swept = [arm for arm in experiment.arms if arm.sweep is not None]
+    if len(swept) < 2:
+        return []
+    points: Dict[str, List[Tuple[float, float, float, float]]] = {}
+    rows = []
+    for arm in sorted(swept, key=lambda arm: arm.sweep):
+        name, value = arm.sweep
+        cells = [name, f"{value:g}"]
+        for metric in SWEEP_METRICS:
+            interval = experiment.interval(arm.name, metric)
+            points.setdefault(f"{name}|{metric}", []).append((value, interval.mean, interval.low, interval.high))
+            cells.append(interval.format())
+        rows.append(cells)
+    references = {}
+    if experiment.has(REFERENCE):
+        references = {metric: experiment.interval(REFERENCE, metric).mean for metric in SWEEP_METRICS}
+        rows.append(["DACS (no GBW)", "–", *(experiment.interval(REFERENCE, m).format() for m in SWEEP_METRICS)])
+    plot_sweep(points, references, SWEEP_METRICS, "Rare classes against λ (mean and 95 % interval over seeds)",
+               figures / "sweep.png")
+    return [
+        "## Sweep",
+        "",
+        _markdown(rows, ["series", "value", *SWEEP_METRICS]),
+        "",
+        "![rare-class recall and precision against the swept value](figures/sweep.png)",
+        "",
+    ]
+
+
 def per_class_section(experiment: ExperimentResults) -> List[str]:
     """Per-class IoU, recall and precision of every arm (mean over seeds), classes by target frequency."""
     order = [c for c in np.argsort(-experiment.fractions) if experiment.fractions[c] > 0]
@@ -558,6 +593,7 @@ def write_report(
     lines += metrics_section(experiment, "Semantic segmentation (target val)", SEMANTIC_METRICS)
     lines += metrics_section(experiment, "Panoptic segmentation (target val; 19 and 16 classes)", PANOPTIC_METRICS)
     lines += differences_section(experiment, figures)
+    lines += sweep_section(experiment, figures)
     lines += conclusion_section(experiment)
     lines += checks_section(experiment)
     lines += per_class_section(experiment)

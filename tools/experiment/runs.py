@@ -56,6 +56,21 @@ class Arm:
     label: str
     baseline: Optional[str] = None
     starts_from: Optional[str] = None
+    # Config overrides (KEY VALUE ...) added to the config file's values.
+    opts: Tuple[str, ...] = ()
+    # The arm's place in a sweep: (series, value), e.g. ("relative λ", 0.3); drawn by the report.
+    sweep: Optional[Tuple[str, float]] = None
+
+
+def _gbw_lambda_arm(mode: str, lam: float, config: str = "synthetic/dacs_gbw.yaml") -> Arm:
+    """DACS + GBW with λ ``lam`` in mode ``mode`` on the three GBW losses (the λ sweep)."""
+    opts: Tuple[str, ...] = ()
+    for loss in ("SEM_SEG", "CENTER", "OFFSET"):
+        opts += (f"MODEL.GBW.{loss}.LAMBDA_MODE", mode, f"MODEL.GBW.{loss}.LAMBDA", f"{lam:g}")
+    return Arm(
+        f"dacs_gbw_{mode}_lambda{lam:g}", config, f"DACS + GBW ({mode} λ {lam:g})", REFERENCE, SOURCE_ONLY,
+        opts=opts, sweep=(f"{mode} λ", lam),
+    )
 
 
 ARMS: "OrderedDict[str, Arm]" = OrderedDict(
@@ -71,8 +86,14 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
         # for the ImageNet weights DACS starts from (datasets/README.md, "Design"): every DACS arm
         # from the same weights, so that paired differences measure the adaptation alone.
         Arm(REFERENCE, "synthetic/dacs.yaml", "DACS", starts_from=SOURCE_ONLY),
-        Arm("dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", REFERENCE, SOURCE_ONLY),
-        Arm("dacs_gbw_absolute", "synthetic/dacs_gbw_absolute.yaml", "DACS + GBW (absolute λ)", REFERENCE, SOURCE_ONLY),
+        Arm("dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", REFERENCE, SOURCE_ONLY, sweep=("relative λ", 1.0)),
+        Arm(
+            "dacs_gbw_absolute", "synthetic/dacs_gbw_absolute.yaml", "DACS + GBW (absolute λ)", REFERENCE, SOURCE_ONLY,
+            sweep=("absolute λ", 1.0),
+        ),
+        # The λ sweep around the relative λ 1 of dacs_gbw.yaml and the absolute λ 1 of the reference.
+        *(_gbw_lambda_arm("relative", lam) for lam in (0.1, 0.3, 3.0, 10.0)),
+        *(_gbw_lambda_arm("absolute", lam) for lam in (1e-2, 1e-4)),
         Arm(
             "dacs_gbw_semantic", "synthetic/dacs_gbw_semantic.yaml", "DACS + GBW (semantic loss only)", REFERENCE,
             SOURCE_ONLY,
@@ -156,6 +177,19 @@ PRESETS: Dict[str, Preset] = {
         max_iter=ITERATIONS,
         description="3 seeds of source-only and DACS, each plain, + GBW and + frequency weighting, and DACS ± GBW "
         "started from the source-only + GBW model",
+    ),
+    # GBW's λ under DACS: relative λ 0.1 ... 10 and absolute λ 1 (the reference), 1e-2, 1e-4
+    # (datasets/README.md, "Study: λ").
+    "lambda": Preset(
+        arms=(
+            SOURCE_ONLY, REFERENCE, "dacs_gbw_relative_lambda0.1", "dacs_gbw_relative_lambda0.3", "dacs_gbw",
+            "dacs_gbw_relative_lambda3", "dacs_gbw_relative_lambda10", "dacs_gbw_absolute",
+            "dacs_gbw_absolute_lambda0.01", "dacs_gbw_absolute_lambda0.0001",
+        ),
+        seeds=(0, 1, 2),
+        max_iter=ITERATIONS,
+        description="3 seeds of DACS + GBW with relative λ 0.1, 0.3, 1, 3, 10 and absolute λ 1, 1e-2, 1e-4, next "
+        "to source-only and DACS",
     ),
     # HRDA next to the single-scale arms it extends (not part of `make experiment`: an HRDA + DACS
     # step costs about 3x a single-scale one on the CPU).
@@ -283,7 +317,7 @@ def plan_runs(preset: Preset, out: Path) -> List[RunSpec]:
                 sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", str(configs[arm_name]),
                 "--resume", "OUTPUT_DIR", str(output_dir), "SEED", str(seed),
                 "SOLVER.MAX_ITER", str(preset.max_iter), "SOLVER.CHECKPOINT_PERIOD", str(max(preset.max_iter // 3, 1)),
-                "TEST.EVAL_PERIOD", "0", *preset.extra_opts,
+                "TEST.EVAL_PERIOD", "0", *preset.extra_opts, *ARMS[arm_name].opts,
             ]
             start_arm = ARMS[arm_name].starts_from
             starts_from = runs_of_seed[start_arm] if start_arm is not None else None  # planned above
