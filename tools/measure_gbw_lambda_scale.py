@@ -7,8 +7,9 @@ batch size. For each given config this tool builds the model and the source trai
 config (its crop size, batch, mapper), takes ``--batches`` source batches and runs the model's
 training forward on each, whose GBW losses solve their class weights (``last_weights``), once with
 λ as the config sets it (absolute λ = 1 in the paper configs) and once with relative λ = 1; it
-reports max_c |w_c − 1| over the batches for every GBW loss of the model (semantic, center, offset;
-HRDA's fused and detail losses).
+reports max_c |w_c − 1| over the batches and the classes that share the loss's simplex (the thing
+classes for the offsets) for every GBW loss of the model (semantic, center, offset; HRDA's fused and
+detail losses).
 
 The images are the synthetic benchmark generated at ``--height`` × ``--width`` (default 512 × 1024),
 resized by the config's mapper to its training size and cropped as in training. The model starts
@@ -81,8 +82,11 @@ def measure(config: str, batches: int, device: str) -> Dict:
             with torch.no_grad():
                 model(batch)
             for name, module in losses.items():
+                # Classes outside the loss's simplex (e.g. stuff classes of the offset loss) have weight 0
+                # by construction: only the classes that share the simplex count.
                 weights = module.last_weights.cpu()
-                deviation[setting][name] = max(deviation[setting][name], float((weights - 1).abs().max()))
+                shared = weights[module.fixed_active.cpu()]
+                deviation[setting][name] = max(deviation[setting][name], float((shared - 1).abs().max()))
                 last[setting][name] = [round(w, 6) for w in weights.tolist()]
     return {
         "config": config,
