@@ -2,7 +2,6 @@
 the box classifier and the mask loss against the GBW core, EDAPS's panoptic fusion, the UDA interface, and
 DACS + GBW training, resuming and evaluation through tools/train_net.py's code path."""
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,8 @@ from gbw_panoptic.modeling import GBWTopDownPanopticSegmentor
 from gbw_panoptic.modeling.post_processing import merge_semantic_and_instances
 from gbw_panoptic.modeling.roi_heads import GBWFastRCNNOutputLayers, class_weighted_mask_loss
 from gbw_panoptic.modeling.top_down import paint_instance_masks
-from gbw_panoptic.uda import UDATrainer
 from gbw_panoptic.uda.cli import main, setup
-from test_uda_training import _args, _metrics
+from test_uda_training import _Killed, _args, _metrics, _train, assert_same_training_state
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = "configs/synthetic/maskrcnn_dacs_gbw.yaml"
@@ -327,6 +325,9 @@ def test_config_errors_name_the_key():
         build_model(_cfg(SYNTHETIC, "MODEL.INS_EMBED_HEAD.ENABLED", "True"))
     with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES is 7"):
         build_model(_cfg(SYNTHETIC, "MODEL.ROI_HEADS.NUM_CLASSES", "7"))
+    with pytest.raises(ValueError, match="UDA.METHOD is 'advent'"):
+        build_model(_cfg(SYNTHETIC, "UDA.METHOD", "advent"))
+    build_model(_cfg(SYNTHETIC, "UDA.METHOD", "source_only"))
     with pytest.raises(ValueError, match="MODEL.FPN.IN_FEATURES"):
         build_model(_cfg(SYNTHETIC, "MODEL.FPN.IN_FEATURES", "['res1', 'res2']"))
 
@@ -438,32 +439,35 @@ TEST_SETS = ["DATASETS.TEST", "('synthetic_target_panoptic_val',)"]
 
 @pytest.mark.slow
 def test_dacs_gbw_trains_resumes_and_evaluates(synthetic_datasets, tmp_path):
+    """DACS + GBW (semantic, box, mask) through train_net's code path: the losses and GBW weights it logs,
+    a run killed and resumed equal to the uninterrupted one (Detectron2's samplers included), and the
+    evaluation's PQ per class."""
     config = Path(SYNTHETIC).name
-    schedule = ["SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1"]
-    main(_args(REPO_ROOT, tmp_path, config, extra=[*TEST_SETS, *schedule]))
-    records = [r for r in _metrics(tmp_path) if "total_loss" in r]
-    assert [r["iteration"] for r in records] == [0, 1]
+
+    def train(output_dir, resume, kill_before=None):
+        extra = [*TEST_SETS, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2"]
+        return _train(setup(_args(REPO_ROOT, output_dir, config, extra=extra)), resume, kill_before)
+
+    straight = train(tmp_path / "straight", resume=False)
+    records = [r for r in _metrics(tmp_path / "straight") if "total_loss" in r]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
     for name in ("loss_sem_seg", "loss_rpn_cls", "loss_cls", "loss_mask", "loss_mix_sem_seg"):
         assert math.isfinite(records[-1][name]), name
     assert not any(k.startswith("loss_mix_") and k != "loss_mix_sem_seg" for k in records[-1])
     for loss, count in (("sem_seg", 19), ("box_cls", 9), ("mask", 8)):
         assert len([k for k in records[-1] if k.startswith(f"gbw/source/{loss}/")]) == count
     assert len([k for k in records[-1] if k.startswith("gbw/mixed/sem_seg/")]) == 19
-    assert not any(k.startswith("gbw/mixed/box_cls/") for k in records[-1])
+    assert not any(k.startswith(("gbw/mixed/box_cls/", "gbw/mixed/mask/")) for k in records[-1])
 
-    resume = _args(REPO_ROOT, tmp_path, config, extra=[*TEST_SETS, "SOLVER.MAX_ITER", "3"], flags=["--resume"])
-    resumed = UDATrainer(setup(resume))
-    resumed.resume_or_load(resume=True)
+    with pytest.raises(_Killed):
+        train(tmp_path / "resumed", resume=False, kill_before=2)
+    assert (tmp_path / "resumed" / "last_checkpoint").read_text() == "model_0000001.pth"
+    resumed = train(tmp_path / "resumed", resume=True)
     assert resumed.start_iter == 2
-    final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
-    for key, value in resumed.model.state_dict().items():
-        assert torch.equal(value, final[key]), key
-    resumed.train()
-    assert resumed.iter == 3
+    assert_same_training_state(straight, resumed)
 
-    weights = ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
-    results = main(_args(REPO_ROOT, tmp_path, config, extra=[*TEST_SETS, *weights], flags=["--eval-only"]))
+    weights = ["MODEL.WEIGHTS", str(tmp_path / "straight" / "model_final.pth")]
+    results = main(_args(REPO_ROOT, tmp_path / "eval", config, extra=[*TEST_SETS, *weights], flags=["--eval-only"]))
     panoptic = results["synthetic_target_panoptic_val"]["panoptic_seg"]
     assert all(math.isfinite(panoptic[k]) for k in ("PQ", "SQ", "RQ"))
     assert "PQ-road" in panoptic and "PQ-person" in panoptic
-    assert os.path.isfile(tmp_path / "model_final.pth")

@@ -46,9 +46,12 @@ from ..utils.d2_compat import active_event_storage
 from .meta_arch import GBWPanopticSegmentor, _dataset_classes, _fixed_class_weights, _gbw_loss_kwargs, _writes_metrics
 from .post_processing import merge_semantic_and_instances, panoptic_to_segments
 
-__all__ = ["EncoderFeatures", "GBWTopDownPanopticSegmentor", "build_fpn_neck", "paint_instance_masks"]
+__all__ = ["UDA_METHODS", "EncoderFeatures", "GBWTopDownPanopticSegmentor", "build_fpn_neck", "paint_instance_masks"]
 
 _VOID = -1
+# UDA.METHOD values the model trains with: methods whose passes use the dense outputs alone (AdvEnt, AdvSeg,
+# MinEnt) call the dense-prediction losses of the bottom-up model, which this model does not have.
+UDA_METHODS = ("source_only", "dacs")
 
 
 class EncoderFeatures(Backbone):
@@ -213,6 +216,10 @@ class GBWTopDownPanopticSegmentor(nn.Module):
             raise ValueError(
                 "MODEL.INS_EMBED_HEAD.ENABLED is True: the top-down model has no center/offset head; set it "
                 "False (the data mapper would otherwise build center/offset targets)"
+            )
+        if cfg.UDA.METHOD not in UDA_METHODS:
+            raise ValueError(
+                f"UDA.METHOD is {cfg.UDA.METHOD!r}: GBWTopDownPanopticSegmentor trains with one of {UDA_METHODS}"
             )
         backbone = build_backbone(cfg)
         neck = build_fpn_neck(cfg, backbone.output_shape())
