@@ -303,7 +303,8 @@ def test_top_down_configs_exist():
     names = {Path(c).relative_to("configs").as_posix() for c in TOP_DOWN_CONFIGS}
     expected = [f"{folder}/maskrcnn_{name}.yaml" for folder in ("synthia2cityscapes", "synthia2mapillary")
                 for name in ("mit_b5", "mit_b5_gbw")]  # fmt: skip
-    assert {"synthetic/maskrcnn_dacs.yaml", "synthetic/maskrcnn_dacs_gbw.yaml", *expected} <= names
+    synthetic = [f"synthetic/maskrcnn_{name}.yaml" for name in ("source_only", "dacs", "dacs_gbw")]
+    assert {*synthetic, *expected} <= names
 
 
 @pytest.mark.parametrize("config", [c for c in TOP_DOWN_CONFIGS if c.startswith("configs/synthetic/")])
