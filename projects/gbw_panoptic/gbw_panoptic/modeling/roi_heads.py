@@ -88,6 +88,7 @@ class GBWStandardROIHeads(StandardROIHeads):
     @classmethod
     def _init_box_head(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict:
         ret = super()._init_box_head(cfg, input_shape)
+        # Detectron2 builds its FastRCNNOutputLayers there; the same layers with the GBW loss replace it.
         ret["box_predictor"] = GBWFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
 
