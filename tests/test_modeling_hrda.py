@@ -365,10 +365,6 @@ def test_mapper_marks_pseudo_label_margins_of_the_whole_image_before_the_crop(tm
         is_train=True, augmentations=[crop_transform], image_format="RGB", load_labels=False
     )
     assert "pseudo_label_valid" not in without({"file_name": str(path), "height": 40, "width": 60, "image_id": "a"})
-    with pytest.raises(ValueError, match="PSEUDO_LABEL_MARGINS"):
-        GBWPanopticDatasetMapper(
-            is_train=True, augmentations=[], image_format="RGB", load_labels=False, pseudo_label_margins=(1, 2)
-        )
 
 
 # ---------------------------------------------------------------------- end to end

@@ -129,8 +129,6 @@ def test_teacher_train_mode_averages_parameters_only_and_uses_batch_statistics()
     with torch.no_grad():
         out = head(torch.randn(2, 3, 5, 5) * 3 + 7)
     torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="UDA.TEACHER_BATCH_NORM"):
-        EMATeacher(student, batch_norm="frozen")
 
 
 def test_pseudo_labels_weights_and_margins():
@@ -157,8 +155,6 @@ def test_pseudo_labels_weights_and_margins():
     padded = pseudo_labels(logits, threshold=0.968, valid=valid)
     torch.testing.assert_close(padded.confidence, torch.tensor([1.0, 1.0]))
     assert (padded.weights[1, 5:] == 0).all()
-    with pytest.raises(ValueError, match="UDA.PSEUDO_WEIGHT_SCOPE"):
-        pseudo_labels(logits, 0.5, scope="pixel")
 
 
 @pytest.mark.parametrize("pixel_weights_in_norms", [False, True])
@@ -250,8 +246,6 @@ def test_class_mix_batch_candidates_are_the_label_values_of_the_whole_batch():
             assert pasted <= batch_values and len(pasted) <= 2
             drawn.append(frozenset(pasted))
     assert frozenset({1}) in drawn and frozenset({2, 255}) in drawn  # values absent from one image
-    with pytest.raises(ValueError, match="candidates"):
-        class_mix_masks(labels, candidates="pixels")
 
 
 def test_hsv_conversion_on_hand_computed_colours():
@@ -418,25 +412,28 @@ def test_registered_methods():
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
+    "overrides, named",
     [
-        ({"UDA.METHOD": "fixmatch"}, "UDA.METHOD='fixmatch' is unknown"),
-        ({"UDA.PSEUDO_THRESHOLD": 1.0}, "UDA.PSEUDO_THRESHOLD=1.0 must lie strictly between 0 and 1"),
+        ({"UDA.METHOD": "fixmatch"}, "UDA.METHOD='fixmatch'"),
+        ({"UDA.PSEUDO_THRESHOLD": 1.0}, "UDA.PSEUDO_THRESHOLD=1.0"),
         ({"UDA.PSEUDO_THRESHOLD": 0.0}, "UDA.PSEUDO_THRESHOLD=0.0"),
-        ({"DATASETS.TARGET_TRAIN": ()}, "DATASETS.TARGET_TRAIN is empty"),
-        ({"UDA.METHOD": "advent", "DATASETS.TARGET_TRAIN": ()}, "UDA.METHOD='advent' trains on target images"),
+        ({"DATASETS.TARGET_TRAIN": ()}, "DATASETS.TARGET_TRAIN"),
+        ({"UDA.METHOD": "advent", "DATASETS.TARGET_TRAIN": ()}, "UDA.METHOD='advent'"),
         ({"UDA.EMA_ALPHA": 1.0}, "UDA.EMA_ALPHA=1.0"),
         ({"UDA.PSEUDO_WEIGHT_IGNORE_TOP": -1}, "UDA.PSEUDO_WEIGHT_IGNORE_TOP=-1"),
-        ({"DATASETS.TRAIN": ()}, "DATASETS.TRAIN is empty"),
-        ({"UDA.TEACHER_BATCH_NORM": "frozen"}, "UDA.TEACHER_BATCH_NORM='frozen' must be one of"),
-        ({"UDA.PSEUDO_WEIGHT_SCOPE": "pixel"}, "UDA.PSEUDO_WEIGHT_SCOPE='pixel' must be one of"),
-        ({"UDA.CLASS_MIX_CLASSES": "all"}, "UDA.CLASS_MIX_CLASSES='all' must be one of"),
-        ({"DATALOADER.RCS.MIN_CROP_RATIO": -1.0}, "DATALOADER.RCS.MIN_CROP_RATIO=-1.0 must be >= 0"),
+        ({"DATASETS.TRAIN": ()}, "DATASETS.TRAIN"),
+        ({"UDA.TEACHER_BATCH_NORM": "frozen"}, "UDA.TEACHER_BATCH_NORM='frozen'"),
+        ({"UDA.PSEUDO_WEIGHT_SCOPE": "pixel"}, "UDA.PSEUDO_WEIGHT_SCOPE='pixel'"),
+        ({"UDA.CLASS_MIX_CLASSES": "all"}, "UDA.CLASS_MIX_CLASSES='all'"),
+        ({"DATALOADER.RCS.MIN_CROP_RATIO": -1.0}, "DATALOADER.RCS.MIN_CROP_RATIO=-1.0"),
+        ({"UDA.PSEUDO_LABEL_MARGINS": [1, 2]}, "UDA.PSEUDO_LABEL_MARGINS=[1, 2]"),
+        ({"UDA.ADVSEG.GAN_LOSS": "hinge"}, "UDA.ADVSEG.GAN_LOSS='hinge'"),
     ],
 )
-def test_bad_configs_raise_clear_errors(overrides, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+def test_bad_configs_name_the_key_and_value(overrides, named):
+    with pytest.raises(ValueError) as error:
         check_uda_config(_uda_cfg(**overrides))
+    assert named in str(error.value)
 
 
 def test_valid_configs_pass():

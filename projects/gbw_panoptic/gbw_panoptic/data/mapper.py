@@ -107,8 +107,6 @@ def build_augmentations(
         else:
             augmentations.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
     flip = cfg.INPUT.RANDOM_FLIP
-    if flip not in FLIP_DIRECTIONS:
-        raise ValueError(f"INPUT.RANDOM_FLIP must be one of {FLIP_DIRECTIONS}, got {flip!r}")
     if flip != "none":
         augmentations.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
     return augmentations
@@ -181,11 +179,6 @@ class GBWPanopticDatasetMapper:
             instance_mask_generator: builds ``sem_seg`` and the Mask R-CNN ``instances`` from the
                 panoptic labels (used instead of ``target_generator``); None: no ``instances``.
         """
-        if len(pseudo_label_margins) != 4 or min(pseudo_label_margins) < 0:
-            raise ValueError(
-                f"UDA.PSEUDO_LABEL_MARGINS={list(pseudo_label_margins)} must be 4 pixel counts >= 0 "
-                "(top, bottom, left, right)"
-            )
         self.pseudo_label_margins = tuple(pseudo_label_margins)
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)

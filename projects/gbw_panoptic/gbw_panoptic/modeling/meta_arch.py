@@ -184,8 +184,6 @@ class GBWPanopticSegmentor(nn.Module):
             raise ValueError(f"center_loss_zero_above must be >= 0 (0 disables it), got {center_loss_zero_above}")
         if gbw_log_period < 1:
             raise ValueError(f"gbw_log_period must be >= 1, got {gbw_log_period}")
-        if center_pixel_class not in CENTER_PIXEL_CLASSES:
-            raise ValueError(f"center_pixel_class must be one of {CENTER_PIXEL_CLASSES}, got {center_pixel_class!r}")
         self.center_loss_zero_above = center_loss_zero_above
         self.center_pixel_class = center_pixel_class
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)

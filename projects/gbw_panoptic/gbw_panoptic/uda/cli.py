@@ -119,14 +119,15 @@ def load_config(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
-def setup(args: argparse.Namespace) -> CfgNode:
-    """:func:`load_config`, then what Detectron2's ``default_setup`` does: output directory, loggers
+def setup(args: argparse.Namespace, cfg: Optional[CfgNode] = None) -> CfgNode:
+    """``cfg`` (:func:`load_config` when None; :func:`run` checks the config once and passes it), then
+    what Detectron2's ``default_setup`` does: output directory, loggers
     (``OUTPUT_DIR/log.txt``), environment and config in the log, ``OUTPUT_DIR/config.yaml``, seeds
     (``SEED + rank``; random when ``SEED < 0``). The environment report is the project's, which also
     works with a Detectron2 built without its C++ extension. A single-process run locks ``OUTPUT_DIR``
     first (:mod:`.output_lock`; the launcher of a multi-process run holds it for its processes); the
     temporary files of interrupted writes in it are removed."""
-    cfg = load_config(args)
+    cfg = load_config(args) if cfg is None else cfg
     rank = comm.get_rank()
     if comm.get_world_size() == 1:
         lock_output_dir(cfg.OUTPUT_DIR)
@@ -148,11 +149,12 @@ def setup(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
-def main(args: argparse.Namespace):
-    """Train (or, with ``--eval-only``, evaluate) in this process; returns the evaluation results.
+def main(args: argparse.Namespace, cfg: Optional[CfgNode] = None):
+    """Train (or, with ``--eval-only``, evaluate) in this process (:func:`setup` of ``args`` and ``cfg``);
+    returns the evaluation results.
 
     Raises :class:`~gbw_panoptic.uda.trainer.TrainingInterrupted` after a SIGTERM / SIGINT checkpoint."""
-    cfg = setup(args)
+    cfg = setup(args, cfg)
     try:
         if args.eval_only:
             model = UDATrainer.build_model(cfg)
@@ -198,7 +200,7 @@ def run(argv: Optional[List[str]] = None) -> None:
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
-            args=(args,),
+            args=(args, cfg),
             backend=default_backend(cfg.MODEL.DEVICE),
         )
     except TrainingInterrupted as e:

@@ -16,7 +16,7 @@ from torch import nn
 
 from detectron2.config import CfgNode, configurable
 
-from .augment import CLASS_MIX_CANDIDATES, class_mix_masks, mix, strong_augment
+from .augment import class_mix_masks, mix, strong_augment
 from .method import UDA_METHOD_REGISTRY, StepOutput, UDAMethod, stack_field
 from .runner import StudentRunner, common_size, stack_images
 from .teacher import EMATeacher
@@ -65,8 +65,6 @@ def pseudo_labels(
             do not count in the confident fraction.
         scope: "batch" or "image".
     """
-    if scope not in PSEUDO_WEIGHT_SCOPES:
-        raise ValueError(f"UDA.PSEUDO_WEIGHT_SCOPE must be one of {PSEUDO_WEIGHT_SCOPES}, got {scope!r}")
     probs = torch.softmax(logits.float(), dim=1)
     max_probs, labels = probs.max(dim=1)
     if valid is None:
@@ -115,20 +113,12 @@ class DACS(UDAMethod):
         super().__init__(**kwargs)
         self.teacher = teacher
         self.pseudo_threshold = pseudo_threshold
-        if pseudo_weight_scope not in PSEUDO_WEIGHT_SCOPES:
-            raise ValueError(
-                f"UDA.PSEUDO_WEIGHT_SCOPE must be one of {PSEUDO_WEIGHT_SCOPES}, got {pseudo_weight_scope!r}"
-            )
         self.pseudo_weight_scope = pseudo_weight_scope
         self.ignore_top = ignore_top
         self.ignore_bottom = ignore_bottom
         self.jitter_strength = jitter_strength
         self.jitter_probability = jitter_probability
         self.blur = blur
-        if class_mix_candidates not in CLASS_MIX_CANDIDATES:
-            raise ValueError(
-                f"UDA.CLASS_MIX_CLASSES must be one of {CLASS_MIX_CANDIDATES}, got {class_mix_candidates!r}"
-            )
         self.class_mix_candidates = class_mix_candidates
         self.mix_instances = mix_instances
         self._padding_logged = False

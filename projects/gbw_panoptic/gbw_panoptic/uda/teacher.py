@@ -40,10 +40,6 @@ class EMATeacher(nn.Module):
 
     def __init__(self, student: nn.Module, alpha: float = 0.999, batch_norm: str = "train"):
         super().__init__()
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"UDA.EMA_ALPHA must be in [0, 1), got {alpha}")
-        if batch_norm not in TEACHER_BATCH_NORM_MODES:
-            raise ValueError(f"UDA.TEACHER_BATCH_NORM must be one of {TEACHER_BATCH_NORM_MODES}, got {batch_norm!r}")
         self.alpha = alpha
         self.batch_norm = batch_norm
         self.model = copy.deepcopy(student)

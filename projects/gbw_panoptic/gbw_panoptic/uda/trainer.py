@@ -44,7 +44,6 @@ from .checkpoint import (
 from .method import UDAMethod, build_uda_method
 from .optim import CLIP_TYPES, build_lr_scheduler, build_optimizer
 from .runner import StudentRunner, needs_unused_parameter_search
-from .validate import check_uda_config
 
 __all__ = ["TrainingInterrupted", "UDATrainer"]
 
@@ -209,7 +208,6 @@ class UDATrainer(TrainerBase):
 
     def __init__(self, cfg: CfgNode):
         super().__init__()
-        check_uda_config(cfg)
         self.cfg = cfg
         model = self.build_model(cfg)
         if cfg.MODEL.WEIGHTS:

@@ -118,6 +118,11 @@ def check_uda_config(cfg: CfgNode) -> None:
         ("CLASS_MIX_CLASSES", CLASS_MIX_CANDIDATES),
     ):
         _require(cfg.UDA[key] in choices, f"UDA.{key}={cfg.UDA[key]!r} must be one of {list(choices)}")
+    margins = cfg.UDA.PSEUDO_LABEL_MARGINS
+    _require(
+        len(margins) == 4 and min(margins) >= 0,
+        f"UDA.PSEUDO_LABEL_MARGINS={list(margins)} must be 4 pixel counts >= 0 (top, bottom, left, right)",
+    )
     ratio = cfg.DATALOADER.RCS.MIN_CROP_RATIO
     _require(ratio >= 0, f"DATALOADER.RCS.MIN_CROP_RATIO={ratio} must be >= 0 (0.5 DAFormer, 2.0 HRDA, 0 off)")
     _require(cfg.SOLVER.MAX_ITER > 0, f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER} must be > 0")
