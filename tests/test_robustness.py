@@ -17,7 +17,7 @@ import torch
 from detectron2.engine import HookBase, default_argument_parser
 
 from gbw_panoptic.uda import UDATrainer
-from gbw_panoptic.uda.trainer import TrainingInterrupted
+from gbw_panoptic.uda.signals import TrainingInterrupted
 from gbw_panoptic.uda.cli import build_parser, load_config, run, setup
 
 import test_uda_training

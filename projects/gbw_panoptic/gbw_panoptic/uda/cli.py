@@ -20,7 +20,8 @@ from ..utils.io import atomic_write
 from .checkpoint import AtomicCheckpointer, remove_stale_temporary_files
 from .launch import default_backend, launch
 from .output_lock import lock_output_dir, unlock_output_dir
-from .trainer import TrainingInterrupted, UDATrainer
+from .signals import TrainingInterrupted
+from .trainer import UDATrainer
 from .validate import check_uda_config, check_weights_config
 
 __all__ = [
@@ -153,7 +154,7 @@ def main(args: argparse.Namespace, cfg: Optional[CfgNode] = None):
     """Train (or, with ``--eval-only``, evaluate) in this process (:func:`setup` of ``args`` and ``cfg``);
     returns the evaluation results.
 
-    Raises :class:`~gbw_panoptic.uda.trainer.TrainingInterrupted` after a SIGTERM / SIGINT checkpoint."""
+    Raises :class:`~gbw_panoptic.uda.signals.TrainingInterrupted` after a SIGTERM / SIGINT checkpoint."""
     cfg = setup(args, cfg)
     try:
         if args.eval_only:

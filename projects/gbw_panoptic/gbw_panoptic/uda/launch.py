@@ -5,7 +5,7 @@ launcher has the same arguments and semantics (one process per device on each ma
 local process group set up, ``dist_url="auto"`` picks a free local port) plus a ``backend`` argument.
 
 SIGTERM / SIGINT sent to the launching process are forwarded to its processes, so that they checkpoint
-and stop together (:class:`~gbw_panoptic.uda.trainer.TrainingInterrupted`); a process stopped that way
+and stop together (:class:`~gbw_panoptic.uda.signals.TrainingInterrupted`); a process stopped that way
 exits with ``128 + signal`` and the launcher raises ``TrainingInterrupted`` too.
 """
 import logging
@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from ..utils.d2_compat import create_local_process_group
-from .trainer import STOP_SIGNALS, TrainingInterrupted
+from .signals import STOP_SIGNALS, TrainingInterrupted
 
 __all__ = ["DEFAULT_TIMEOUT", "default_backend", "launch"]
 

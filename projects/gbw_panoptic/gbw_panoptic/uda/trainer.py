@@ -14,7 +14,6 @@ data can no longer be loaded), write a checkpoint of the last finished iteration
 import logging
 import os
 import signal
-import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -44,8 +43,9 @@ from .checkpoint import (
 from .method import UDAMethod, build_uda_method
 from .optim import CLIP_TYPES, build_lr_scheduler, build_optimizer
 from .runner import StudentRunner, needs_unused_parameter_search
+from .signals import StopSignals, TrainingInterrupted
 
-__all__ = ["TrainingInterrupted", "UDATrainer"]
+__all__ = ["UDATrainer"]
 
 
 def _broadcast_from_main(module: nn.Module) -> None:
@@ -58,66 +58,13 @@ def _broadcast_from_main(module: nn.Module) -> None:
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor, src=0)
 
+
 logger = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class TrainingInterrupted(BaseException):
-    """Training stopped by a signal (a ``BaseException``, like ``KeyboardInterrupt``: not a failure).
-
-    Attributes:
-        signum: the signal number; the command line exits with ``128 + signum``.
-        checkpoint: the checkpoint written before stopping, or None (stopped before any new iteration,
-            or abandoned by a second signal).
-    """
-
-    def __init__(self, message: str, signum: int, checkpoint: Optional[str] = None):
-        super().__init__(message)
-        self.signum = signum
-        self.checkpoint = checkpoint
 
 
 class _StepAbandoned(BaseException):
     """The data of an iteration could not be loaded after a stop signal (e.g. a loader worker was killed
     too). A ``BaseException``, so that the training loop does not log it as a failure."""
-
-
-class _StopSignals:
-    """While entered (in the main thread), SIGTERM / SIGINT set :attr:`received` instead of killing the
-    process; a second signal, :data:`REPEAT_AFTER_S` or more after the first, raises
-    :class:`TrainingInterrupted` at once (copies of one signal, e.g. sent to the process group and
-    forwarded by the launcher, arrive closer together). Other threads install nothing."""
-
-    REPEAT_AFTER_S = 2.0
-
-    def __init__(self) -> None:
-        self.received: int = 0
-        self._received_at = 0.0
-        self._previous: Dict[int, object] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        self.received = 0
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.received:
-            if time.monotonic() - self._received_at < self.REPEAT_AFTER_S:
-                return
-            raise TrainingInterrupted(f"{name} received twice: training abandoned without a new checkpoint", signum)
-        self.received, self._received_at = signum, time.monotonic()
-        logger.warning(
-            f"{name} received: finishing the current iteration, then writing a checkpoint and stopping "
-            f"(send {name} again to stop at once without a checkpoint)"
-        )
 
 
 class _ConsolePrinter(CommonMetricPrinter):
@@ -237,7 +184,7 @@ class UDATrainer(TrainerBase):
         self.method.train()
 
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.stop_signals = _StopSignals()
+        self.stop_signals = StopSignals()
         self.rng_states: List[dict] = []
         self._resume_rng_states: List[dict] = []
         self.start_iter = 0
