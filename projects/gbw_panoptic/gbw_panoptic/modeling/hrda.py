@@ -42,6 +42,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
+from ..utils.padding import pad_to
 from .heads import _DAFormerHead, _decoder_config
 from .meta_arch import DENSE_OUTPUTS, GBWPanopticSegmentor
 
@@ -419,7 +420,7 @@ class HRDASegmentor(GBWPanopticSegmentor):
         height, width = images.shape[-2:]
         step = int(self.crop_coord_divisible / self.detail_scale)
         if height % step or width % step:
-            padded = F.pad(images, (0, -width % step, 0, -height % step))
+            padded = pad_to(images, (height + -height % step, width + -width % step))
             return {
                 name: value[..., :height, :width] for name, value in self.predict_dense(padded, outputs).items()
             }

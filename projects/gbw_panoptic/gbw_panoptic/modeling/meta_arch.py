@@ -28,6 +28,7 @@ from torch import nn
 
 from ..gbw import GBWCrossEntropyLoss, GBWRegressionLoss, median_frequency_weights
 from ..utils.d2_compat import active_event_storage
+from ..utils.padding import stack_padded
 from .heads import build_ins_embed_head
 from .post_processing import panoptic_segmentation, panoptic_to_segments
 
@@ -382,15 +383,13 @@ class GBWPanopticSegmentor(nn.Module):
     ) -> torch.Tensor:
         """Stack ``key`` of every input, padded with ``pad_value`` to ``size`` (H_pad, W_pad);
         inputs without ``key`` contribute ``channels`` x H x W filled with ``default``."""
-        targets = []
-        for x in batched_inputs:
-            height, width = x["image"].shape[-2:]
+
+        def target(x: Dict) -> torch.Tensor:
             if key in x:
-                target = x[key].to(self.device)
-            else:
-                target = torch.full((*channels, height, width), default, device=self.device)
-            targets.append(F.pad(target, (0, size[1] - width, 0, size[0] - height), value=pad_value))
-        return torch.stack(targets)
+                return x[key].to(self.device)
+            return torch.full((*channels, *x["image"].shape[-2:]), default, device=self.device)
+
+        return stack_padded([target(x) for x in batched_inputs], pad_value, size)
 
     def losses(
         self, predictions: Dict[str, torch.Tensor], batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"

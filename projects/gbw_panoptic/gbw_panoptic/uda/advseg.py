@@ -20,7 +20,8 @@ from detectron2.config import CfgNode, configurable
 
 from .advent import SOURCE_DOMAIN, TARGET_DOMAIN, OutputSpaceAdversarial, OutputSpaceDiscriminator
 from .method import UDA_METHOD_REGISTRY, StepOutput, build_feature_distance
-from .runner import StudentRunner, stack_images, stack_padded
+from ..utils.padding import stack_padded
+from .runner import StudentRunner, stack_images
 
 __all__ = ["GAN_LOSSES", "AdvSeg", "gan_loss", "poly_lr_scheduler"]
 

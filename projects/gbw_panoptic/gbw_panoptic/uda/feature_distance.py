@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.padding import pad_to
+
 __all__ = ["downscale_labels", "FeatureDistance"]
 
 
@@ -83,8 +85,7 @@ class FeatureDistance(nn.Module):
         """
         with torch.no_grad():
             frozen = self.frozen_model.extract_features(images)[self.feature_name]
-        pad_h, pad_w = images.shape[-2] - labels.shape[-2], images.shape[-1] - labels.shape[-1]
-        labels = F.pad(labels, (0, pad_w, 0, pad_h), value=self.ignore_value)
+        labels = pad_to(labels, images.shape[-2:], self.ignore_value)
         factor = images.shape[-1] // features.shape[-1]
         cell_labels = downscale_labels(labels, factor, self.num_classes, self.min_ratio, self.ignore_value)
         mask = torch.isin(cell_labels, self.classes)

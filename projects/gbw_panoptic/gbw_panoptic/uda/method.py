@@ -16,7 +16,8 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.registry import Registry
 
 from .feature_distance import FeatureDistance
-from .runner import StudentRunner, stack_padded
+from ..utils.padding import stack_padded
+from .runner import StudentRunner
 
 __all__ = [
     "UDA_METHOD_REGISTRY",

@@ -9,11 +9,12 @@ import contextlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.utils import comm
+
+from ..utils.padding import stack_padded
 
 __all__ = [
     "StudentForward",
@@ -21,7 +22,6 @@ __all__ = [
     "common_size",
     "needs_unused_parameter_search",
     "stack_images",
-    "stack_padded",
 ]
 
 
@@ -61,18 +61,6 @@ class StudentForward(nn.Module):
         raise ValueError(
             f"unknown student task {task!r}; expected 'losses', 'losses_and_features', 'losses_and_dense' or 'dense'"
         )
-
-
-def stack_padded(
-    tensors: List[torch.Tensor], value: float = 0.0, size: Optional[Tuple[int, int]] = None
-) -> torch.Tensor:
-    """Stack ``... x H_i x W_i`` tensors into ``B x ... x H x W``, padding bottom/right with ``value``.
-
-    ``size`` defaults to the largest height and width of the list. Training crops can be smaller than
-    ``INPUT.CROP.SIZE`` when the resized image is, so UDA batches pad them to a common size.
-    """
-    size = size or (max(t.shape[-2] for t in tensors), max(t.shape[-1] for t in tensors))
-    return torch.stack([F.pad(t, (0, size[1] - t.shape[-1], 0, size[0] - t.shape[-2]), value=value) for t in tensors])
 
 
 def common_size(batched_inputs: List[dict]) -> Tuple[int, int]:
