@@ -25,11 +25,8 @@ Example:
 """
 import argparse
 import os
-import platform
 import statistics
-import time
-from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +34,8 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from gbw_panoptic.gbw import GBWCrossEntropyLoss, ce_grad_sq_norms, qp_class_weights
-from gbw_panoptic.utils.io import write_json
+
+from _common import machine_info, time_round_robin, write_report
 
 IGNORE = 255
 # A Cityscapes-like long-tailed class distribution over the 19 train ids (fraction of labelled
@@ -95,63 +93,6 @@ def plain_ce_step(logits: torch.Tensor, labels: torch.Tensor, pixel_weights: tor
     """DeepLabCE (top-k 1.0) with pixel weights, forward and backward."""
     loss = (F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none") * pixel_weights).mean()
     loss.backward()
-
-
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else what platform reports."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device, load_before: Sequence[float], load_after: Sequence[float]) -> Dict[str, object]:
-    """What a benchmark report says about the machine: device, CPUs, threads, versions, load averages."""
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(load_after),
-    }
-
-
-def write_report(path: str, report: Dict[str, object]) -> Path:
-    """Write ``report`` as JSON to ``path`` (parents created), atomically."""
-    write_json(path, report)
-    return Path(path)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_round_robin(
-    paths: Dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device, progress: tqdm
-) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
-    """Wall-clock and CPU seconds (this process, all threads) per call of each path, the paths
-    interleaved repeat by repeat. On a loaded CPU the CPU seconds barely depend on the load."""
-    for _ in range(warmup):
-        for run in paths.values():
-            run()
-    wall: Dict[str, List[float]] = {name: [] for name in paths}
-    cpu: Dict[str, List[float]] = {name: [] for name in paths}
-    for _ in range(repeats):
-        for name, run in paths.items():
-            _synchronize(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            _synchronize(device)
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-        progress.update(1)
-    return wall, cpu
 
 
 def benchmark_case(

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
-from bench_gbw import _cpu_name
+from _common import cpu_name
 from tabulate import tabulate
 
 from detectron2.config import CfgNode, get_cfg
@@ -216,7 +216,7 @@ def main() -> None:
              f"{ratios['step_memory_hrda_over_single_scale']:.2f}x"]
         )  # fmt: skip
     machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -43,7 +43,7 @@ from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 from tqdm import tqdm
 
-from bench_gbw import machine_info, time_round_robin, write_report
+from _common import machine_info, time_round_robin, write_report
 from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.data.datasets import register_all
 from gbw_panoptic.data.datasets.synthetic import prepare_synthetic

@@ -32,7 +32,7 @@ from detectron2.data import detection_utils as utils
 from panopticapi.utils import rgb2id
 from tabulate import tabulate
 
-from bench_gbw import write_report
+from _common import write_report
 from bench_train_step import prepare_datasets
 from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.data.mapper import build_target_generator

@@ -13,7 +13,6 @@ Example:
     python tools/plot_training.py output/synthetic_dacs_gbw --output-dir output/synthetic_dacs_gbw/plots
 """
 import argparse
-import json
 import logging
 import sys
 from collections import OrderedDict
@@ -27,33 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from gbw_panoptic.utils.io import atomic_write  # noqa: E402
 
+from _common import read_metrics  # noqa: E402
+
 logger = logging.getLogger("plot_training")
 
 Series = Tuple[List[int], List[float]]
 # Summary metrics of the evaluators worth a curve (per-class values have a "-" in their name).
 EVAL_TASKS = ("sem_seg", "panoptic_seg")
-
-
-def read_metrics(path: Path) -> List[Dict[str, float]]:
-    """The records of ``metrics.json`` (one JSON object per line), or of ``<run dir>/metrics.json``."""
-    if path.is_dir():
-        path = path / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (expected a Detectron2 metrics.json or a run folder holding one)")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not a JSON object ({error.msg})") from None
-            if "iteration" not in record:
-                raise ValueError(f"{path}, line {number}: record without 'iteration'")
-            records.append(record)
-    return records
 
 
 def collect(records: Sequence[Dict[str, float]], group_of: Callable[[str], Optional[Tuple[str, str]]]) -> "OrderedDict[str, OrderedDict[str, Series]]":

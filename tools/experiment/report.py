@@ -25,7 +25,7 @@ import numpy as np
 from gbw_panoptic.utils.io import atomic_write, write_json
 from gbw_panoptic.evaluation.report import read_report
 
-from plot_training import read_metrics  # tools/plot_training.py: tools/ is on sys.path
+from _common import read_metrics
 
 from .figures import plot_curves, plot_recall_deltas, plot_sweep
 from .runs import (
