@@ -138,24 +138,10 @@ def test_gbw_config_is_its_baseline_plus_gbw(baseline, gbw_config):
 def _check_builds_and_predicts(config: str) -> None:
     cfg = _cfg(config)
     model = build_model(cfg).eval()
-    assert isinstance(model, GBWPanopticSegmentor)
-    assert model.instance_on == cfg.MODEL.INS_EMBED_HEAD.ENABLED
-    assert (model.sem_seg_loss.enabled, model.sem_seg_loss.lam_mode) == (
-        cfg.MODEL.GBW.SEM_SEG.ENABLED,
-        cfg.MODEL.GBW.SEM_SEG.LAMBDA_MODE,
-    )
-    if model.instance_on:
-        assert model.center_loss.enabled == cfg.MODEL.GBW.CENTER.ENABLED
-        assert model.offset_loss.enabled == cfg.MODEL.GBW.OFFSET.ENABLED
-        assert model.offset_loss.fixed_active.nonzero().flatten().tolist() == model.thing_ids
-    expected_backbone = "MixVisionTransformer" if cfg.MODEL.BACKBONE.NAME == "build_mit_backbone" else "ResNet"
-    assert type(model.backbone).__name__ == expected_backbone
-    if expected_backbone == "MixVisionTransformer":
-        assert model.backbone.output_shape()["res5"].channels == (256 if cfg.MODEL.MIT.VARIANT == "b0" else 512)
     with torch.no_grad():
         (output,) = model([{"image": torch.zeros(3, 64, 64), "height": 32, "width": 48}])
     assert output["sem_seg"].shape == (19, 32, 48)
-    assert ("panoptic_seg" in output) == model.instance_on
+    assert ("panoptic_seg" in output) == cfg.MODEL.INS_EMBED_HEAD.ENABLED
 
 
 # The top-down (Mask R-CNN) configs build another meta-architecture: tests/test_top_down.py builds them.

