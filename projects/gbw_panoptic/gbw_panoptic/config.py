@@ -21,10 +21,6 @@ def _gbw_loss_node() -> CN:
     # "projection": exact Euclidean projection onto the scaled simplex (on device, no host sync);
     # "cvxopt": the reference QP solver on the CPU.
     node.SOLVER = "projection"
-    # Gradient norm per class: "channel" (norm of logit channel c over all pixels, as the authors'
-    # code) or "class" (norm of the gradient of L_c over the pixels of class c).
-    # Only used by the cross-entropy loss.
-    node.MODE = "channel"
     # Which classes share the simplex: "all" classes the loss covers, or only those "present" in
     # the batch (absent classes then get weight 0 and the present ones share the mass).
     node.ACTIVE_CLASSES = "all"
@@ -37,6 +33,9 @@ def add_gbw_config(cfg: CN) -> None:
     """``MODEL.GBW.*``: gradient-based class weighting of the three losses."""
     cfg.MODEL.GBW = CN()
     cfg.MODEL.GBW.SEM_SEG = _gbw_loss_node()
+    # Gradient norm per class of a cross-entropy: "channel" (norm of logit channel c over all pixels,
+    # as the authors' code) or "class" (norm of the gradient of L_c over the pixels of class c).
+    cfg.MODEL.GBW.SEM_SEG.MODE = "channel"
     # False (the authors' code): the class weights come from the unweighted cross-entropy, every
     # labelled pixel counts in N_c and the pixel (pseudo-label) weights enter only the reduction.
     # True: the pixel weights scale each pixel's gradient and zero-weight pixels leave N_c.
@@ -266,6 +265,7 @@ def add_top_down_config(cfg: CN) -> None:
     # GBW on the box classifier's cross-entropy (classes: the thing classes + background; samples: the
     # sampled proposals) and on the mask loss (mask pixels grouped by their proposal's class).
     cfg.MODEL.GBW.BOX_CLS = _gbw_loss_node()
+    cfg.MODEL.GBW.BOX_CLS.MODE = "channel"  # as MODEL.GBW.SEM_SEG.MODE
     cfg.MODEL.GBW.MASK = _gbw_loss_node()
 
 

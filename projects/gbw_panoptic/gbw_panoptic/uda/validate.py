@@ -45,7 +45,6 @@ def check_gbw_config(cfg: CfgNode) -> None:
         node, prefix = cfg.MODEL.GBW[loss], f"MODEL.GBW.{loss}"
         _require_choice(f"{prefix}.LAMBDA_MODE", node.LAMBDA_MODE, LAMBDA_MODES)
         _require_choice(f"{prefix}.SOLVER", node.SOLVER, SOLVERS)
-        _require_choice(f"{prefix}.MODE", node.MODE, CE_MODES)
         _require(node.LAMBDA > 0, f"{prefix}.LAMBDA={node.LAMBDA} must be > 0 (reference 1.0)")
         momentum = node.EMA_MOMENTUM
         _require(0.0 <= momentum < 1.0, f"{prefix}.EMA_MOMENTUM={momentum} must lie in [0, 1) (reference 0)")
@@ -58,6 +57,7 @@ def check_gbw_config(cfg: CfgNode) -> None:
                 f"{prefix}.ACTIVE_CLASSES={active!r}; expected one of {ACTIVE_CLASS_MODES} or a non-empty list of "
                 f"class ids in [0, {num_classes})",
             )
+    _require_choice("MODEL.GBW.SEM_SEG.MODE", cfg.MODEL.GBW.SEM_SEG.MODE, CE_MODES)
     _require_choice("MODEL.GBW.CENTER.PIXEL_CLASS", cfg.MODEL.GBW.CENTER.PIXEL_CLASS, CENTER_PIXEL_CLASSES)
     weighting = cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING
     _require_choice("MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING", weighting, CLASS_WEIGHTINGS)
@@ -75,9 +75,8 @@ def check_uda_config(cfg: CfgNode) -> None:
     (``UDA.*``, ``SOLVER.MAX_ITER`` / ``OPTIMIZER`` / ``CLIP_GRADIENTS.CLIP_TYPE``, ``INPUT.RANDOM_FLIP``,
     ``DATALOADER.RCS.MIN_CROP_RATIO`` and, through :func:`check_gbw_config`, ``MODEL.GBW.*``)."""
     check_gbw_config(cfg)
-    methods = {cls.config_name: cls for _, cls in UDA_METHOD_REGISTRY}
-    method = methods.get(cfg.UDA.METHOD)
-    _require(method is not None, f"UDA.METHOD={cfg.UDA.METHOD!r} is unknown; expected one of {uda_method_names()}")
+    _require_choice("UDA.METHOD", cfg.UDA.METHOD, uda_method_names())
+    method = {cls.config_name: cls for _, cls in UDA_METHOD_REGISTRY}[cfg.UDA.METHOD]
     _require(len(cfg.DATASETS.TRAIN) > 0, "DATASETS.TRAIN is empty; name the labelled source dataset(s)")
     _require(
         not method.uses_target or len(cfg.DATASETS.TARGET_TRAIN) > 0,
@@ -104,20 +103,14 @@ def check_uda_config(cfg: CfgNode) -> None:
         group, name = key.split(".")
         value = cfg.UDA[group][name]
         _require(value >= 0, f"UDA.{key}={value} must be >= 0")
-    _require(
-        cfg.UDA.ADVSEG.GAN_LOSS in GAN_LOSSES,
-        f"UDA.ADVSEG.GAN_LOSS={cfg.UDA.ADVSEG.GAN_LOSS!r} is unknown; expected one of {GAN_LOSSES} (reference 'LS')",
-    )
+    _require_choice("UDA.ADVSEG.GAN_LOSS", cfg.UDA.ADVSEG.GAN_LOSS, GAN_LOSSES)
     _require(
         0.0 < cfg.UDA.FD.SCALE_MIN_RATIO <= 1.0,
         f"UDA.FD.SCALE_MIN_RATIO={cfg.UDA.FD.SCALE_MIN_RATIO} must lie in (0, 1]",
     )
-    for key, choices in (
-        ("TEACHER_BATCH_NORM", TEACHER_BATCH_NORM_MODES),
-        ("PSEUDO_WEIGHT_SCOPE", PSEUDO_WEIGHT_SCOPES),
-        ("CLASS_MIX_CLASSES", CLASS_MIX_CANDIDATES),
-    ):
-        _require(cfg.UDA[key] in choices, f"UDA.{key}={cfg.UDA[key]!r} must be one of {list(choices)}")
+    _require_choice("UDA.TEACHER_BATCH_NORM", cfg.UDA.TEACHER_BATCH_NORM, TEACHER_BATCH_NORM_MODES)
+    _require_choice("UDA.PSEUDO_WEIGHT_SCOPE", cfg.UDA.PSEUDO_WEIGHT_SCOPE, PSEUDO_WEIGHT_SCOPES)
+    _require_choice("UDA.CLASS_MIX_CLASSES", cfg.UDA.CLASS_MIX_CLASSES, CLASS_MIX_CANDIDATES)
     margins = cfg.UDA.PSEUDO_LABEL_MARGINS
     _require(
         len(margins) == 4 and min(margins) >= 0,
