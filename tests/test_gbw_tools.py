@@ -77,3 +77,19 @@ def test_measure_gbw_instance_losses_offsets_depend_on_counts_only(tmp_path: Pat
         assert 0.0 < batch["center_mass_on_stuff"] < 1.0
         for grouping in ("semantic", "instance"):
             assert sum(batch["center_weights"][grouping]["relative"]) == pytest.approx(19, rel=1e-6)
+
+
+def test_measure_gbw_lambda_scale_shows_absolute_lambda_barely_moves_the_weights(synthetic_datasets, monkeypatch):
+    """The tool's measurement on a synthetic GBW config (128×128 crops): with the absolute λ = 1 the weights
+    stay within a percent of 1, with relative λ = 1 they move by more than 5 %; the offset loss counts only
+    the thing classes of its simplex (its stuff classes have weight 0 by construction)."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
+    from measure_gbw_lambda_scale import measure
+
+    result = measure("configs/synthetic/dacs_gbw_absolute.yaml", batches=1, device="cpu")
+    assert result["crop"] == [128, 128] and set(result["configured_lambda"]) == {"sem_seg", "center", "offset"}
+    for loss in ("sem_seg", "center", "offset"):
+        assert result["configured_lambda"][loss] == {"lambda": 1.0, "mode": "absolute"}
+        assert result["max_abs_deviation"]["as configured"][loss] < 0.01, loss
+        assert result["max_abs_deviation"]["relative λ = 1"][loss] > 0.05, loss
+    assert result["last_weights"]["as configured"]["offset"][0] == 0.0  # road: outside the offset simplex

@@ -23,6 +23,7 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
+import gbw_panoptic  # noqa: F401  (before Detectron2: its warning filter covers fvcore's import-time scripting)
 from detectron2.projects.panoptic_deeplab.target_generator import PanopticDeepLabTargetGenerator
 from gbw_panoptic.data import PanopticTargetGenerator, from_detectron2_layout
 from gbw_panoptic.utils.io import write_json

@@ -21,6 +21,7 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
+import gbw_panoptic  # noqa: F401  (before Detectron2: its warning filter covers fvcore's import-time scripting)
 from detectron2.projects.panoptic_deeplab.post_processing import get_panoptic_segmentation
 from tabulate import tabulate
 

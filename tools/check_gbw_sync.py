@@ -23,6 +23,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+import gbw_panoptic  # noqa: F401  (before Detectron2: its warning filter covers fvcore's import-time scripting)
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage

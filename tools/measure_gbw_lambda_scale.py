@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import gbw_panoptic  # noqa: F401  (before Detectron2: its warning filter covers fvcore's import-time scripting)
 from detectron2.modeling import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
