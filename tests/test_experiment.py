@@ -20,12 +20,18 @@ from experiment.stats import gap_closed, t_interval  # noqa: E402
 
 
 def test_presets_name_existing_configs(tmp_path):
+    first_run_of_arm = {}
     for name, preset in PRESETS.items():
         runs = plan_runs(preset, tmp_path)
         assert len(runs) == len(preset.arms) * len(preset.seeds), name
         for run in runs:
             assert run.arm.baseline is None or run.arm.baseline in ARMS
             assert "--resume" in run.command and str(run.output_dir) in run.command
+            first_run_of_arm.setdefault(run.arm.name, run)
+    # Every arm's command gives a config (an override the config refuses would fail its run only when the
+    # experiment reaches it).
+    for run in first_run_of_arm.values():
+        assert f"OUTPUT_DIR: {run.output_dir}" in run.config()
     assert {"source_only", "dacs", "dacs_gbw", "target_oracle"} <= set(PRESETS["demo"].arms)
     assert len(PRESETS["experiment"].seeds) >= 3
     # HRDA arms are compared with the single-scale ones they extend, in their own preset.

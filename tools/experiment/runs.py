@@ -66,7 +66,8 @@ def _gbw_lambda_arm(mode: str, lam: float, config: str = "synthetic/dacs_gbw.yam
     """DACS + GBW with λ ``lam`` in mode ``mode`` on the three GBW losses (the λ sweep)."""
     opts: Tuple[str, ...] = ()
     for loss in ("SEM_SEG", "CENTER", "OFFSET"):
-        opts += (f"MODEL.GBW.{loss}.LAMBDA_MODE", mode, f"MODEL.GBW.{loss}.LAMBDA", f"{lam:g}")
+        # A float literal ("3.0", not "3"): the config refuses an int for a float key.
+        opts += (f"MODEL.GBW.{loss}.LAMBDA_MODE", mode, f"MODEL.GBW.{loss}.LAMBDA", repr(float(lam)))
     return Arm(
         f"dacs_gbw_{mode}_lambda{lam:g}", config, f"DACS + GBW ({mode} λ {lam:g})", REFERENCE, SOURCE_ONLY,
         opts=opts, sweep=(f"{mode} λ", lam),
