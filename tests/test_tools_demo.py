@@ -142,3 +142,39 @@ def test_demo_errors_name_the_problem(panoptic_model, tmp_path):
         demo.main([*base, "--video-input", str(tmp_path / "drive.mp4"), "--opts", "MODEL.WEIGHTS", str(weights)])
     with pytest.raises(NotADirectoryError, match="a.png is a file"):
         demo.main(["--config-file", config, "--output", str(tmp_path / "a.png"), "--input", str(tmp_path / "a.png")])
+
+
+def test_demo_draws_the_top_down_models_detections(tmp_path):
+    """The top-down model (Mask R-CNN decoder) gets a third picture: every detection of its inference
+    forward drawn with its class and score, also those below the panoptic fusion's score threshold."""
+    from detectron2.data import MetadataCatalog
+
+    from gbw_panoptic.data.mapper import GBWPanopticDatasetMapper
+    from gbw_panoptic.modeling import load_inference_model
+    from gbw_panoptic.uda.cli import merged_config
+    from gbw_panoptic.utils.visualization import draw_detections
+
+    demo = _demo()
+    config = str(REPO_ROOT / "configs" / "synthetic" / "maskrcnn_dacs.yaml")
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""]
+    (tmp_path / "model").mkdir()
+    weights = _checkpoint(tmp_path / "model", config, opts)
+    photo = tmp_path / "street.png"
+    cv2.imwrite(str(photo), _image(0, 128, 256)[..., ::-1])
+    out = tmp_path / "pictures"
+    opts[-1] = str(weights)
+    assert demo.main(["--config-file", config, "--input", str(photo), "--output", str(out), "--opts", *opts]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["street_detections.png", "street_panoptic.png", "street_semantic.png"]
+
+    cfg = merged_config(argparse.Namespace(config_file=config, opts=opts))
+    model = load_inference_model(cfg)
+    mapper = GBWPanopticDatasetMapper(cfg, is_train=False, load_labels=False, dataset_name=cfg.DATASETS.TEST[0])
+    with torch.no_grad():
+        output = model([mapper({"file_name": str(photo), "height": 128, "width": 256, "image_id": "street"})])[0]
+    instances = output["instances"]
+    assert len(instances) > 0  # an untrained classifier scores every class above Detectron2's 0.05
+    assert (instances.scores < cfg.MODEL.TOP_DOWN.MASK_SCORE_THRESHOLD).any()  # drawn, though not fused
+    rgb = cv2.imread(str(photo))[..., ::-1]
+    expected = draw_detections(rgb, instances, MetadataCatalog.get(cfg.DATASETS.TEST[0]))
+    np.testing.assert_array_equal(cv2.imread(str(out / "street_detections.png"))[..., ::-1], expected)
+    assert np.abs(expected.astype(int) - rgb).mean() > 1  # the detections changed the picture

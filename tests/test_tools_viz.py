@@ -141,7 +141,10 @@ def test_offset_panel_colours_directions():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, panels", [("mit_b0_source_only_gbw.yaml", 5), ("semantic_mit_b0_source_only_gbw.yaml", 3)])
+@pytest.mark.parametrize(
+    "config, panels",
+    [("mit_b0_source_only_gbw.yaml", 5), ("semantic_mit_b0_source_only_gbw.yaml", 3), ("maskrcnn_dacs.yaml", 4)],
+)
 def test_visualize_model_checkpoint(synthetic_datasets, tmp_path, config, panels):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model

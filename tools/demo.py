@@ -6,9 +6,11 @@ model's inference forward (HRDA: the sliding ``MODEL.HRDA.TEST_WINDOW_SIZE`` win
 resized back to the image. Segments are drawn by Detectron2's ``Visualizer`` with the class names and
 colours of the config's dataset (the first registered one of ``DATASETS.TEST``, ``DATASETS.TRAIN``).
 
-For every input image ``NAME.EXT``, ``--output`` receives ``NAME_panoptic.png`` (models with the
-instance head) and ``NAME_semantic.png``; for ``--video-input NAME.EXT``, ``NAME_panoptic.mp4`` and
-``NAME_semantic.mp4``. Files that cannot be read are reported and skipped (exit status 1).
+For every input image ``NAME.EXT``, ``--output`` receives ``NAME_panoptic.png`` (models with an
+instance decoder), ``NAME_semantic.png`` and, for the top-down model (Mask R-CNN decoder,
+``MODEL.MASK_ON``), ``NAME_detections.png``: every detection with its class and score, those below the
+panoptic fusion's ``MODEL.TOP_DOWN.MASK_SCORE_THRESHOLD`` included; for ``--video-input NAME.EXT``,
+``NAME_panoptic.mp4``, ``NAME_semantic.mp4`` (and ``NAME_detections.mp4``). Files that cannot be read are reported and skipped (exit status 1).
 
 Examples:
     python tools/demo.py --config-file configs/synthia2cityscapes/mit_b5_gbw.yaml \\
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gbw_panoptic.utils.visualization import draw_panoptic, draw_semantic
+from gbw_panoptic.utils.visualization import draw_detections, draw_panoptic, draw_semantic
 
 logger = logging.getLogger("demo")
 
@@ -110,6 +112,7 @@ class Predictor:
         self.model = load_inference_model(cfg)
         self.augmentations = T.AugmentationList(build_augmentations(cfg, is_train=False))
         self.input_format = cfg.INPUT.FORMAT
+        self.detections = bool(cfg.MODEL.MASK_ON)  # a Mask R-CNN decoder: its detections are drawn too
 
     def __call__(self, rgb: np.ndarray) -> Dict[str, Any]:
         """The model's output for ``rgb`` (uint8 HxWx3): ``"sem_seg"`` (C x H x W logits) and, with the
@@ -128,14 +131,18 @@ class Predictor:
             return self.model([inputs])[0]
 
 
-def pictures(rgb: np.ndarray, output: Dict[str, Any], metadata: Any) -> Dict[str, np.ndarray]:
-    """``{"panoptic": ..., "semantic": ...}`` (``"panoptic"`` only with the instance head): the segments
-    and the class map of ``output`` drawn on ``rgb``, RGB uint8 like it."""
+def pictures(rgb: np.ndarray, output: Dict[str, Any], metadata: Any, detections: bool) -> Dict[str, np.ndarray]:
+    """``{"panoptic": ..., "semantic": ..., "detections": ...}`` drawn on ``rgb``, RGB uint8 like it: the
+    segments (only with an instance decoder), the class map, and with ``detections`` (a Mask R-CNN
+    decoder, ``MODEL.MASK_ON``) every detection with its class and score, those the panoptic fusion's
+    score threshold leaves out included."""
     drawn = {}
     if "panoptic_seg" in output:
         png, segments_info = output["panoptic_seg"]
         drawn["panoptic"] = draw_panoptic(rgb, png.to("cpu").numpy(), segments_info, metadata)
     drawn["semantic"] = draw_semantic(rgb, output["sem_seg"].argmax(0).to("cpu").numpy(), metadata)
+    if detections:
+        drawn["detections"] = draw_detections(rgb, output["instances"], metadata)
     return drawn
 
 
@@ -152,7 +159,7 @@ def run_images(predictor: Predictor, metadata: Any, files: Sequence[Path], outpu
             logger.error("skipped: %s", e)
             errors.append(str(e))
             continue
-        for kind, picture in pictures(rgb, predictor(rgb), metadata).items():
+        for kind, picture in pictures(rgb, predictor(rgb), metadata, predictor.detections).items():
             write_png(output / f"{path.stem}_{kind}.png", picture)
         drawn += 1
     return drawn, errors
@@ -186,7 +193,7 @@ def run_video(predictor: Predictor, metadata: Any, video: Path, output: Path) ->
     try:
         with contextlib.ExitStack() as stack:  # writers released before their files are moved into place
             for rgb in tqdm(video_frames(capture), desc="demo", unit="frame", total=total):
-                for kind, picture in pictures(rgb, predictor(rgb), metadata).items():
+                for kind, picture in pictures(rgb, predictor(rgb), metadata, predictor.detections).items():
                     if kind not in writers:
                         target = output / f"{video.stem}_{kind}.mp4"
                         size = (picture.shape[1], picture.shape[0])

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Side-by-side pictures of panoptic predictions: input | ground truth | prediction [| center | offset].
+"""Side-by-side pictures of panoptic predictions: input | ground truth | prediction [| center | offset]
+[| detections].
 
 Two sources of predictions:
 
 - ``--predictions DIR``: the ``panoptic_predictions.json`` + ``panoptic_predictions/`` that the
   panoptic evaluator wrote (``OUTPUT_DIR/inference/<dataset>``);
 - ``--config-file CFG MODEL.WEIGHTS CKPT``: runs the model on the dataset as evaluation does (HRDA: the
-  sliding test windows), and also draws the
-  center heatmap and the offset field (hue = direction, brightness = length) of the instance head.
-  A semantic-only model gets semantic ground truth and prediction panels instead.
+  sliding test windows), and also draws the center heatmap and the offset field (hue = direction,
+  brightness = length) of the bottom-up instance head, or the top-down model's Mask R-CNN detections
+  with their scores (those below the panoptic fusion's score threshold included). A semantic-only model
+  gets semantic ground truth and prediction panels instead.
 
 Segments are drawn by Detectron2's ``Visualizer`` with the dataset's class names and colours.
 One PNG per image is written to ``--output-dir``.
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gbw_panoptic.utils.visualization import draw_panoptic, draw_semantic
+from gbw_panoptic.utils.visualization import draw_detections, draw_panoptic, draw_semantic
 
 logger = logging.getLogger("visualize")
 
@@ -135,11 +137,15 @@ def model_panels(cfg: Any, dataset_name: str, metadata: Any, dense: bool) -> Ite
     from gbw_panoptic.modeling import inference_dense_predictions, load_inference_model
 
     model = load_inference_model(cfg)
+    dense = dense and "center" in model.dense_outputs  # the bottom-up instance head's center and offset
     for batch in build_test_loader(cfg, dataset_name):
         with torch.no_grad():
-            images = model.preprocess_image(batch)
-            predictions = inference_dense_predictions(model, images.tensor)
-            outputs = model.postprocess(predictions, batch, images.image_sizes)
+            if dense:
+                images = model.preprocess_image(batch)
+                predictions = inference_dense_predictions(model, images.tensor)
+                outputs = model.postprocess(predictions, batch, images.image_sizes)
+            else:
+                outputs = model(batch)
         for index, (record, output) in enumerate(zip(batch, outputs)):
             image = read_image(record["file_name"], format="RGB")
             height, width = image.shape[:2]
@@ -158,6 +164,8 @@ def model_panels(cfg: Any, dataset_name: str, metadata: Any, dense: bool) -> Ite
                 ("ground truth", ground_truth_panel(record, image, metadata)),
                 ("prediction", draw_panoptic(image, png.to("cpu").numpy(), segments_info, metadata)),
             ]
+            if cfg.MODEL.MASK_ON:  # the top-down model's Mask R-CNN detections, with their scores
+                panels.append(("detections", draw_detections(image, output["instances"], metadata)))
             if dense:
                 resized = model.resize_to_output(
                     {name: value[index] for name, value in predictions.items()}, images.image_sizes[index], height, width
@@ -186,7 +194,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     source.add_argument("--config-file", help="model config; give the checkpoint as MODEL.WEIGHTS in the overrides")
     parser.add_argument("--output-dir", type=Path, default=Path("visualizations"), help="where to write the PNGs")
     parser.add_argument("--max-images", type=int, default=None, help="draw at most this many images")
-    parser.add_argument("--no-dense", action="store_true", help="leave out the center heatmap and offset field panels")
+    parser.add_argument("--no-dense", action="store_true", help="leave out the center heatmap and offset field panels (bottom-up models; the top-down model has a detections panel instead)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (with --config-file)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
