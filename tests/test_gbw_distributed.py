@@ -19,12 +19,12 @@ WORLD_SIZE = 2
 CASES: List[Tuple[str, Dict]] = [
     ("ce", {}),
     ("ce", {"lam_mode": "relative", "lam": 2.0}),
-    ("ce", {"mode": "class", "active_classes": "present", "lam_mode": "relative", "lam": 2.0}),
-    ("ce", {"pixel_weights_in_norms": True, "lam_mode": "relative", "lam": 0.5, "ema_momentum": 0.5}),
+    ("ce", {"mode": "class", "active_classes": THING_CLASSES, "lam_mode": "relative", "lam": 2.0}),
+    ("ce", {"pixel_weights_in_norms": True, "lam_mode": "relative", "lam": 0.5}),
     ("ce", {"enabled": False}),
     ("mse", {"kind": "mse", "lam_mode": "relative", "lam": 2.0}),
     ("l1", {"kind": "l1", "active_classes": THING_CLASSES, "normalizer": "channel_weight_sum", "lam_mode": "relative"}),
-    ("l1", {"kind": "l1", "active_classes": "present", "normalizer": "mean", "lam_mode": "relative"}),
+    ("l1", {"kind": "l1", "normalizer": "mean", "lam_mode": "relative"}),
     ("mse", {"kind": "mse", "enabled": False}),
 ]
 

@@ -57,10 +57,8 @@ def _holder(directory: Path) -> subprocess.Popen:
     [
         ("MODEL.GBW.CENTER.LAMBDA_MODE", "foo"),
         ("MODEL.GBW.SEM_SEG.SOLVER", "qp"),
-        ("MODEL.GBW.OFFSET.ACTIVE_CLASSES", "some"),
         ("MODEL.GBW.SEM_SEG.MODE", "pixel"),
         ("MODEL.GBW.CENTER.PIXEL_CLASS", "thing"),
-        ("MODEL.GBW.OFFSET.EMA_MOMENTUM", "1.5"),
         ("INPUT.RANDOM_FLIP", "diagonal"),
         ("SOLVER.OPTIMIZER", "adam"),
     ],

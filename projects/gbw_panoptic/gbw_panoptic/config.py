@@ -21,11 +21,6 @@ def _gbw_loss_node() -> CN:
     # "projection": exact Euclidean projection onto the scaled simplex (on device, no host sync);
     # "cvxopt": the reference QP solver on the CPU.
     node.SOLVER = "projection"
-    # Which classes share the simplex: "all" classes the loss covers, or only those "present" in
-    # the batch (absent classes then get weight 0 and the present ones share the mass).
-    node.ACTIVE_CLASSES = "all"
-    # Exponential moving average of the weights across calls; 0 disables it (reference).
-    node.EMA_MOMENTUM = 0.0
     return node
 
 

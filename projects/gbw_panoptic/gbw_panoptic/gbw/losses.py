@@ -18,7 +18,9 @@ pixels with q_i = 0 leave N_c. The regression losses always take their pixel wei
 norms: there the weights say which pixels the loss covers at all (crowd, stuff in the offsets).
 
 On a GPU a call adds no host synchronisation (with the default ``solver="projection"``): the input
-checks stay on the device, as :mod:`.grad_norms` describes, and ``last_weights`` stays there too.
+checks stay on the device, as :mod:`.grad_norms` describes, and so do the solved class weights, which
+the module keeps as ``last_weights`` until its next call (for logging; reading them back is the
+caller's choice).
 
 Several processes (``torch.distributed`` initialised with a world size > 1, e.g. one per GPU under
 DistributedDataParallel): each call sums the per-class statistics of all processes in one
@@ -27,7 +29,7 @@ compute on the whole batch; every process must therefore make the same loss call
 that normalise the regression losses are summed likewise, so that the gradients DDP averages are
 those of the whole batch. With one process nothing changes.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,25 +47,20 @@ from .grad_norms import (
 from .distributed import all_reduce_sum, global_class_statistics, world_size
 from .qp import LAMBDA_MODES, SOLVERS, qp_class_weights
 
-__all__ = ["GBWCrossEntropyLoss", "GBWRegressionLoss", "ActiveClasses"]
-
-# "all": every class shares the simplex; "present": only the classes with at least one covered
-# pixel in the call (the others get weight 0; all classes if none is present); a sequence of
-# class ids: only those classes (e.g. the thing classes for the offset loss).
-ActiveClasses = Union[str, Sequence[int]]
+__all__ = ["GBWCrossEntropyLoss", "GBWRegressionLoss"]
 
 REGRESSION_NORMALIZERS = ("weight_sum", "channel_weight_sum", "mean")
-# The named choices of ``active_classes`` (a sequence of class ids is the third form).
-ACTIVE_CLASS_MODES = ("all", "present")
 
 
 class _ClassWeighting(nn.Module):
-    """Shared state of the GBW losses: QP settings, active classes, EMA and ``last_weights``.
+    """Shared state of the GBW losses: QP settings, active classes and ``last_weights``.
 
     Attributes:
-        last_weights: float32 [C] class weights of the last call (detached); None when disabled.
-        fixed_active: bool [C] buffer, the classes that ``active_classes`` admits (all classes for
-            ``"all"`` and ``"present"``; the listed ones for a sequence of ids).
+        last_weights: float32 [C] class weights of the last call (detached, on the inputs' device);
+            None when disabled. Inactive classes have weight 0.
+        active_classes: the ids of the classes that share the simplex, increasing (all C classes unless
+            given).
+        fixed_active: bool [C] buffer, True at ``active_classes``.
     """
 
     def __init__(
@@ -74,8 +71,7 @@ class _ClassWeighting(nn.Module):
         lam: float,
         lam_mode: str,
         solver: str,
-        active_classes: ActiveClasses,
-        ema_momentum: float,
+        active_classes: Optional[Sequence[int]],
     ):
         super().__init__()
         if num_classes < 1:
@@ -86,30 +82,19 @@ class _ClassWeighting(nn.Module):
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if not lam > 0:
             raise ValueError(f"lam must be > 0, got {lam}")
-        if not 0.0 <= ema_momentum < 1.0:
-            raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.enabled = enabled
         self.lam = lam
         self.lam_mode = lam_mode
         self.solver = solver
-        self.ema_momentum = ema_momentum
-        self.active_classes = active_classes
-        if isinstance(active_classes, str):
-            if active_classes not in ACTIVE_CLASS_MODES:
-                raise ValueError(
-                    f"active_classes must be one of {ACTIVE_CLASS_MODES} or a list of class ids, got {active_classes!r}"
-                )
-            fixed_active = torch.ones(num_classes, dtype=torch.bool)
-        else:
-            ids = list(active_classes)
-            if not ids or any(not 0 <= int(c) < num_classes for c in ids):
-                raise ValueError(f"active_classes must be non-empty ids in [0, {num_classes}), got {ids}")
-            fixed_active = torch.zeros(num_classes, dtype=torch.bool)
-            fixed_active[ids] = True
+        ids = list(range(num_classes)) if active_classes is None else [int(c) for c in active_classes]
+        if not ids or any(not 0 <= c < num_classes for c in ids):
+            raise ValueError(f"active_classes must be non-empty ids in [0, {num_classes}), got {ids}")
+        self.active_classes: Tuple[int, ...] = tuple(sorted(set(ids)))
+        fixed_active = torch.zeros(num_classes, dtype=torch.bool)
+        fixed_active[list(self.active_classes)] = True
         self.register_buffer("fixed_active", fixed_active, persistent=False)
-        self.register_buffer("ema_weights", torch.empty(0), persistent=False)
         # Class weights [C] used by the last forward call (detached), None when GBW is disabled.
         self.last_weights: Optional[torch.Tensor] = None
 
@@ -136,14 +121,7 @@ class _ClassWeighting(nn.Module):
         if world_size() > 1:
             sq_norms, counts, *sums = global_class_statistics(sq_norms, counts, *sums)
         active = self.fixed_active.to(sq_norms.device)
-        if self.active_classes == "present":
-            present = counts > 0
-            active = present | ~present.any()
         weights = qp_class_weights(sq_norms, self.lam, self.lam_mode, self.solver, active).float()
-        if self.ema_momentum > 0:
-            if self.ema_weights.numel() == self.num_classes:
-                weights = self.ema_momentum * self.ema_weights + (1.0 - self.ema_momentum) * weights
-            self.ema_weights = weights
         self.last_weights = weights.detach()
         return (self.last_weights, *sums)
 
@@ -151,7 +129,7 @@ class _ClassWeighting(nn.Module):
         return (
             f"num_classes={self.num_classes}, enabled={self.enabled}, lam={self.lam}, "
             f"lam_mode={self.lam_mode!r}, solver={self.solver!r}, "
-            f"active_classes={self.active_classes!r}, ema_momentum={self.ema_momentum}"
+            f"active_classes={list(self.active_classes)}"
         )
 
 
@@ -172,8 +150,7 @@ class GBWCrossEntropyLoss(_ClassWeighting):
         lam_mode: str = "absolute",
         solver: str = "projection",
         mode: str = "channel",
-        active_classes: ActiveClasses = "all",
-        ema_momentum: float = 0.0,
+        active_classes: Optional[Sequence[int]] = None,
         pixel_weights_in_norms: bool = False,
         fixed_class_weights: Optional[Sequence[float]] = None,
     ):
@@ -185,10 +162,8 @@ class GBWCrossEntropyLoss(_ClassWeighting):
             lam, lam_mode, solver: see :func:`~gbw_panoptic.gbw.qp_class_weights`.
             mode: gradient norm definition, ``"channel"`` or ``"class"``
                 (see :func:`~gbw_panoptic.gbw.ce_grad_sq_norms`).
-            active_classes: ``"all"``, ``"present"`` or a sequence of class ids (see
-                :data:`ActiveClasses`); inactive classes get weight 0.
-            ema_momentum: momentum of an exponential moving average of the weights across calls
-                (0 = none, the reference).
+            active_classes: ids of the classes that share the simplex (None: all C classes, the
+                reference: classes absent from the batch keep a share); the others get weight 0.
             pixel_weights_in_norms: False (the authors' code): the class weights come from the
                 unweighted cross-entropy and every labelled pixel counts in N_c; the pixel weights
                 enter only the reduction. True: the pixel weights scale each pixel's gradient in
@@ -196,7 +171,7 @@ class GBWCrossEntropyLoss(_ClassWeighting):
             fixed_class_weights: optional [C] static class weights (e.g. :func:`.median_frequency_weights`)
                 applied as ``q_i * w_{y_i} * CE_i`` instead of GBW's; only with ``enabled=False``.
         """
-        super().__init__(num_classes, ignore_index, enabled, lam, lam_mode, solver, active_classes, ema_momentum)
+        super().__init__(num_classes, ignore_index, enabled, lam, lam_mode, solver, active_classes)
         if mode not in ("channel", "class"):
             raise ValueError(f"mode must be 'channel' or 'class', got {mode!r}")
         self.mode = mode
@@ -283,8 +258,7 @@ class GBWRegressionLoss(_ClassWeighting):
         lam: float = 1.0,
         lam_mode: str = "absolute",
         solver: str = "projection",
-        active_classes: ActiveClasses = "all",
-        ema_momentum: float = 0.0,
+        active_classes: Optional[Sequence[int]] = None,
         normalizer: str = "weight_sum",
     ):
         """
@@ -296,7 +270,7 @@ class GBWRegressionLoss(_ClassWeighting):
             others: as :class:`GBWCrossEntropyLoss`; for the offsets pass the thing class ids as
                 ``active_classes``.
         """
-        super().__init__(num_classes, ignore_index, enabled, lam, lam_mode, solver, active_classes, ema_momentum)
+        super().__init__(num_classes, ignore_index, enabled, lam, lam_mode, solver, active_classes)
         if kind not in REGRESSION_KINDS:
             raise ValueError(f"kind must be one of {REGRESSION_KINDS}, got {kind!r}")
         if normalizer not in REGRESSION_NORMALIZERS:

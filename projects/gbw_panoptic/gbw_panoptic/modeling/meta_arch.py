@@ -51,8 +51,6 @@ def _gbw_loss_kwargs(node: CfgNode) -> Dict:
         "lam": node.LAMBDA,
         "lam_mode": node.LAMBDA_MODE,
         "solver": node.SOLVER,
-        "active_classes": node.ACTIVE_CLASSES,
-        "ema_momentum": node.EMA_MOMENTUM,
     }
 
 
@@ -225,16 +223,14 @@ class GBWPanopticSegmentor(nn.Module):
             center_loss = GBWRegressionLoss(
                 num_classes, kind="mse", ignore_index=ignore, **_gbw_loss_kwargs(gbw.CENTER)
             )
-            offset_kwargs = _gbw_loss_kwargs(gbw.OFFSET)
-            if offset_kwargs["active_classes"] == "all":
-                # Offsets are only learnt on thing pixels: the thing classes share the simplex.
-                offset_kwargs["active_classes"] = thing_ids
             offset_loss = GBWRegressionLoss(
                 num_classes,
                 kind="l1",
                 ignore_index=ignore,
+                # Offsets are only learnt on thing pixels: the thing classes share the simplex.
+                active_classes=thing_ids,
                 normalizer=cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER,
-                **offset_kwargs,
+                **_gbw_loss_kwargs(gbw.OFFSET),
             )
         post = cfg.MODEL.POST_PROCESSING
         return {

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 from detectron2.config import CfgNode
 
 from ..gbw.grad_norms import CE_MODES
-from ..gbw.losses import ACTIVE_CLASS_MODES, REGRESSION_NORMALIZERS
+from ..gbw.losses import REGRESSION_NORMALIZERS
 from ..gbw.qp import LAMBDA_MODES, SOLVERS
 from ..data.mapper import FLIP_DIRECTIONS
 from ..modeling.backbone.mit import mit_download_hint
@@ -40,23 +40,11 @@ def check_gbw_config(cfg: CfgNode) -> None:
     allowed values for an invalid ``MODEL.GBW.<LOSS>`` node, ``MODEL.GBW.CENTER.PIXEL_CLASS`` or
     ``MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER``; the checks the model and its GBW losses make when they
     are built, done before anything is written."""
-    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     for loss in GBW_LOSSES:
         node, prefix = cfg.MODEL.GBW[loss], f"MODEL.GBW.{loss}"
         _require_choice(f"{prefix}.LAMBDA_MODE", node.LAMBDA_MODE, LAMBDA_MODES)
         _require_choice(f"{prefix}.SOLVER", node.SOLVER, SOLVERS)
         _require(node.LAMBDA > 0, f"{prefix}.LAMBDA={node.LAMBDA} must be > 0 (reference 1.0)")
-        momentum = node.EMA_MOMENTUM
-        _require(0.0 <= momentum < 1.0, f"{prefix}.EMA_MOMENTUM={momentum} must lie in [0, 1) (reference 0)")
-        active = node.ACTIVE_CLASSES
-        if isinstance(active, str):
-            _require_choice(f"{prefix}.ACTIVE_CLASSES", active, ACTIVE_CLASS_MODES)
-        else:
-            _require(
-                len(active) > 0 and all(isinstance(c, int) and 0 <= c < num_classes for c in active),
-                f"{prefix}.ACTIVE_CLASSES={active!r}; expected one of {ACTIVE_CLASS_MODES} or a non-empty list of "
-                f"class ids in [0, {num_classes})",
-            )
     _require_choice("MODEL.GBW.SEM_SEG.MODE", cfg.MODEL.GBW.SEM_SEG.MODE, CE_MODES)
     _require_choice("MODEL.GBW.CENTER.PIXEL_CLASS", cfg.MODEL.GBW.CENTER.PIXEL_CLASS, CENTER_PIXEL_CLASSES)
     weighting = cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING
