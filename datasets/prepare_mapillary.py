@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Command-line entry point; see `python datasets/prepare_mapillary.py --help`.
 
-The conversion code lives in gbw_panoptic.data.datasets.prepare_mapillary.
+The conversion code lives in gbw_panoptic.data.prepare.mapillary.
 """
 import sys
 
-from gbw_panoptic.data.datasets.prepare_mapillary import main
+from gbw_panoptic.data.prepare.mapillary import main
 
 if __name__ == "__main__":
     sys.exit(main())

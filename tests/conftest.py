@@ -23,7 +23,7 @@ def synthetic_datasets(tmp_path_factory) -> Path:
     Each pytest worker builds its own copy.
     """
     from gbw_panoptic.data.datasets import register_all
-    from gbw_panoptic.data.datasets.synthetic import prepare_synthetic
+    from gbw_panoptic.data.prepare.synthetic import prepare_synthetic
 
     root = tmp_path_factory.mktemp("datasets")
     reports = prepare_synthetic(

@@ -14,7 +14,9 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from gbw_panoptic.data.datasets import prepare_mapillary, register_all
+from gbw_panoptic.data.datasets import register_all
+from gbw_panoptic.data.datasets.layout import mapillary_paths
+from gbw_panoptic.data.prepare import mapillary
 
 # (id, full name, readable name, isthing) of Mapillary Vistas v1.2's panoptic_2018.json: the
 # categories the 19-class mapping uses, plus some it leaves void.
@@ -177,7 +179,7 @@ def mapillary_root(tmp_path_factory):
     write_mapillary_fixture(root / "mapillary")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exit_code = prepare_mapillary.main([str(root / "mapillary"), *SIZE, "--workers", "1"])
+        exit_code = mapillary.main([str(root / "mapillary"), *SIZE, "--workers", "1"])
     return root, exit_code, printed.getvalue()
 
 
@@ -189,14 +191,14 @@ def test_corrupt_image_reported_and_skipped_with_nonzero_exit(mapillary_root):
     assert f"Mapillary training {name}: 2 converted, 0 already valid (skipped), 0 failed." in output
     assert f"Mapillary validation {name}: 3 converted, 0 already valid (skipped), 1 failed." in output
     assert f"FAILED {corrupt}" in output and "image file is truncated" in output
-    panoptic = _load(prepare_mapillary.mapillary_paths(str(root / "mapillary"), "validation")["panoptic_json"])
+    panoptic = _load(mapillary_paths(str(root / "mapillary"), "validation")["panoptic_json"])
     assert [a["image_id"] for a in panoptic["annotations"]] == ["va_43", "va_odd", "va_tall"]
 
 
 @pytest.mark.parametrize("split, image_id, size", IMAGES)
 def test_outputs_sizes_and_consistency(mapillary_root, split, image_id, size):
     root, _, _ = mapillary_root
-    paths = prepare_mapillary.mapillary_paths(str(root / "mapillary"), split)
+    paths = mapillary_paths(str(root / "mapillary"), split)
     panoptic = _load(paths["panoptic_json"])
     (annotation,) = [a for a in panoptic["annotations"] if a["image_id"] == image_id]
     (image,) = [i for i in panoptic["images"] if i["id"] == image_id]
@@ -224,7 +226,7 @@ def test_whole_factor_resize_is_exact(mapillary_root, split, image_id, size):
     output size with the expected classes and instances, and the image is the mean of each
     factor x factor block (area interpolation)."""
     root, _, _ = mapillary_root
-    paths = prepare_mapillary.mapillary_paths(str(root / "mapillary"), split)
+    paths = mapillary_paths(str(root / "mapillary"), split)
     width, height = FITTED[image_id]
     train_ids = np.asarray(Image.open(os.path.join(paths["label_dir"], f"{image_id}_labelTrainIds.png")))
     np.testing.assert_array_equal(train_ids, _draw(width, height, EXPECTED_TRAIN_IDS, void=255))
@@ -240,7 +242,7 @@ def test_whole_factor_resize_is_exact(mapillary_root, split, image_id, size):
 
 def test_class_mapping_on_specific_segments(mapillary_root):
     root, _, _ = mapillary_root
-    paths = prepare_mapillary.mapillary_paths(str(root / "mapillary"), "validation")
+    paths = mapillary_paths(str(root / "mapillary"), "validation")
     (annotation,) = [a for a in _load(paths["panoptic_json"])["annotations"] if a["image_id"] == "va_43"]
     pan = _panoptic_ids(os.path.join(paths["panoptic_dir"], annotation["file_name"]))
     segments = {s["id"]: s for s in annotation["segments_info"]}
@@ -271,7 +273,7 @@ def test_panopticapi_pq_of_converted_ground_truth_is_100(mapillary_root, split):
     from panopticapi.evaluation import pq_compute
 
     root, _, _ = mapillary_root
-    paths = prepare_mapillary.mapillary_paths(str(root / "mapillary"), split)
+    paths = mapillary_paths(str(root / "mapillary"), split)
     gt_json, gt_dir = paths["panoptic_json"], paths["panoptic_dir"]
     results = pq_compute(gt_json, gt_json, gt_dir, gt_dir)
     assert results["All"]["n"] == 9  # road, sidewalk, building, pole, vegetation, sky, person, rider, car
@@ -282,28 +284,28 @@ def test_panopticapi_pq_of_converted_ground_truth_is_100(mapillary_root, split):
 def test_rerun_is_idempotent_and_repaired_input_is_converted(tmp_path, capsys):
     write_mapillary_fixture(tmp_path)
     arguments = [str(tmp_path), *SIZE, "--splits", "validation", "--workers", "1"]
-    assert prepare_mapillary.main(arguments) == 1
-    paths = prepare_mapillary.mapillary_paths(str(tmp_path), "validation")
+    assert mapillary.main(arguments) == 1
+    paths = mapillary_paths(str(tmp_path), "validation")
     outputs = sorted(str(p) for p in Path(paths["panoptic_dir"]).parent.rglob("*.png"))
     mtimes = [os.stat(p).st_mtime_ns for p in outputs]
     before = _load(paths["panoptic_json"])
     capsys.readouterr()
 
-    assert prepare_mapillary.main(arguments) == 1
+    assert mapillary.main(arguments) == 1
     assert f"({tmp_path}): 0 converted, 3 already valid (skipped), 1 failed." in capsys.readouterr().out
     assert [os.stat(p).st_mtime_ns for p in outputs] == mtimes
     assert _load(paths["panoptic_json"]) == before
     assert not list(tmp_path.rglob(".*.tmp*"))
 
     _write_image(tmp_path, *CORRUPT)  # the download repaired
-    assert prepare_mapillary.main(arguments) == 0
+    assert mapillary.main(arguments) == 0
     assert f"({tmp_path}): 1 converted, 3 already valid (skipped), 0 failed." in capsys.readouterr().out
     # Another size re-converts everything.
-    assert prepare_mapillary.main([*arguments[:-2], "--size", "32", "24", "--workers", "1"]) == 0
+    assert mapillary.main([*arguments[:-2], "--size", "32", "24", "--workers", "1"]) == 0
     assert "4 converted, 0 already valid" in capsys.readouterr().out
     assert _load(paths["panoptic_json"])["images"][0]["width"] == 32
     # So does the reference (EDAPS) image interpolation.
-    assert prepare_mapillary.main([*arguments, "--image-interpolation", "bicubic"]) == 0
+    assert mapillary.main([*arguments, "--image-interpolation", "bicubic"]) == 0
     assert "4 converted, 0 already valid" in capsys.readouterr().out
     assert _load(paths["panoptic_json"])["info"]["resize"] == "fit 64x48, image bicubic, labels nearest"
 
@@ -316,7 +318,7 @@ def test_categories_of_another_version_are_refused(tmp_path, capsys):
         if category["id"] == 14:
             category["supercategory"], category["name"] = "construction--flat--driveway", "Driveway"
     json_path.write_text(json.dumps(content))
-    assert prepare_mapillary.main([str(tmp_path), "--splits", "validation"]) == 2
+    assert mapillary.main([str(tmp_path), "--splits", "validation"]) == 2
     error = capsys.readouterr().err
     assert str(json_path) in error and "category id 14" in error and "construction--flat--road" in error
 
@@ -329,7 +331,7 @@ def test_unlisted_segment_or_grey_panoptic_png_fails_that_image(tmp_path, capsys
     json_path.write_text(json.dumps(content))
     grey = tmp_path / "validation" / "panoptic" / "va_tall.png"
     Image.open(grey).convert("L").save(grey)
-    assert prepare_mapillary.main([str(tmp_path), *SIZE, "--splits", "validation", "--workers", "1"]) == 1
+    assert mapillary.main([str(tmp_path), *SIZE, "--splits", "validation", "--workers", "1"]) == 1
     output = capsys.readouterr().out
     assert "1 converted" in output and "3 failed" in output
     assert f"{tmp_path / 'validation' / 'panoptic' / 'va_43.png'}: panoptic ids [70000]" in output
@@ -341,10 +343,10 @@ def test_v2_download_layout_and_missing_input(tmp_path, capsys):
     (tmp_path / "v2" / "validation" / "v1.2").mkdir(parents=True)
     os.rename(tmp_path / "v1" / "validation" / "images", tmp_path / "v2" / "validation" / "images")
     os.rename(tmp_path / "v1" / "validation" / "panoptic", tmp_path / "v2" / "validation" / "v1.2" / "panoptic")
-    report = prepare_mapillary.prepare_mapillary(str(tmp_path / "v2"), "validation", size=(64, 48))
+    report = mapillary.prepare_mapillary(str(tmp_path / "v2"), "validation", size=(64, 48))
     assert report.converted == 3 and len(report.failures) == 1
 
-    assert prepare_mapillary.main([str(tmp_path / "nowhere")]) == 2
+    assert mapillary.main([str(tmp_path / "nowhere")]) == 2
     error = capsys.readouterr().err
     assert str(tmp_path / "nowhere" / "training" / "panoptic" / "panoptic_2018.json") in error
     assert str(tmp_path / "nowhere" / "training" / "v1.2" / "panoptic" / "panoptic_2018.json") in error
@@ -365,7 +367,7 @@ def test_command_line_with_worker_processes_matches_serial(mapillary_root, tmp_p
     assert "va_corrupt.jpg" in result.stdout
     serial_root = mapillary_root[0] / "mapillary"
     for split in ("training", "validation"):
-        serial, parallel = (Path(prepare_mapillary.mapillary_paths(str(r), split)["panoptic_dir"]).parent
+        serial, parallel = (Path(mapillary_paths(str(r), split)["panoptic_dir"]).parent
                             for r in (serial_root, tmp_path))  # fmt: skip
         files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
@@ -375,18 +377,18 @@ def test_command_line_with_worker_processes_matches_serial(mapillary_root, tmp_p
 
 def test_help_explains_layout(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        prepare_mapillary.main(["--help"])
+        mapillary.main(["--help"])
     assert exit_info.value.code == 0
     assert "panoptic/panoptic_2018.json" in capsys.readouterr().out
 
 
 def test_fitted_size_follows_the_reference_rule():
     # Wider than 4:3: width 1024; otherwise height 768; the other side truncated.
-    assert prepare_mapillary.fitted_size(4000, 3000, 1024, 768) == (1024, 768)
-    assert prepare_mapillary.fitted_size(1920, 1080, 1024, 768) == (1024, 576)
-    assert prepare_mapillary.fitted_size(3264, 2448 - 1, 1024, 768) == (1024, 767)
-    assert prepare_mapillary.fitted_size(2448, 3264, 1024, 768) == (576, 768)
-    assert prepare_mapillary.fitted_size(800, 600, 1024, 768) == (1024, 768)  # enlarged
+    assert mapillary.fitted_size(4000, 3000, 1024, 768) == (1024, 768)
+    assert mapillary.fitted_size(1920, 1080, 1024, 768) == (1024, 576)
+    assert mapillary.fitted_size(3264, 2448 - 1, 1024, 768) == (1024, 767)
+    assert mapillary.fitted_size(2448, 3264, 1024, 768) == (576, 768)
+    assert mapillary.fitted_size(800, 600, 1024, 768) == (1024, 768)  # enlarged
 
 
 @pytest.fixture
@@ -404,7 +406,7 @@ def registered_root(mapillary_root, synthetic_datasets, tmp_path):
     "name, split", [("mapillary_panoptic_train", "training"), ("mapillary_panoptic_val", "validation")]
 )
 def test_registered_datasets_read_the_converted_files(registered_root, name, split):
-    paths = prepare_mapillary.mapillary_paths(str(registered_root / "mapillary"), split)
+    paths = mapillary_paths(str(registered_root / "mapillary"), split)
     dataset_dicts = DatasetCatalog.get(name)
     expected = [i for s, i, _ in IMAGES if s == split]
     assert sorted(d["image_id"] for d in dataset_dicts) == sorted(expected)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gbw_panoptic.data.datasets import prepare_cityscapes, prepare_synthia, synthetic
 from gbw_panoptic.data.datasets.builtin_meta import LABEL_DIVISOR, label_id_to_train_id_lut
-from gbw_panoptic.data.datasets.conversion import ConversionReport
+from gbw_panoptic.data.datasets.layout import cityscapes_paths, synthia_paths
+from gbw_panoptic.data.prepare import cityscapes, synthetic, synthia
+from gbw_panoptic.data.prepare.conversion import ConversionReport
 
 
 def _panoptic_ids(path: str) -> np.ndarray:
@@ -30,7 +31,7 @@ def _source_dir(root: Path) -> str:
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_cityscapes_outputs_agree_with_label_and_instance_images(synthetic_datasets, split):
-    paths = prepare_cityscapes.cityscapes_paths(_target_dir(synthetic_datasets), split)
+    paths = cityscapes_paths(_target_dir(synthetic_datasets), split)
     with open(paths["panoptic_json"]) as f:
         panoptic = json.load(f)
     with open(paths["class_stats"]) as f:
@@ -62,12 +63,12 @@ def test_cityscapes_outputs_agree_with_label_and_instance_images(synthetic_datas
 
 
 def test_synthia_outputs_agree_with_source_labels(synthetic_datasets):
-    paths = prepare_synthia.synthia_paths(_source_dir(synthetic_datasets))
+    paths = synthia_paths(_source_dir(synthetic_datasets))
     with open(paths["panoptic_json"]) as f:
         panoptic = json.load(f)
     assert len(panoptic["annotations"]) == 16
     for annotation in panoptic["annotations"]:
-        class_ids, instances = prepare_synthia.read_synthia_labels(
+        class_ids, instances = synthia.read_synthia_labels(
             os.path.join(paths["label_dir"], f"{annotation['image_id']}.png")
         )
         train_ids = np.asarray(
@@ -92,9 +93,9 @@ def _pq_of_ground_truth_against_itself(panoptic_json: str, panoptic_dir: str):
 @pytest.mark.parametrize("dataset", ["source", "target_val"])
 def test_panopticapi_pq_of_ground_truth_is_100(synthetic_datasets, dataset):
     if dataset == "source":
-        paths = prepare_synthia.synthia_paths(_source_dir(synthetic_datasets))
+        paths = synthia_paths(_source_dir(synthetic_datasets))
     else:
-        paths = prepare_cityscapes.cityscapes_paths(_target_dir(synthetic_datasets), "val")
+        paths = cityscapes_paths(_target_dir(synthetic_datasets), "val")
     results = _pq_of_ground_truth_against_itself(paths["panoptic_json"], paths["panoptic_dir"])
     with open(paths["panoptic_json"]) as f:
         annotations = json.load(f)["annotations"]
@@ -109,18 +110,18 @@ def test_panopticapi_pq_of_ground_truth_is_100(synthetic_datasets, dataset):
 
 def test_rerun_converts_nothing_and_keeps_files(synthetic_datasets):
     source = _source_dir(synthetic_datasets)
-    paths = prepare_synthia.synthia_paths(source)
+    paths = synthia_paths(source)
     outputs = sorted(glob.glob(os.path.join(paths["panoptic_dir"], "*.png")))
     mtimes = [os.stat(path).st_mtime_ns for path in outputs]
     with open(paths["panoptic_json"]) as f:
         before = json.load(f)
-    report = prepare_synthia.prepare_synthia(source)
+    report = synthia.prepare_synthia(source)
     assert (report.converted, report.skipped, report.failures) == (0, 16, [])
     assert [os.stat(path).st_mtime_ns for path in outputs] == mtimes
     with open(paths["panoptic_json"]) as f:
         assert json.load(f) == before
 
-    report = prepare_cityscapes.prepare_cityscapes(_target_dir(synthetic_datasets), "val")
+    report = cityscapes.prepare_cityscapes(_target_dir(synthetic_datasets), "val")
     assert (report.converted, report.skipped, report.failures) == (0, 6, [])
 
 
@@ -137,14 +138,14 @@ def _temporary_files(folder: str):
 
 def test_corrupt_synthia_label_is_reported_rest_converted(tmp_path, capsys):
     folders = _small_benchmark(tmp_path)
-    paths = prepare_synthia.synthia_paths(folders["source"])
+    paths = synthia_paths(folders["source"])
     corrupt = os.path.join(paths["label_dir"], "0000002.png")
     with open(corrupt, "r+b") as f:
         f.truncate(100)
     missing = os.path.join(paths["label_dir"], "0000003.png")
     os.remove(missing)
 
-    assert prepare_synthia.main([folders["source"], "--workers", "1"]) == 1
+    assert synthia.main([folders["source"], "--workers", "1"]) == 1
     output = capsys.readouterr().out
     assert "2 converted" in output and "2 failed" in output
     assert corrupt in output and missing in output
@@ -156,13 +157,13 @@ def test_corrupt_synthia_label_is_reported_rest_converted(tmp_path, capsys):
     # the two failed images.
     os.remove(corrupt)
     _small_benchmark(tmp_path)
-    report = prepare_synthia.prepare_synthia(folders["source"])
+    report = synthia.prepare_synthia(folders["source"])
     assert (report.converted, report.skipped, report.failures) == (2, 2, [])
 
 
 def test_corrupt_cityscapes_inputs_are_reported_rest_converted(tmp_path, capsys):
     folders = _small_benchmark(tmp_path)
-    paths = prepare_cityscapes.cityscapes_paths(folders["target"], "val")
+    paths = cityscapes_paths(folders["target"], "val")
     polygons = sorted(glob.glob(os.path.join(paths["label_dir"], "*", "*_gtFine_polygons.json")))
     with open(polygons[0], "w") as f:
         f.write('{"imgHeight": 64, "imgWidth": 128, "objects": [{"label": "no such class", "polygon": [[0,0],[5,0],[5,5]]}]}')
@@ -170,7 +171,7 @@ def test_corrupt_cityscapes_inputs_are_reported_rest_converted(tmp_path, capsys)
     with open(instance_file, "wb") as f:
         f.write(b"not a png")
 
-    assert prepare_cityscapes.main([folders["target"], "--splits", "val", "--workers", "1"]) == 1
+    assert cityscapes.main([folders["target"], "--splits", "val", "--workers", "1"]) == 1
     output = capsys.readouterr().out
     assert "1 converted" in output and "2 failed" in output
     assert polygons[0] in output and instance_file in output
@@ -182,12 +183,12 @@ def test_corrupt_cityscapes_inputs_are_reported_rest_converted(tmp_path, capsys)
 
 def test_parallel_conversion_matches_serial(tmp_path):
     folders = _small_benchmark(tmp_path)
-    serial = prepare_synthia.prepare_synthia(folders["source"], workers=1)
-    paths = prepare_synthia.synthia_paths(folders["source"])
+    serial = synthia.prepare_synthia(folders["source"], workers=1)
+    paths = synthia_paths(folders["source"])
     serial_pngs = {p: np.asarray(Image.open(p)) for p in glob.glob(os.path.join(paths["panoptic_dir"], "*.png"))}
     for path in serial_pngs:
         os.remove(path)
-    parallel = prepare_synthia.prepare_synthia(folders["source"], workers=2)
+    parallel = synthia.prepare_synthia(folders["source"], workers=2)
     assert isinstance(parallel, ConversionReport) and parallel.converted == 4
     assert [r.annotation for r in parallel.records] == [r.annotation for r in serial.records]
     for path, array in serial_pngs.items():
@@ -195,17 +196,17 @@ def test_parallel_conversion_matches_serial(tmp_path):
 
 
 def test_missing_input_folder_exits_with_clear_error(tmp_path, capsys):
-    assert prepare_synthia.main([str(tmp_path / "nowhere")]) == 2
+    assert synthia.main([str(tmp_path / "nowhere")]) == 2
     assert f"{tmp_path / 'nowhere' / 'RGB'}/<id>.png" in capsys.readouterr().err
-    assert prepare_cityscapes.main([str(tmp_path), "--splits", "val"]) == 2
+    assert cityscapes.main([str(tmp_path), "--splits", "val"]) == 2
     assert "_gtFine_polygons.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "module, expected",
     [
-        (prepare_synthia, "GT/LABELS/<id>.png"),
-        (prepare_cityscapes, "_gtFine_polygons.json"),
+        (synthia, "GT/LABELS/<id>.png"),
+        (cityscapes, "_gtFine_polygons.json"),
         (synthetic, "--num-source"),
     ],
 )

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from gbw_panoptic.data.datasets import prepare_gta5, prepare_synthia
 from gbw_panoptic.data.datasets.builtin_meta import SYNTHIA_EVAL_TRAIN_IDS, THING_LABEL_IDS
-from gbw_panoptic.data.datasets.conversion import instance_ids_from_labels
+from gbw_panoptic.data.datasets.layout import synthia_paths
+from gbw_panoptic.data.prepare import gta5, synthia
+from gbw_panoptic.data.prepare.conversion import instance_ids_from_labels
 
 # SYNTHIA id -> Cityscapes train id, written out independently of the implementation.
 SYNTHIA_TO_TRAIN_ID = {
@@ -41,7 +42,7 @@ def test_synthia_class_ids_map_to_cityscapes_train_ids(tmp_path):
     _write_rgb(tmp_path / "RGB" / "0000000.png", *class_ids.shape)
     _write_synthia_labels(tmp_path / "GT" / "LABELS" / "0000000.png", class_ids, np.zeros_like(class_ids))
 
-    report = prepare_synthia.prepare_synthia(str(tmp_path))
+    report = synthia.prepare_synthia(str(tmp_path))
     assert report.failures == []
     train_ids = np.asarray(Image.open(tmp_path / "GT" / "LABELS" / "0000000_labelTrainIds.png"))
     expected = np.vectorize(lambda c: SYNTHIA_TO_TRAIN_ID.get(int(c), 255))(class_ids)
@@ -58,8 +59,8 @@ def test_synthia_archive_top_folder_is_accepted(tmp_path):
     class_ids = np.full((16, 24), 3, np.uint16)  # road
     _write_rgb(data / "RGB" / "0000000.png", *class_ids.shape)
     _write_synthia_labels(data / "GT" / "LABELS" / "0000000.png", class_ids, np.zeros_like(class_ids))
-    assert prepare_synthia.main([str(tmp_path / "synthia"), "--workers", "1"]) == 0
-    paths = prepare_synthia.synthia_paths(str(tmp_path / "synthia"))
+    assert synthia.main([str(tmp_path / "synthia"), "--workers", "1"]) == 0
+    paths = synthia_paths(str(tmp_path / "synthia"))
     assert paths["image_dir"] == str(data / "RGB") and paths["class_stats"] == str(data / "class_stats.json")
     assert os.path.isfile(paths["panoptic_json"]) and os.path.isfile(paths["class_stats"])
 
@@ -79,7 +80,7 @@ def test_synthia_instances_come_from_the_instance_channel(tmp_path):
     _write_rgb(tmp_path / "RGB" / "0000001.png", *class_ids.shape)
     _write_synthia_labels(tmp_path / "GT" / "LABELS" / "0000001.png", class_ids, instance_ids)
 
-    report = prepare_synthia.prepare_synthia(str(tmp_path))
+    report = synthia.prepare_synthia(str(tmp_path))
     (record,) = report.records
     segments = sorted(
         (s["id"], s["category_id"], s["iscrowd"], s["area"]) for s in record.annotation["segments_info"]
@@ -97,7 +98,7 @@ def test_synthia_label_file_with_wrong_format_is_reported(tmp_path):
     _write_rgb(tmp_path / "RGB" / "0000000.png", 8, 8)
     (tmp_path / "GT" / "LABELS").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "GT" / "LABELS" / "0000000.png")
-    report = prepare_synthia.prepare_synthia(str(tmp_path))
+    report = synthia.prepare_synthia(str(tmp_path))
     ((inputs, message),) = report.failures
     assert "16-bit 3-channel" in message and "0000000.png" in message
 
@@ -122,7 +123,7 @@ def _gta5_scene() -> np.ndarray:
 
 
 def test_gta5_connected_components():
-    instances = prepare_gta5.connected_component_instances(_gta5_scene(), min_instance_area=16)
+    instances = gta5.connected_component_instances(_gta5_scene(), min_instance_area=16)
     car_instances = np.unique(instances[_gta5_scene() == 26])
     assert len(car_instances) == 2 and 0 not in car_instances
     assert len(np.unique(instances[5:15, 5:25])) == 1  # touching cars merge
@@ -138,13 +139,13 @@ def _thing_segments(record):
 
 def test_gta5_panoptic_with_and_without_instances(tmp_path):
     _write_gta5(tmp_path, _gta5_scene())
-    report = prepare_gta5.prepare_gta5(str(tmp_path), min_instance_area=16)
+    report = gta5.prepare_gta5(str(tmp_path), min_instance_area=16)
     (record,) = report.records
     things = _thing_segments(record)
     assert things == [(24, 0, 40), (24, 1, 4), (26, 0, 100), (26, 0, 200)]
 
     # Switching instances off re-converts (the JSON info differs) and writes crowd segments only.
-    report = prepare_gta5.prepare_gta5(str(tmp_path), instances=False)
+    report = gta5.prepare_gta5(str(tmp_path), instances=False)
     assert report.converted == 1
     (record,) = report.records
     things = _thing_segments(record)
@@ -156,8 +157,8 @@ def test_gta5_panoptic_with_and_without_instances(tmp_path):
 def test_gta5_rgb_label_is_reported(tmp_path):
     _write_gta5(tmp_path, _gta5_scene())
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "labels" / "00001.png")
-    assert prepare_gta5.main([str(tmp_path), "--workers", "1"]) == 1
-    ((inputs, message),) = prepare_gta5.prepare_gta5(str(tmp_path)).failures
+    assert gta5.main([str(tmp_path), "--workers", "1"]) == 1
+    ((inputs, message),) = gta5.prepare_gta5(str(tmp_path)).failures
     assert "single-channel" in message and os.path.join("labels", "00001.png") in message
 
 
@@ -165,19 +166,19 @@ def test_gta5_pairs_of_different_sizes_are_excluded_as_known(tmp_path, capsys):
     _write_gta5(tmp_path, _gta5_scene(), "00001")
     _write_gta5(tmp_path, _gta5_scene(), "00002")
     _write_rgb(tmp_path / "images" / "00002.png", 40, 64)  # the image 4 pixels wider than its label
-    assert prepare_gta5.main([str(tmp_path), "--workers", "1"]) == 0
+    assert gta5.main([str(tmp_path), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "1 converted, 0 already valid (skipped), 1 excluded (image and label of different sizes, a known defect" in out
     assert re.search(r"EXCLUDED .*00002\.png: ImageLabelSizeMismatch: .*label size \(40, 60\) differs from image size \(40, 64\)", out)
     with open(tmp_path / "panoptic.json") as f:
         assert [image["id"] for image in json.load(f)["images"]] == ["00001"]
-    report = prepare_gta5.prepare_gta5(str(tmp_path))  # a re-run reports it again
+    report = gta5.prepare_gta5(str(tmp_path))  # a re-run reports it again
     assert (report.converted, report.skipped, len(report.excluded), report.failures) == (0, 1, 1, [])
 
 
 def test_gta5_help_mentions_the_approximation(capsys):
     with pytest.raises(SystemExit):
-        prepare_gta5.main(["--help"])
+        gta5.main(["--help"])
     out = capsys.readouterr().out
     assert "APPROXIMATED" in out and "--no-instances" in out
 

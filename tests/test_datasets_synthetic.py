@@ -14,9 +14,9 @@ from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from PIL import Image
 
-from gbw_panoptic.data.datasets import prepare_cityscapes, prepare_synthia
 from gbw_panoptic.data.datasets.builtin_meta import LABEL_ID_TO_TRAIN_ID, SYNTHIA_TO_LABEL_ID, THING_TRAIN_IDS
-from gbw_panoptic.data.datasets.synthetic import generate_synthetic
+from gbw_panoptic.data.datasets.layout import cityscapes_paths, synthia_paths
+from gbw_panoptic.data.prepare.synthetic import generate_synthetic
 
 SMALL = dict(num_source=2, num_source_val=1, num_target_train=1, num_target_val=1, height=64, width=128)
 
@@ -89,8 +89,8 @@ def test_source_uses_the_synthia_label_encoding(synthetic_datasets):
 
 
 def _frequencies(root: Path):
-    source = prepare_synthia.synthia_paths(str(root / "synthetic" / "source"))["frequencies"]
-    target = prepare_cityscapes.cityscapes_paths(str(root / "synthetic" / "target"), "train")["frequencies"]
+    source = synthia_paths(str(root / "synthetic" / "source"))["frequencies"]
+    target = cityscapes_paths(str(root / "synthetic" / "target"), "train")["frequencies"]
     with open(source) as f, open(target) as g:
         return json.load(f), json.load(g)
 
@@ -108,7 +108,7 @@ def test_benchmark_has_many_classes_rare_classes_and_a_label_shift(synthetic_dat
 
 
 def test_several_thing_classes_with_several_instances_per_image(synthetic_datasets):
-    paths = prepare_synthia.synthia_paths(str(synthetic_datasets / "synthetic" / "source"))
+    paths = synthia_paths(str(synthetic_datasets / "synthetic" / "source"))
     with open(paths["panoptic_json"]) as f:
         annotations = json.load(f)["annotations"]
     instances = np.zeros(19)

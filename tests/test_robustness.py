@@ -304,7 +304,7 @@ def target_copy(synthetic_datasets, tmp_path) -> Path:
 
 
 def test_prepare_rechecks_truncated_inputs_and_outputs(target_copy):
-    from gbw_panoptic.data.datasets.prepare_cityscapes import prepare_cityscapes
+    from gbw_panoptic.data.prepare.cityscapes import prepare_cityscapes
 
     images = sorted((target_copy / "leftImg8bit" / "val").rglob("*_leftImg8bit.png"))
     labels = sorted((target_copy / "gtFine" / "val").rglob("*_labelTrainIds.png"))
@@ -316,7 +316,7 @@ def test_prepare_rechecks_truncated_inputs_and_outputs(target_copy):
 
 
 def test_generator_rewrites_truncated_files(synthetic_datasets, tmp_path):
-    from gbw_panoptic.data.datasets.synthetic import generate_synthetic
+    from gbw_panoptic.data.prepare.synthetic import generate_synthetic
 
     out = tmp_path / "synthetic"
     settings = dict(seed=0, num_source=2, num_target_train=1, num_target_val=1, height=64, width=128)
@@ -329,7 +329,7 @@ def test_generator_rewrites_truncated_files(synthetic_datasets, tmp_path):
 
 
 def test_interrupted_prepare_keeps_the_finished_images(target_copy, monkeypatch):
-    from gbw_panoptic.data.datasets import prepare_cityscapes as module
+    from gbw_panoptic.data.prepare import cityscapes as module
 
     for name in ("cityscapes_panoptic_val.json", "class_stats_val.json", "class_frequencies_val.json"):
         (target_copy / "gtFine" / name).unlink()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gbw_panoptic.data.datasets.synthetic import prepare_synthetic
+from gbw_panoptic.data.prepare.synthetic import prepare_synthetic
 from gbw_panoptic.evaluation.report import write_report
 from gbw_panoptic.uda.checkpoint import AtomicCheckpointer
 from gbw_panoptic.utils.io import atomic_path, atomic_write, write_json

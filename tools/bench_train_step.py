@@ -46,7 +46,7 @@ from tqdm import tqdm
 from _common import machine_info, time_round_robin, write_report
 from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.data.datasets import register_all
-from gbw_panoptic.data.datasets.synthetic import prepare_synthetic
+from gbw_panoptic.data.prepare.synthetic import prepare_synthetic
 from gbw_panoptic.uda.teacher import EMATeacher
 from gbw_panoptic.uda.trainer import UDATrainer
 

@@ -35,7 +35,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from gbw_panoptic.data.datasets.synthetic import prepare_synthetic
+from gbw_panoptic.data.prepare.synthetic import prepare_synthetic
 from gbw_panoptic.data.image_io import image_decode_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from gbw_panoptic.data.datasets.synthetic import DEFAULT_SIZES
+from gbw_panoptic.data.prepare.synthetic import DEFAULT_SIZES
 from gbw_panoptic.uda.cli import build_parser, merged_config
 from gbw_panoptic.utils.io import write_json
 

@@ -1,5 +1,5 @@
-"""Builtin datasets: class metadata, preparation scripts' converters, the synthetic benchmark, and
-their registration in Detectron2's catalogs.
+"""Builtin datasets: class metadata, the folder layout of prepared datasets, and their registration
+in Detectron2's catalogs (the converters that prepare them are in :mod:`gbw_panoptic.data.prepare`).
 
 Importing this package registers every builtin dataset under ``$DETECTRON2_DATASETS`` (default
 ``./datasets``); call :func:`register_all` with another root to re-register them there.

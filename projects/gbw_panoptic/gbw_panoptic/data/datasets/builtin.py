@@ -40,11 +40,7 @@ from .builtin_meta import (
     THING_LABEL_IDS,
     panoptic_metadata,
 )
-from .conversion import datasets_root
-from .prepare_cityscapes import cityscapes_paths
-from .prepare_gta5 import gta5_paths
-from .prepare_mapillary import mapillary_paths
-from .prepare_synthia import synthia_paths
+from .layout import cityscapes_paths, datasets_root, gta5_paths, mapillary_paths, synthia_paths
 
 __all__ = ["register_all", "load_panoptic_dataset", "load_cityscapes_images", "DATASET_NAMES"]
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ...utils.io import atomic_path
+from ..datasets.layout import cityscapes_paths
 from .conversion import (
     ConversionJob,
     ConversionReport,
@@ -23,7 +24,7 @@ from .conversion import (
     run_conversion,
 )
 
-__all__ = ["cityscapes_paths", "prepare_cityscapes", "main"]
+__all__ = ["prepare_cityscapes", "main"]
 
 SPLITS = ("train", "val")
 
@@ -45,19 +46,6 @@ existing valid outputs are kept, so re-running only converts what is missing):
   ROOT/gtFine/class_stats_<split>.json             per-image class pixel counts
   ROOT/gtFine/class_frequencies_<split>.json       class frequency summary
 """
-
-
-def cityscapes_paths(root: str, split: str) -> Dict[str, str]:
-    """Input and output locations of one Cityscapes split."""
-    gt_root = os.path.join(root, "gtFine")
-    return {
-        "image_dir": os.path.join(root, "leftImg8bit", split),
-        "label_dir": os.path.join(gt_root, split),
-        "panoptic_dir": os.path.join(gt_root, f"cityscapes_panoptic_{split}"),
-        "panoptic_json": os.path.join(gt_root, f"cityscapes_panoptic_{split}.json"),
-        "class_stats": os.path.join(gt_root, f"class_stats_{split}.json"),
-        "frequencies": os.path.join(gt_root, f"class_frequencies_{split}.json"),
-    }
 
 
 def _convert_cityscapes_image(job: ConversionJob) -> ImageRecord:

@@ -17,7 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .builtin_meta import LABEL_DIVISOR, THING_LABEL_IDS, label_id_to_train_id_lut
+from ..datasets.builtin_meta import LABEL_DIVISOR, THING_LABEL_IDS, label_id_to_train_id_lut
+from ..datasets.layout import mapillary_paths
 from .conversion import (
     ConversionJob,
     ConversionReport,
@@ -36,7 +37,6 @@ __all__ = [
     "MAPILLARY_TO_LABEL_ID",
     "SPLITS",
     "DEFAULT_SIZE",
-    "mapillary_paths",
     "mapillary_input_paths",
     "fitted_size",
     "mapillary_instance_ids",
@@ -118,19 +118,6 @@ segment per class.
 """
 
 _INTERPOLATIONS = ("area", "bicubic")
-
-
-def mapillary_paths(root: str, split: str) -> Dict[str, str]:
-    """Locations of the converted outputs of one split (``"training"`` or ``"validation"``)."""
-    output_dir = os.path.join(root, split, "cityscapes19")
-    return {
-        "image_dir": os.path.join(output_dir, "images"),
-        "label_dir": os.path.join(output_dir, "labels"),
-        "panoptic_dir": os.path.join(output_dir, "panoptic"),
-        "panoptic_json": os.path.join(output_dir, "panoptic.json"),
-        "class_stats": os.path.join(output_dir, "class_stats.json"),
-        "frequencies": os.path.join(output_dir, "class_frequencies.json"),
-    }
 
 
 def mapillary_input_paths(root: str, split: str) -> Dict[str, str]:

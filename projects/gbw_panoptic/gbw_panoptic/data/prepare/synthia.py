@@ -1,13 +1,13 @@
 """SYNTHIA-RAND-CITYSCAPES -> COCO panoptic + train-id labels (``datasets/prepare_synthia.py``)."""
 from __future__ import annotations
 
-import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
-from .builtin_meta import THING_LABEL_IDS, synthia_id_to_label_id_lut
+from ..datasets.builtin_meta import THING_LABEL_IDS, synthia_id_to_label_id_lut
+from ..datasets.layout import synthia_paths
 from .conversion import (
     ConversionJob,
     ConversionReport,
@@ -21,10 +21,7 @@ from .conversion import (
     write_label_outputs,
 )
 
-__all__ = ["ARCHIVE_FOLDER", "synthia_paths", "read_synthia_labels", "prepare_synthia", "main"]
-
-#: Top folder of the distributed archive (RAND_CITYSCAPES.rar), holding RGB/, GT/ and Depth/.
-ARCHIVE_FOLDER = "RAND_CITYSCAPES"
+__all__ = ["read_synthia_labels", "prepare_synthia", "main"]
 
 DESCRIPTION = """\
 Convert SYNTHIA-RAND-CITYSCAPES to COCO panoptic format and train-id label images.
@@ -46,23 +43,6 @@ Outputs (existing valid outputs are kept, so re-running only converts what is mi
 SYNTHIA class ids are mapped to Cityscapes label ids as in the mapping table of datasets/README.md; thing instances come
 from the instance channel, thing pixels without an instance id become crowd segments.
 """
-
-
-def synthia_paths(root: str) -> Dict[str, str]:
-    """Input and output locations of a SYNTHIA-RAND-CITYSCAPES folder: ``root``, or
-    ``root/RAND_CITYSCAPES`` when the archive was extracted into ``root`` with its top folder (no
-    ``root/RGB``, but ``root/RAND_CITYSCAPES/RGB``)."""
-    nested = os.path.join(root, ARCHIVE_FOLDER)
-    if not os.path.isdir(os.path.join(root, "RGB")) and os.path.isdir(os.path.join(nested, "RGB")):
-        root = nested
-    return {
-        "image_dir": os.path.join(root, "RGB"),
-        "label_dir": os.path.join(root, "GT", "LABELS"),
-        "panoptic_dir": os.path.join(root, "GT", "panoptic"),
-        "panoptic_json": os.path.join(root, "GT", "panoptic.json"),
-        "class_stats": os.path.join(root, "class_stats.json"),
-        "frequencies": os.path.join(root, "class_frequencies.json"),
-    }
 
 
 def read_synthia_labels(path: str) -> Tuple[np.ndarray, np.ndarray]:

@@ -45,8 +45,9 @@ from tqdm import tqdm
 
 from ...utils.io import atomic_path, atomic_write, write_json
 from ...utils.parallel import parallel_map
+from ..datasets.builtin_meta import CLASS_NAMES, LABEL_DIVISOR, NUM_CLASSES, label_id_to_train_id_lut
+from ..datasets.layout import datasets_root
 from ..image_io import image_decode_error
-from .builtin_meta import CLASS_NAMES, LABEL_DIVISOR, NUM_CLASSES, label_id_to_train_id_lut
 
 __all__ = [
     "ImageRecord",
@@ -68,7 +69,6 @@ __all__ = [
     "class_frequencies",
     "format_class_frequencies",
     "print_report",
-    "datasets_root",
     "conversion_parser",
     "exit_code_on_missing_input",
 ]
@@ -576,11 +576,6 @@ def print_report(report: ConversionReport, name: str) -> int:
     print(format_class_frequencies(report.frequencies))
     print(report.summary(name))
     return report.exit_code
-
-
-def datasets_root() -> str:
-    """``$DETECTRON2_DATASETS`` or ``./datasets`` (Detectron2's convention)."""
-    return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 
 def conversion_parser(description: str, dataset_dir: str) -> argparse.ArgumentParser:

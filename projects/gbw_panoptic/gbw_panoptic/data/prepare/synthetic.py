@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ...utils.io import atomic_path, write_json
 from ...utils.parallel import parallel_map
-from .builtin_meta import SYNTHIA_TO_LABEL_ID
+from ..datasets.builtin_meta import SYNTHIA_TO_LABEL_ID
 from .conversion import (
     ConversionReport,
     conversion_parser,
@@ -47,8 +47,8 @@ from .conversion import (
     print_report,
     save_png,
 )
-from .prepare_cityscapes import prepare_cityscapes
-from .prepare_synthia import prepare_synthia
+from .cityscapes import prepare_cityscapes
+from .synthia import prepare_synthia
 
 __all__ = [
     "DEFAULT_SIZES",

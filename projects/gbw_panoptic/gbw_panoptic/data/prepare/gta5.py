@@ -9,14 +9,14 @@ the registered dataset dicts then carry ``has_instances`` False and the instance
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from .builtin_meta import THING_LABEL_IDS
+from ..datasets.builtin_meta import THING_LABEL_IDS
+from ..datasets.layout import gta5_paths
 from .conversion import (
     ConversionJob,
     ConversionReport,
@@ -30,7 +30,7 @@ from .conversion import (
     write_label_outputs,
 )
 
-__all__ = ["KNOWN_SIZE_MISMATCH", "gta5_paths", "connected_component_instances", "prepare_gta5", "main"]
+__all__ = ["KNOWN_SIZE_MISMATCH", "connected_component_instances", "prepare_gta5", "main"]
 
 #: Why an image whose label has another size is left out instead of failing the conversion.
 KNOWN_SIZE_MISMATCH = "image and label of different sizes, a known defect of the GTA5 release"
@@ -56,18 +56,6 @@ GTA5 has no instance ids: thing instances are APPROXIMATED by connected componen
 class (touching objects merge, occluded objects split). --no-instances writes thing classes as
 crowd segments instead, and the instance losses then skip GTA5 images.
 """
-
-
-def gta5_paths(root: str) -> Dict[str, str]:
-    """Input and output locations of a GTA5 folder."""
-    return {
-        "image_dir": os.path.join(root, "images"),
-        "label_dir": os.path.join(root, "labels"),
-        "panoptic_dir": os.path.join(root, "panoptic"),
-        "panoptic_json": os.path.join(root, "panoptic.json"),
-        "class_stats": os.path.join(root, "class_stats.json"),
-        "frequencies": os.path.join(root, "class_frequencies.json"),
-    }
 
 
 def connected_component_instances(label_ids: np.ndarray, min_instance_area: int = 0) -> np.ndarray:
