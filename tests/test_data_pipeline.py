@@ -5,6 +5,7 @@ class statistics), in which every class has its own image colour, so that label/
 after augmentation can be checked pixel by pixel.
 """
 import itertools
+import sys
 import json
 from pathlib import Path
 from typing import Any, Dict, List
@@ -27,8 +28,10 @@ from gbw_panoptic.data import (
     build_augmentations,
     build_test_loader,
     build_uda_train_loader,
-    from_detectron2_layout,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_panoptic_targets import from_detectron2_layout  # noqa: E402
 
 NUM_CLASSES = 19
 THING_TRAIN_IDS = list(range(11, 19))

@@ -1,5 +1,7 @@
 """The data pipeline on the prepared synthetic benchmark (``synthetic_datasets`` fixture)."""
 import itertools
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +20,10 @@ from gbw_panoptic.data import (
     rcs_class_probabilities,
     build_test_loader,
     build_uda_train_loader,
-    from_detectron2_layout,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_panoptic_targets import from_detectron2_layout  # noqa: E402
 
 SOURCE, TARGET, VAL = (
     "synthetic_source_panoptic_train",

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gbw_panoptic.gbw import ce_grad_sq_norms, class_pixel_counts, grad_norms, regression_grad_sq_norms
+from gbw_panoptic.gbw import ce_grad_sq_norms, grad_norms, regression_grad_sq_norms
 
 IGNORE = 255
 
@@ -73,7 +73,7 @@ def test_ce_norms_are_channel_norm_of_closed_form_gradient() -> None:
     onehot = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
     grad = (logits.softmax(dim=1) - onehot) / (counts[labels] + 1).unsqueeze(1)
     torch.testing.assert_close(ce_grad_sq_norms(logits, labels), grad.square().sum(dim=(0, 2, 3)))
-    torch.testing.assert_close(class_pixel_counts(labels, 4), counts)
+    torch.testing.assert_close(grad_norms.group_pixels(labels, 4).counts, counts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -5,7 +5,8 @@ Generates Cityscapes-like panoptic id maps (stuff bands, 10-60 thing instances o
 a crowd region and VOID), runs ``detectron2.projects.panoptic_deeplab.PanopticDeepLabTargetGenerator``
 (the reference) and ``gbw_panoptic.data.PanopticTargetGenerator`` on each, checks that every
 target is identical (after the documented layout differences), prints a table of the mean time per
-image and the speed-up, and writes a JSON report.
+image and the speed-up, and writes a JSON report. The tests compare the two generators with
+:func:`from_detectron2_layout` from here too.
 
 Example:
     python tools/bench_panoptic_targets.py --num-images 10 --height 1024 --width 2048 \\
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 import gbw_panoptic  # noqa: F401  (before Detectron2: its warning filter covers fvcore's import-time scripting)
 from detectron2.projects.panoptic_deeplab.target_generator import PanopticDeepLabTargetGenerator
-from gbw_panoptic.data import PanopticTargetGenerator, from_detectron2_layout
+from gbw_panoptic.data import PanopticTargetGenerator
 from gbw_panoptic.utils.io import write_json
 
 # (Cityscapes label id, train id) of the stuff and thing classes.
@@ -53,6 +54,25 @@ def generate_scene(rng: np.random.Generator, height: int, width: int) -> Tuple[n
     segments.append({"id": label_id, "category_id": train_id, "iscrowd": 1})
     panoptic[: height // 20] = 0  # VOID
     return panoptic, segments
+
+
+def from_detectron2_layout(targets: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Detectron2 ``PanopticDeepLabTargetGenerator`` output in :class:`PanopticTargetGenerator`'s layout.
+
+    Args:
+        targets: the reference generator's dict (``center`` ``HxW``, weights ``1xHxW``).
+
+    Returns:
+        the same values with the keys and shapes of :meth:`PanopticTargetGenerator.__call__`.
+    """
+    return {
+        "sem_seg": targets["sem_seg"],
+        "sem_seg_weights": targets["sem_seg_weights"],
+        "center": targets["center"][None],
+        "center_weights": targets["center_weights"][0],
+        "offset": targets["offset"],
+        "offset_weights": targets["offset_weights"][0],
+    }
 
 
 def same_targets(ours: Dict[str, torch.Tensor], reference: Dict[str, Any]) -> bool:

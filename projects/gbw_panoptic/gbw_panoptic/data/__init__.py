@@ -13,7 +13,7 @@ from .build import (
     build_uda_train_loader,
 )
 from .mapper import GBWPanopticDatasetMapper, build_augmentations, build_target_generator
-from .panoptic_target import PanopticTargetGenerator, from_detectron2_layout
+from .panoptic_target import PanopticTargetGenerator
 from .rcs import RareClassSampler, load_class_pixel_counts, rcs_class_probabilities
 from .stream import IndexStream, ShuffledIndexStream, TrainStream, build_stream_loader
 
@@ -33,7 +33,6 @@ __all__ = [
     "build_target_train_loader",
     "build_test_loader",
     "build_uda_train_loader",
-    "from_detectron2_layout",
     "load_class_pixel_counts",
     "rcs_class_probabilities",
 ]

@@ -17,14 +17,15 @@ match what the model consumes):
 - ``center_class`` is added: the class of the instance whose Gaussian gives each pixel its
   center target (the one with the largest value there), for grouping the center loss by instance.
 
-:func:`from_detectron2_layout` converts the reference's output to this layout.
+``tools/bench_panoptic_targets.py`` (``from_detectron2_layout``) converts the reference's output to this
+layout.
 """
 from typing import Any, Dict, Iterable, List
 
 import numpy as np
 import torch
 
-__all__ = ["PanopticTargetGenerator", "from_detectron2_layout", "CENTER_ROUNDINGS"]
+__all__ = ["PanopticTargetGenerator", "CENTER_ROUNDINGS"]
 
 CENTER_ROUNDINGS = ("round", "floor")
 
@@ -216,22 +217,3 @@ def _segment_index(pixel_ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray
     sorted_ids = segment_ids[order]
     position = np.minimum(np.searchsorted(sorted_ids, pixel_ids), num_segments - 1)
     return np.where(sorted_ids[position] == pixel_ids, order[position], num_segments)
-
-
-def from_detectron2_layout(targets: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """Detectron2 ``PanopticDeepLabTargetGenerator`` output in :class:`PanopticTargetGenerator`'s layout.
-
-    Args:
-        targets: the reference generator's dict (``center`` ``HxW``, weights ``1xHxW``).
-
-    Returns:
-        the same values with the keys and shapes of :meth:`PanopticTargetGenerator.__call__`.
-    """
-    return {
-        "sem_seg": targets["sem_seg"],
-        "sem_seg_weights": targets["sem_seg_weights"],
-        "center": targets["center"][None],
-        "center_weights": targets["center_weights"][0],
-        "offset": targets["offset"],
-        "offset_weights": targets["offset_weights"][0],
-    }

@@ -11,14 +11,13 @@ Public API:
   baseline GBW is compared with).
 """
 from .frequency import median_frequency_weights
-from .grad_norms import ce_grad_sq_norms, class_pixel_counts, regression_grad_sq_norms
+from .grad_norms import ce_grad_sq_norms, regression_grad_sq_norms
 from .losses import GBWCrossEntropyLoss, GBWRegressionLoss
 from .qp import CVXOPT_REFERENCE_OPTIONS, effective_lambda, project_to_scaled_simplex, qp_class_weights
 
 __all__ = [
     "ce_grad_sq_norms",
     "regression_grad_sq_norms",
-    "class_pixel_counts",
     "qp_class_weights",
     "project_to_scaled_simplex",
     "effective_lambda",

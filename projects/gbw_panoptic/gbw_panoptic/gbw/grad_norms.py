@@ -24,7 +24,6 @@ import torch
 __all__ = [
     "ce_grad_sq_norms",
     "regression_grad_sq_norms",
-    "class_pixel_counts",
     "check_class_map",
     "group_pixels",
     "PixelGroups",
@@ -209,16 +208,6 @@ def group_pixels(
     if pixel_weights is not None:
         scale = scale * pixel_weights.float()
     return PixelGroups(safe, counts, scale)
-
-
-def class_pixel_counts(
-    class_map: torch.Tensor,
-    num_classes: int,
-    ignore_index: int = 255,
-    pixel_weights: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """float32 [C]: number of pixels of each class that a loss covers (N_c of the module docs)."""
-    return group_pixels(class_map, num_classes, ignore_index, pixel_weights).counts
 
 
 def _check_dense(tensor: torch.Tensor, name: str, shape: Tuple[int, ...], what: str) -> None:
