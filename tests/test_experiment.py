@@ -15,7 +15,7 @@ from scipy import stats as scipy_stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from experiment import run_experiment, threads_per_run  # noqa: E402
 from experiment.report import ExperimentResults, conclusion_section, design_checks, sweep_section  # noqa: E402
-from experiment.runs import ARMS, PRESETS, RunSpec, plan_runs, train_and_evaluate  # noqa: E402
+from experiment.runs import ARMS, BATCH_SIZES, PRESETS, RunSpec, plan_runs, train_and_evaluate  # noqa: E402
 from experiment.stats import gap_closed, t_interval  # noqa: E402
 
 
@@ -149,29 +149,98 @@ def test_conclusion_with_one_seed_claims_nothing():
     assert "cannot be judged from one seed" in text and "supported" not in text
 
 
-def test_sweep_section_draws_each_series_against_its_value(tmp_path):
+def _add_arm(experiment, name, rare_recall_offset, from_arm="dacs"):
+    """Add arm ``name`` to constructed results: ``from_arm``'s metrics with rare recall + the offset."""
+    experiment.arms.append(ARMS[name])
+    for seed in experiment.seeds:
+        values = OrderedDict(experiment.metrics[(from_arm, seed)])
+        values["recall (rare)"] += rare_recall_offset
+        experiment.metrics[(name, seed)] = values
+
+
+def _table_rows(text, *series):
+    """The cells of the markdown rows of ``text`` that start with one of ``series``."""
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith(tuple(f"| {name} |" for name in series))]
+
+
+def test_sweep_section_draws_each_lambda_against_dacs(tmp_path):
     experiment = _experiment({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0})
     # dacs_gbw (relative λ 1) plus two more relative λ and one absolute λ, with rare recall +10 per step.
     for index, name in enumerate(("dacs_gbw_relative_lambda0.1", "dacs_gbw_relative_lambda10", "dacs_gbw_absolute")):
-        experiment.arms.append(ARMS[name])
-        for seed in experiment.seeds:
-            values = OrderedDict(experiment.metrics[("dacs", seed)])
-            values["recall (rare)"] += 10.0 * (index + 1)
-            experiment.metrics[(name, seed)] = values
-    lines = sweep_section(experiment, tmp_path)
-    text = "\n".join(lines)
-    assert (tmp_path / "sweep.png").stat().st_size > 1000
-    rows = [line for line in text.splitlines() if line.startswith(("| relative λ", "| absolute λ"))]
-    # Ordered by series, then value; DACS + GBW (relative λ 1) sits between 0.1 and 10.
-    assert [row.split("|")[1:3] for row in rows] == [
-        [" absolute λ ", " 1 "], [" relative λ ", " 0.1 "], [" relative λ ", " 1 "], [" relative λ ", " 10 "],
+        _add_arm(experiment, name, 10.0 * (index + 1))
+    text = "\n".join(sweep_section(experiment, tmp_path / "figures"))
+    assert (tmp_path / "figures" / "sweep_lambda.png").stat().st_size > 1000
+    assert "](figures/sweep_lambda.png)" in text
+    rows = _table_rows(text, "relative λ", "absolute λ", "DACS")
+    # Ordered by series, then value; DACS + GBW (relative λ 1) sits between 0.1 and 10; DACS, the baseline
+    # of every λ arm, last. Columns: series, λ, baseline, then rare recall and its difference against DACS.
+    assert [row[:3] for row in rows] == [
+        ["absolute λ", "1", "DACS"], ["relative λ", "0.1", "DACS"], ["relative λ", "1", "DACS"],
+        ["relative λ", "10", "DACS"], ["DACS", "–", "–"],
     ]
-    assert "| DACS (no GBW) | – | 12.00 [" in text  # DACS's rare recall: 10, 12, 14 over the seeds
+    # DACS's rare recall is 10, 12, 14 over the seeds; relative λ 0.1 adds 10 on every seed (no spread).
+    assert rows[-1][3].startswith("12.00 [") and rows[-1][4] == "–"
+    assert rows[1][3].startswith("22.00 [") and rows[1][4] == "+10.00 [+10.00, +10.00]"
+    assert rows[2][4] == experiment.difference("dacs_gbw", "dacs", "recall (rare)").format(signed=True)
     # Each λ arm's overrides reach its command.
     run = next(r for r in plan_runs(PRESETS["lambda"], tmp_path) if r.arm.name == "dacs_gbw_absolute_lambda0.0001")
     tail = run.command[run.command.index("MODEL.GBW.SEM_SEG.LAMBDA_MODE"):]
     assert tail[:4] == ["MODEL.GBW.SEM_SEG.LAMBDA_MODE", "absolute", "MODEL.GBW.SEM_SEG.LAMBDA", "0.0001"]
     assert "MODEL.GBW.OFFSET.LAMBDA" in tail and run.config().count("LAMBDA: 0.0001") == 3
+
+
+def test_sweep_section_compares_gbw_with_dacs_at_each_batch_size(tmp_path):
+    experiment = _experiment({0: 0.0, 1: 0.0, 2: 0.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    # DACS at batch b: DACS's rare recall - b; DACS + GBW at batch b: that + b / 2.
+    for images in BATCH_SIZES:
+        _add_arm(experiment, f"dacs_batch{images}", -images)
+        _add_arm(experiment, f"dacs_gbw_batch{images}", images / 2, from_arm=f"dacs_batch{images}")
+    text = "\n".join(sweep_section(experiment, tmp_path / "figures"))
+    assert (tmp_path / "figures" / "sweep_images_per_step.png").stat().st_size > 1000
+    assert "## Sweep: lambda" not in text  # dacs_gbw alone is no λ sweep
+    rows = _table_rows(text, "DACS", "DACS + GBW")
+    assert [row[:3] for row in rows] == [
+        ["DACS", "2", "–"], ["DACS", "4", "–"], ["DACS", "8", "–"],
+        ["DACS + GBW", "2", "DACS (batch 2)"], ["DACS + GBW", "4", "DACS (batch 4)"], ["DACS + GBW", "8", "DACS (batch 8)"],
+    ]
+    assert [row[4] for row in rows[3:]] == ["+1.00 [+1.00, +1.00]", "+2.00 [+2.00, +2.00]", "+4.00 [+4.00, +4.00]"]
+    assert rows[2][3].startswith("4.00 [")  # DACS at batch 8: 10, 12, 14 - 8
+
+
+def test_batch_preset_trains_every_batch_size_on_as_many_images(tmp_path):
+    runs = plan_runs(PRESETS["batch"], tmp_path)
+    assert len(runs) == 3 * (1 + 2 * len(BATCH_SIZES))
+    plain = {
+        (run.arm.name, run.seed): CfgNode.load_cfg(run.config())
+        for run in plan_runs(PRESETS["demo"].__class__(arms=("source_only", "dacs", "dacs_gbw"), seeds=(0, 1, 2),
+                                                       max_iter=600), tmp_path)
+    }
+    reference = plain[("dacs", 0)]
+    for run in runs:
+        if run.arm.name == "source_only":
+            continue
+        images = int(run.arm.name.rsplit("_batch", 1)[1])
+        k = images / reference.SOLVER.IMS_PER_BATCH
+        cfg = CfgNode.load_cfg(run.config())
+        assert cfg.SOLVER.IMS_PER_BATCH == cfg.DATASETS.TARGET_IMS_PER_BATCH == images
+        # As many images as DACS's 600 iterations of 2 + 2, warm-up and log period the same in images.
+        assert cfg.SOLVER.MAX_ITER * images == reference.SOLVER.MAX_ITER * reference.SOLVER.IMS_PER_BATCH == 1200
+        assert run.output_dir == tmp_path / "runs" / run.arm.name / f"{cfg.SOLVER.MAX_ITER}it_seed{run.seed}"
+        assert abs(cfg.SOLVER.WARMUP_ITERS * k - reference.SOLVER.WARMUP_ITERS) <= k / 2
+        assert cfg.UDA.LOG_PERIOD * k == reference.UDA.LOG_PERIOD
+        assert cfg.SOLVER.CHECKPOINT_PERIOD == cfg.SOLVER.MAX_ITER // 3
+        # The teacher forgets as fast per image; the learning rate follows the square-root rule.
+        assert cfg.UDA.EMA_ALPHA == pytest.approx(reference.UDA.EMA_ALPHA ** k, rel=1e-5)
+        assert cfg.SOLVER.BASE_LR == pytest.approx(reference.SOLVER.BASE_LR * math.sqrt(k), rel=1e-5)
+        # From the source-only model of the seed, GBW compared with DACS at the same batch size.
+        assert run.starts_from.arm.name == "source_only" and run.starts_from.seed == run.seed
+        assert cfg.MODEL.WEIGHTS == str(tmp_path / "runs" / "source_only" / f"600it_seed{run.seed}" / "model_final.pth")
+        assert run.arm.baseline in (None, f"dacs_batch{images}")
+        assert cfg.MODEL.GBW.SEM_SEG.ENABLED == run.arm.name.startswith("dacs_gbw")
+        if images == 2:  # the reference batch: the config of DACS (± GBW) as the other studies train it
+            cfg.OUTPUT_DIR = str(tmp_path / "runs" / run.arm.name.replace("_batch2", "") / f"600it_seed{run.seed}")
+            assert cfg == plain[(run.arm.name.replace("_batch2", ""), run.seed)]
 
 
 def test_design_checks_report_only_what_the_arms_allow():

@@ -41,7 +41,9 @@ def main() -> int:
                         "every other run starts from gets every core); default: 3 for demo, 2 otherwise")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="override the preset's arms")
     parser.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
-    parser.add_argument("--max-iter", type=int, help="override the preset's iterations per run")
+    parser.add_argument("--max-iter", type=int,
+                        help="override the preset's iterations per run (at the configs' 2 source + 2 target images per "
+                        "step; an arm with a larger batch trains on as many images in fewer iterations)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report of the preset's finished runs without training (a missing run is an "
                         "error; their configs are not compared with what the current code gives)")

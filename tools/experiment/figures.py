@@ -68,33 +68,37 @@ def plot_curves(curves: Mapping[str, Tuple[np.ndarray, np.ndarray]], ylabel: str
 
 
 def plot_sweep(
-    series: Mapping[str, Sequence[Tuple[float, float, float, float]]],
-    references: Mapping[str, float],
+    points: Mapping[Tuple[str, str], Sequence[Tuple[float, float, float, float]]],
     metrics: Sequence[str],
+    xlabel: str,
+    ylabel: str,
     title: str,
     path: Path,
 ) -> None:
-    """One panel per metric, one line per series of ``(x, mean, low, high)`` points (x on a log axis,
-    the 95 % interval as error bars), the reference arm's mean of each metric as a dashed line.
+    """One panel per metric, one line per series of ``(x, mean, low, high)`` points (x on a log axis with
+    a tick at every value, the 95 % interval as error bars), and a line at 0 (the points are differences).
 
     Args:
-        series: ``{series name: points}`` per metric, keyed ``"<series>|<metric>"``.
-        references: ``{metric: mean of the reference arm}``.
+        points: ``{(series, metric): points}``; NaN bounds (one seed) draw no error bar.
+        ylabel: the unit of a panel, after the metric's name (e.g. ``"arm − baseline (points)"``).
     """
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
-        for key, points in series.items():
-            name, of = key.split("|", 1)
-            if of != metric or not points:
+        values = set()
+        for (name, of), series in points.items():
+            if of != metric or not series:
                 continue
-            x, mean, low, high = (np.asarray(column, dtype=float) for column in zip(*sorted(points)))
+            x, mean, low, high = (np.asarray(column, dtype=float) for column in zip(*sorted(series)))
             error = np.vstack([mean - low, high - mean])
             axis.errorbar(x, mean, yerr=np.where(np.isfinite(error), error, 0.0), marker="o", capsize=3, label=name)
-        if metric in references:
-            axis.axhline(references[metric], color="grey", linestyle="--", label="DACS")
+            values.update(x)
+        axis.axhline(0, color="grey", linestyle="--", linewidth=0.8)
         axis.set_xscale("log")
-        axis.set_xlabel("λ")
-        axis.set_ylabel(f"{metric} (%)")
+        axis.set_xticks(sorted(values))
+        axis.set_xticklabels([f"{value:g}" for value in sorted(values)])
+        axis.minorticks_off()
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(f"{metric}: {ylabel}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.suptitle(title)

@@ -326,36 +326,81 @@ def differences_section(experiment: ExperimentResults, figures: Path) -> List[st
 SWEEP_METRICS = ("recall (rare)", "precision (rare)", "mIoU")
 
 
-def sweep_section(experiment: ExperimentResults, figures: Path) -> List[str]:
-    """The arms of a sweep (``Arm.sweep``): rare-class recall, precision and mIoU against the swept value,
-    one series per sweep (e.g. relative and absolute λ), as a table and ``figures/sweep.png``."""
-    swept = [arm for arm in experiment.arms if arm.sweep is not None]
-    if len(swept) < 2:
-        return []
-    points: Dict[str, List[Tuple[float, float, float, float]]] = {}
+@dataclass(frozen=True)
+class SweepRow:
+    """One arm at one value of a swept setting (``value`` NaN: a baseline shown beside the sweep, not part
+    of it): its :data:`SWEEP_METRICS` over seeds and, when its baseline ran, arm − baseline paired by seed
+    (``differences`` empty otherwise)."""
+
+    series: str
+    value: float
+    baseline: str  # the baseline's label; "" without one
+    metrics: Dict[str, Interval]
+    differences: Dict[str, Interval]
+
+
+def sweep_rows(experiment: ExperimentResults, points: Mapping[str, Tuple[str, float]]) -> List[SweepRow]:
+    """The :class:`SweepRow` of every arm of ``points`` (``{arm name: (series, value)}``) in ``experiment``."""
     rows = []
-    for arm in sorted(swept, key=lambda arm: arm.sweep):
-        name, value = arm.sweep
-        cells = [name, f"{value:g}"]
+    for name, (series, value) in points.items():
+        baseline = ARMS[name].baseline
+        compared = baseline is not None and experiment.has(baseline)
+        rows.append(SweepRow(
+            series, value, ARMS[baseline].label if compared else "",
+            {metric: experiment.interval(name, metric) for metric in SWEEP_METRICS},
+            {metric: experiment.difference(name, baseline, metric) for metric in SWEEP_METRICS} if compared else {},
+        ))
+    return rows
+
+
+def sweep_lines(title: str, axis: str, rows: Sequence[SweepRow], figure: Path, out: Path) -> List[str]:
+    """A report section of ``rows``: a table (per row its series, value of ``axis``, baseline, and each of
+    :data:`SWEEP_METRICS` with its difference against the baseline) and ``figure``, the differences against
+    ``axis``, one line per series (rows without a baseline are in the table only). ``out``: the report's
+    folder, which the figure's link is relative to."""
+    table, points = [], {}
+    for row in sorted(rows, key=lambda row: (math.isnan(row.value), row.series, row.value)):
+        cells = [row.series, "–" if math.isnan(row.value) else f"{row.value:g}", row.baseline or "–"]
         for metric in SWEEP_METRICS:
-            interval = experiment.interval(arm.name, metric)
-            points.setdefault(f"{name}|{metric}", []).append((value, interval.mean, interval.low, interval.high))
-            cells.append(interval.format())
-        rows.append(cells)
-    references = {}
-    if experiment.has(REFERENCE):
-        references = {metric: experiment.interval(REFERENCE, metric).mean for metric in SWEEP_METRICS}
-        rows.append(["DACS (no GBW)", "–", *(experiment.interval(REFERENCE, m).format() for m in SWEEP_METRICS)])
-    plot_sweep(points, references, SWEEP_METRICS, "Rare classes against λ (mean and 95 % interval over seeds)",
-               figures / "sweep.png")
-    return [
-        "## Sweep",
+            difference = row.differences.get(metric)
+            cells += [row.metrics[metric].format(), difference.format(signed=True) if difference else "–"]
+            if difference is not None:
+                points.setdefault((row.series, metric), []).append(
+                    (row.value, difference.mean, difference.low, difference.high)
+                )
+        table.append(cells)
+    header = ["series", axis, "baseline", *(name for metric in SWEEP_METRICS for name in (metric, "− baseline"))]
+    lines = [
+        f"## {title}",
         "",
-        _markdown(rows, ["series", "value", *SWEEP_METRICS]),
+        "Each arm's mean over seeds and, next to it, its difference against its baseline (the arm it adds its "
+        "treatment to, at the same value) paired by seed, with 95 % t-intervals.",
         "",
-        "![rare-class recall and precision against the swept value](figures/sweep.png)",
-        "",
+        _markdown(table, header),
     ]
+    if points:
+        plot_sweep(points, SWEEP_METRICS, axis, "arm − baseline (points)",
+                   f"{title}: arm − baseline (mean and 95 % interval over seeds)", figure)
+        lines += [f"![arm − baseline against {axis}]({figure.relative_to(out)})", ""]
+    return lines
+
+
+def sweep_section(experiment: ExperimentResults, figures: Path) -> List[str]:
+    """One section per swept setting (``Arm.sweep.axis``) with at least two arms: :func:`sweep_lines` of
+    those arms and of the baselines they are compared with that are not swept themselves (e.g. DACS beside
+    the λ arms), figure ``figures/sweep_<axis>.png``."""
+    lines: List[str] = []
+    for axis in dict.fromkeys(arm.sweep.axis for arm in experiment.arms if arm.sweep is not None):
+        swept = [arm for arm in experiment.arms if arm.sweep is not None and arm.sweep.axis == axis]
+        if len(swept) < 2:
+            continue
+        points = {arm.name: (arm.sweep.series, arm.sweep.value) for arm in swept}
+        for arm in swept:
+            if arm.baseline is not None and experiment.has(arm.baseline) and arm.baseline not in points:
+                points[arm.baseline] = (ARMS[arm.baseline].label, math.nan)
+        figure = figures / f"sweep_{axis.replace(' ', '_')}.png"
+        lines += sweep_lines(f"Sweep: {axis}", axis, sweep_rows(experiment, points), figure, figures.parent)
+    return lines
 
 
 def per_class_section(experiment: ExperimentResults) -> List[str]:

@@ -13,23 +13,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from gbw_panoptic.data.prepare.synthetic import DEFAULT_SIZES
 from gbw_panoptic.uda.cli import build_parser, merged_config
 from gbw_panoptic.utils.io import write_json
 
 __all__ = [
-    "Arm", "Preset", "ARMS", "PRESETS", "RunSpec", "REPO_ROOT", "VAL_DATASET", "SOURCE_VAL_DATASET",
-    "SOURCE_ONLY", "ORACLE", "REFERENCE",
-    "environment", "plan_runs", "prepare_benchmark", "train_and_evaluate",
+    "Arm", "SweepPoint", "Preset", "ARMS", "BATCH_SIZES", "PRESETS", "RunSpec", "REPO_ROOT", "VAL_DATASET",
+    "SOURCE_VAL_DATASET", "SOURCE_ONLY", "ORACLE", "REFERENCE",
+    "environment", "same_images_schedule", "plan_runs", "prepare_benchmark", "train_and_evaluate",
 ]
 
 logger = logging.getLogger("experiment")
@@ -45,6 +46,16 @@ SOURCE_VAL_DATASET = "synthetic_source_panoptic_val"
 SOURCE_ONLY, ORACLE, REFERENCE = "source_only", "target_oracle", "dacs"
 
 
+class SweepPoint(NamedTuple):
+    """An arm's place in a sweep: ``axis`` names the swept setting (ASCII: the report's x axis and figure
+    file name), ``series`` the line the arm is drawn on, ``value`` its value of the setting; e.g.
+    ``SweepPoint("lambda", "relative λ", 0.3)``."""
+
+    axis: str
+    series: str
+    value: float
+
+
 @dataclass(frozen=True)
 class Arm:
     """One training setting: ``config`` (relative to ``configs/``), the arm it adds its treatment to
@@ -58,8 +69,8 @@ class Arm:
     starts_from: Optional[str] = None
     # Config overrides (KEY VALUE ...) added to the config file's values.
     opts: Tuple[str, ...] = ()
-    # The arm's place in a sweep: (series, value), e.g. ("relative λ", 0.3); drawn by the report.
-    sweep: Optional[Tuple[str, float]] = None
+    # The arm's place in a sweep, drawn by the report against the swept value.
+    sweep: Optional[SweepPoint] = None
 
 
 def _gbw_lambda_arm(mode: str, lam: float, config: str = "synthetic/dacs_gbw.yaml") -> Arm:
@@ -70,7 +81,7 @@ def _gbw_lambda_arm(mode: str, lam: float, config: str = "synthetic/dacs_gbw.yam
         opts += (f"MODEL.GBW.{loss}.LAMBDA_MODE", mode, f"MODEL.GBW.{loss}.LAMBDA", repr(float(lam)))
     return Arm(
         f"dacs_gbw_{mode}_lambda{lam:g}", config, f"DACS + GBW ({mode} λ {lam:g})", REFERENCE, SOURCE_ONLY,
-        opts=opts, sweep=(f"{mode} λ", lam),
+        opts=opts, sweep=SweepPoint("lambda", f"{mode} λ", lam),
     )
 
 
@@ -87,10 +98,13 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
         # for the ImageNet weights DACS starts from (datasets/README.md, "Design"): every DACS arm
         # from the same weights, so that paired differences measure the adaptation alone.
         Arm(REFERENCE, "synthetic/dacs.yaml", "DACS", starts_from=SOURCE_ONLY),
-        Arm("dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", REFERENCE, SOURCE_ONLY, sweep=("relative λ", 1.0)),
+        Arm(
+            "dacs_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW", REFERENCE, SOURCE_ONLY,
+            sweep=SweepPoint("lambda", "relative λ", 1.0),
+        ),
         Arm(
             "dacs_gbw_absolute", "synthetic/dacs_gbw_absolute.yaml", "DACS + GBW (absolute λ)", REFERENCE, SOURCE_ONLY,
-            sweep=("absolute λ", 1.0),
+            sweep=SweepPoint("lambda", "absolute λ", 1.0),
         ),
         # The λ sweep around the relative λ 1 of dacs_gbw.yaml and the absolute λ 1 of the reference.
         *(_gbw_lambda_arm("relative", lam) for lam in (0.1, 0.3, 3.0, 10.0)),
@@ -123,6 +137,30 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
         Arm("hrda_dacs", "synthetic/hrda_dacs.yaml", "HRDA + DACS", starts_from="hrda_source_only"),
         Arm("hrda_dacs_gbw", "synthetic/hrda_dacs_gbw.yaml", "HRDA + DACS + GBW", "hrda_dacs", "hrda_source_only"),
     )
+)
+
+# Images per domain per step of the batch-size study (datasets/README.md, "Study: batch size").
+BATCH_SIZES = (2, 4, 8)
+
+
+def _batch_arm(arm: Arm, images: int) -> Arm:
+    """``arm`` (DACS or DACS + GBW) with ``images`` source and ``images`` target images per step, compared
+    with the arm of its baseline at the same batch size; :func:`plan_runs` trains it on as many images as
+    ``arm`` (:func:`same_images_schedule`)."""
+    return replace(
+        arm,
+        name=f"{arm.name}_batch{images}",
+        label=f"{arm.label} (batch {images})",
+        baseline=None if arm.baseline is None else f"{arm.baseline}_batch{images}",
+        opts=("SOLVER.IMS_PER_BATCH", str(images), "DATASETS.TARGET_IMS_PER_BATCH", str(images)),
+        sweep=SweepPoint("images per step", arm.label, images),
+    )
+
+
+ARMS.update(
+    (batch_arm.name, batch_arm)
+    for images in BATCH_SIZES
+    for batch_arm in (_batch_arm(ARMS[REFERENCE], images), _batch_arm(ARMS["dacs_gbw"], images))
 )
 
 
@@ -191,6 +229,15 @@ PRESETS: Dict[str, Preset] = {
         max_iter=ITERATIONS,
         description="3 seeds of DACS + GBW with relative λ 0.1, 0.3, 1, 3, 10 and absolute λ 1, 1e-2, 1e-4, next "
         "to source-only and DACS",
+    ),
+    # GBW's weights are solved per batch: DACS ± GBW with 2, 4 and 8 source and target images per step, each
+    # on as many images (600, 300, 150 iterations; datasets/README.md, "Study: batch size").
+    "batch": Preset(
+        arms=(SOURCE_ONLY, *(f"{arm}_batch{images}" for images in BATCH_SIZES for arm in (REFERENCE, "dacs_gbw"))),
+        seeds=(0, 1, 2),
+        max_iter=ITERATIONS,
+        description="3 seeds of DACS ± GBW with 2, 4 and 8 images per domain per step, each trained on as many "
+        "images (600, 300, 150 iterations), next to source-only",
     ),
     # HRDA next to the single-scale arms it extends (not part of `make experiment`: an HRDA + DACS
     # step costs about 3x a single-scale one on the CPU).
@@ -290,6 +337,37 @@ def environment(datasets_root: Path, threads: int) -> Dict[str, str]:
     return env
 
 
+def same_images_schedule(config: Path, opts: Sequence[str], max_iter: int) -> Tuple[int, List[str]]:
+    """The iterations and schedule overrides of a run of ``config`` + ``opts`` that trains on as many images
+    as ``max_iter`` iterations at the config file's batch size.
+
+    With ``k`` = the run's source images per step (``SOLVER.IMS_PER_BATCH`` with ``opts``) ÷ the config
+    file's (the target batch is set alongside, :func:`_batch_arm`), the keys counted in iterations
+    (``SOLVER.MAX_ITER``, ``SOLVER.WARMUP_ITERS``, ``SOLVER.STEPS``, ``UDA.LOG_PERIOD``) are divided by ``k`` and
+    rounded (the iterations and the log period to at least 1; the checkpoint period follows from the
+    iterations in :func:`plan_runs`), the teacher's EMA coefficient ``UDA.EMA_ALPHA`` is raised to the power
+    ``k`` so that its memory spans as many images, and ``SOLVER.BASE_LR`` is multiplied by √k, the
+    square-root rule of adaptive optimisers (datasets/README.md, "Study: batch size", says why).
+
+    Returns:
+        ``(iterations, overrides)``; ``(max_iter, [])`` when ``k`` is 1.
+    """
+    base = merged_config(build_parser().parse_args(["--config-file", str(config)]))
+    cfg = base.clone()
+    cfg.merge_from_list(list(opts))
+    k = cfg.SOLVER.IMS_PER_BATCH / base.SOLVER.IMS_PER_BATCH
+    if k == 1:
+        return max_iter, []
+    iterations = max(round(max_iter / k), 1)
+    return iterations, [
+        "SOLVER.WARMUP_ITERS", str(round(cfg.SOLVER.WARMUP_ITERS / k)),
+        "SOLVER.STEPS", str(tuple(round(step / k) for step in cfg.SOLVER.STEPS)),
+        "UDA.LOG_PERIOD", str(max(round(cfg.UDA.LOG_PERIOD / k), 1)),
+        "SOLVER.BASE_LR", f"{cfg.SOLVER.BASE_LR * math.sqrt(k):.6g}",
+        "UDA.EMA_ALPHA", f"{cfg.UDA.EMA_ALPHA ** k:.6g}",
+    ]
+
+
 def plan_runs(preset: Preset, out: Path) -> List[RunSpec]:
     """The runs of ``preset``, each with its ``tools/train_net.py`` command; seed by seed, so that
     an interrupted experiment has complete seeds first."""
@@ -305,6 +383,10 @@ def plan_runs(preset: Preset, out: Path) -> List[RunSpec]:
             raise ValueError(
                 f"arm {arm_name!r} starts from the final model of arm {starts_from!r} (same seed); add {starts_from!r} to the arms"
             )
+    schedules = {
+        name: same_images_schedule(configs[name], (*preset.extra_opts, *ARMS[name].opts), preset.max_iter)
+        for name in configs
+    }
     # The arms others start from first: in a pool that takes runs in order, a run waits only for one
     # that has already started.
     ordered = sorted(configs, key=lambda name: ARMS[name].starts_from is not None)
@@ -312,13 +394,14 @@ def plan_runs(preset: Preset, out: Path) -> List[RunSpec]:
     for seed in preset.seeds:
         runs_of_seed: Dict[str, RunSpec] = {}
         for arm_name in ordered:
+            iterations, schedule = schedules[arm_name]
             # One folder per schedule: a longer run is a new run, not a continuation of a short one.
-            output_dir = out / "runs" / arm_name / f"{preset.max_iter}it_seed{seed}"
+            output_dir = out / "runs" / arm_name / f"{iterations}it_seed{seed}"
             command = [
                 sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", str(configs[arm_name]),
                 "--resume", "OUTPUT_DIR", str(output_dir), "SEED", str(seed),
-                "SOLVER.MAX_ITER", str(preset.max_iter), "SOLVER.CHECKPOINT_PERIOD", str(max(preset.max_iter // 3, 1)),
-                "TEST.EVAL_PERIOD", "0", *preset.extra_opts, *ARMS[arm_name].opts,
+                "SOLVER.MAX_ITER", str(iterations), "SOLVER.CHECKPOINT_PERIOD", str(max(iterations // 3, 1)),
+                "TEST.EVAL_PERIOD", "0", *preset.extra_opts, *ARMS[arm_name].opts, *schedule,
             ]
             start_arm = ARMS[arm_name].starts_from
             starts_from = runs_of_seed[start_arm] if start_arm is not None else None  # planned above
