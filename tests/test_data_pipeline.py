@@ -139,9 +139,8 @@ def make_cfg(**input_overrides):
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.DATALOADER.RCS.MIN_PIXELS = 20
     # Detectron2's recipe: crowd keeps its class in sem_seg (as in the train-id PNGs the alignment
-    # checks compare with) and each Gaussian peaks at the rounded mean.
+    # checks compare with).
     cfg.INPUT.IGNORE_CROWD_IN_SEMANTIC = False
-    cfg.INPUT.CENTER_ROUNDING = "round"
     for key, value in input_overrides.items():
         cfg.merge_from_list([key, value])
     return cfg
@@ -337,12 +336,12 @@ def test_augmentations_keep_image_and_labels_aligned(tiny_datasets, seed):
     semantic_only = GBWPanopticDatasetMapper(semantic_cfg, is_train=True, load_labels=True)
     np.random.seed(seed)
     assert torch.equal(semantic_only(record)["sem_seg"], out["sem_seg"])
-    # Offsets of thing pixels point inside the image, at the Gaussian peak of their instance.
+    # Offsets of thing pixels point to their instance's mean position, whose floor is the Gaussian's peak.
     thing = out["offset_weights"] > 0
     if thing.any():
         ys, xs = torch.nonzero(thing, as_tuple=True)
-        center_y = (ys + out["offset"][0][thing]).round().long()
-        center_x = (xs + out["offset"][1][thing]).round().long()
+        center_y = (ys + out["offset"][0][thing]).floor().long()
+        center_x = (xs + out["offset"][1][thing]).floor().long()
         assert (out["center"][0, center_y, center_x] == 1).all()
 
 

@@ -197,13 +197,11 @@ def test_semantic_only_mode():
     assert set(output) == {"sem_seg"}
 
 
-@pytest.mark.parametrize("normalizer, channels", [("channel_weight_sum", 2), ("weight_sum", 1)])
-def test_losses_without_gbw_match_the_reference_formulas(normalizer: str, channels: int):
-    """EDAPS divides the offset L1 by the weights expanded over (dy, dx), 2 * sum(w); Panoptic-DeepLab
-    by sum(w)."""
+def test_losses_without_gbw_match_the_reference_formulas():
+    """EDAPS divides the offset L1 by the weights expanded over (dy, dx), 2 * sum(w)."""
     model = _small_model(
         ["MODEL.GBW.SEM_SEG.ENABLED", False, "MODEL.GBW.CENTER.ENABLED", False, "MODEL.GBW.OFFSET.ENABLED", False]
-        + ["MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER", normalizer, "MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE", 0.0]
+        + ["MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE", 0.0]
     ).train()
     batch = _batch(height=64, width=96)  # multiples of 32: no padding
     torch.manual_seed(1)
@@ -219,7 +217,7 @@ def test_losses_without_gbw_match_the_reference_formulas(normalizer: str, channe
     center_error = (dense["center"] - torch.stack([x["center"] for x in batch])) ** 2
     offset_error = (dense["offset"] - torch.stack([x["offset"] for x in batch])).abs()
     expected_center = 10.0 * (center_error * center_weights[:, None]).sum() / center_weights.sum()
-    expected_offset = 0.1 * (offset_error * offset_weights[:, None]).sum() / (channels * offset_weights.sum())
+    expected_offset = 0.1 * (offset_error * offset_weights[:, None]).sum() / (2 * offset_weights.sum())
     torch.testing.assert_close(losses["loss_sem_seg"], expected_sem_seg)
     torch.testing.assert_close(losses["loss_center"], expected_center)
     torch.testing.assert_close(losses["loss_offset"], expected_offset)

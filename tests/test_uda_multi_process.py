@@ -45,8 +45,8 @@ def _train_one_step(repo_root: str, output_dir: str, config: str) -> Dict[str, o
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_ClassWeighting, "class_weights_and_sums", recording_solve)
-        patch.setattr(dacs, "class_mix_masks", lambda labels, ignore_value, candidates: labels % 2 == 0)
-        patch.setattr(dacs, "strong_augment", lambda images, strength, probability, blur: images)
+        patch.setattr(dacs, "class_mix_masks", lambda labels: labels % 2 == 0)
+        patch.setattr(dacs, "strong_augment", lambda images, strength, probability: images)
         cfg = cli.setup(_args(Path(repo_root), output_dir, config, extra=EQUIVALENCE))
         try:
             trainer = UDATrainer(cfg)

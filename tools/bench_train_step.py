@@ -76,7 +76,7 @@ def use_all_outputs_teacher(trainer: UDATrainer) -> None:
         raise ValueError(
             f"--compare teacher needs a method with an EMA teacher (UDA.METHOD dacs), got {trainer.cfg.UDA.METHOD!r}"
         )
-    reference = AllOutputsTeacher(teacher.model, teacher.alpha, teacher.batch_norm)
+    reference = AllOutputsTeacher(teacher.model, teacher.alpha)
     reference.load_state_dict(teacher.state_dict())
     trainer.method.teacher = reference
 
@@ -112,8 +112,8 @@ def build_trainers(compare: str, config_file: str, scratch: Path, opts: Sequence
 
 def same_training(first: UDATrainer, second: UDATrainer) -> Dict[str, bool]:
     """Whether the students' state (parameters and buffers) and the EMA teachers' parameters of the two
-    trainers are bit-identical (the teachers' batch-norm buffers are left out: with
-    ``UDA.TEACHER_BATCH_NORM "train"`` no prediction reads them)."""
+    trainers are bit-identical (the teachers' batch-norm buffers are left out: the teacher normalises
+    with batch statistics, so no prediction reads them)."""
 
     def identical(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
         return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)

@@ -91,9 +91,6 @@ def add_model_config(cfg: CN) -> None:
     cfg.MODEL.INS_EMBED_HEAD.NORM = "BN"
     cfg.MODEL.INS_EMBED_HEAD.CENTER_LOSS_WEIGHT = 10.0
     cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_WEIGHT = 0.1
-    # Offset L1 divided by "channel_weight_sum" = 2 * sum(offset weights) (EDAPS) or "weight_sum" =
-    # sum(offset weights) (Panoptic-DeepLab, Detectron2).
-    cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER = "channel_weight_sum"
     # A center loss (after CENTER_LOSS_WEIGHT) above this value is replaced by 0 for that call, as
     # EDAPS does with its source center loss (14.0); 0 disables it.
     cfg.MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE = 14.0
@@ -104,22 +101,15 @@ def add_model_config(cfg: CN) -> None:
     cfg.MODEL.POST_PROCESSING.NMS_KERNEL = 7
     cfg.MODEL.POST_PROCESSING.TOP_K_INSTANCE = 200
     cfg.MODEL.POST_PROCESSING.STUFF_AREA = 2048
-    cfg.MODEL.POST_PROCESSING.PREDICT_INSTANCES = True
     cfg.MODEL.SIZE_DIVISIBILITY = 32
 
 
 def add_data_config(cfg: CN) -> None:
     """``INPUT.*``, ``DATASETS.TARGET_*`` and ``DATALOADER.RCS.*``: data and targets."""
-    # Panoptic-DeepLab target recipe.
+    # Panoptic-DeepLab target recipe (the rest of it: data/mapper.py, build_target_generator).
     cfg.INPUT.GAUSSIAN_SIGMA = 8
-    cfg.INPUT.IGNORE_STUFF_IN_OFFSET = True
-    cfg.INPUT.SMALL_INSTANCE_AREA = 0
-    cfg.INPUT.SMALL_INSTANCE_WEIGHT = 1
     # Crowd segments labelled ignore in the semantic target (EDAPS; Detectron2's Panoptic-DeepLab: False).
     cfg.INPUT.IGNORE_CROWD_IN_SEMANTIC = True
-    # Pixel of each center Gaussian's peak: "floor" of the instance's mean position (EDAPS) or
-    # "round" (Panoptic-DeepLab, Detectron2).
-    cfg.INPUT.CENTER_ROUNDING = "floor"
     # Augmentation: random resize by a ratio of the base size, crop, flip.
     cfg.INPUT.RESIZE_RATIO_RANGE = [0.5, 2.0]
     # (height, width) the ratio range applies to: the evaluation size, and the training size of any
@@ -156,23 +146,14 @@ def add_uda_config(cfg: CN) -> None:
     cfg.UDA.METHOD = "dacs"  # source_only | dacs | advent | advseg | minent
     # DACS self-training.
     cfg.UDA.EMA_ALPHA = 0.999
-    # "train": the teacher's batch norm uses the statistics of the target batch and only parameters are
-    # averaged (reference); "eval": running statistics, averaged with the parameters.
-    cfg.UDA.TEACHER_BATCH_NORM = "train"
     cfg.UDA.PSEUDO_THRESHOLD = 0.968
-    # Confident fraction of the pseudo-label weight counted over the "batch" (reference) or per "image".
-    cfg.UDA.PSEUDO_WEIGHT_SCOPE = "batch"
     cfg.UDA.PSEUDO_WEIGHT_IGNORE_TOP = 15
     cfg.UDA.PSEUDO_WEIGHT_IGNORE_BOTTOM = 120
     cfg.UDA.MIX_INSTANCES = False
-    # ClassMix draws half of the label values of the whole source "batch" (void included, reference)
-    # or half of the classes of each "image".
-    cfg.UDA.CLASS_MIX_CLASSES = "batch"
     cfg.UDA.COLOR_JITTER_STRENGTH = 0.2
     # Probability of jittering the batch: the reference applies it when a uniform draw exceeds its
     # color_jitter_probability 0.2, i.e. with probability 0.8.
     cfg.UDA.COLOR_JITTER_PROB = 0.8
-    cfg.UDA.BLUR = True
     # ImageNet feature distance on thing-class pixels against the frozen initial encoder.
     cfg.UDA.FD = CN()
     cfg.UDA.FD.WEIGHT = 0.005
@@ -188,7 +169,6 @@ def add_uda_config(cfg: CN) -> None:
     # configs/_base_/uda/advseg.py: lambda_adv_target main, discriminator_type, lr_D, lr_D_power).
     cfg.UDA.ADVSEG = CN()
     cfg.UDA.ADVSEG.LOSS_WEIGHT = 0.001
-    cfg.UDA.ADVSEG.GAN_LOSS = "LS"  # "LS" (least squares, reference) or "BCE" (AdaptSegNet's original)
     cfg.UDA.ADVSEG.DISC_LR = 1e-4
     cfg.UDA.ADVSEG.DISC_LR_POWER = 0.9  # poly decay over SOLVER.MAX_ITER, no warm-up
     cfg.UDA.ADVSEG.DISC_CHANNELS = 64

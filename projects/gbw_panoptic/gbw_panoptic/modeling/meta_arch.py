@@ -135,7 +135,6 @@ class GBWPanopticSegmentor(nn.Module):
         center_threshold: float,
         nms_kernel: int,
         top_k: int,
-        predict_instances: bool,
         gbw_log_period: int = 1,
         gbw_log_max_iter: int = 0,
     ):
@@ -159,7 +158,6 @@ class GBWPanopticSegmentor(nn.Module):
             thing_ids: contiguous ids of the thing classes.
             label_divisor: panoptic label = class * label_divisor + instance.
             stuff_area, center_threshold, nms_kernel, top_k: Panoptic-DeepLab post-processing.
-            predict_instances: also return ``instances`` at inference.
             gbw_log_period, gbw_log_max_iter: the GBW class weights are read back from the device
                 and logged only at the event-storage iterations after which Detectron2's
                 ``PeriodicWriter(gbw_log_period)`` writes the metrics in a run of
@@ -195,7 +193,6 @@ class GBWPanopticSegmentor(nn.Module):
         self.center_threshold = center_threshold
         self.nms_kernel = nms_kernel
         self.top_k = top_k
-        self.predict_instances = predict_instances
         self.gbw_log_period = gbw_log_period
         self.gbw_log_max_iter = gbw_log_max_iter
         self.ignore_value = sem_seg_loss.ignore_index
@@ -229,7 +226,8 @@ class GBWPanopticSegmentor(nn.Module):
                 ignore_index=ignore,
                 # Offsets are only learnt on thing pixels: the thing classes share the simplex.
                 active_classes=thing_ids,
-                normalizer=cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER,
+                # EDAPS: the weights expanded over (dy, dx), L1 / (2 * sum of offset weights).
+                normalizer="channel_weight_sum",
                 **_gbw_loss_kwargs(gbw.OFFSET),
             )
         post = cfg.MODEL.POST_PROCESSING
@@ -255,7 +253,6 @@ class GBWPanopticSegmentor(nn.Module):
             "center_threshold": post.CENTER_THRESHOLD,
             "nms_kernel": post.NMS_KERNEL,
             "top_k": post.TOP_K_INSTANCE,
-            "predict_instances": post.PREDICT_INSTANCES,
             "gbw_log_period": cfg.UDA.LOG_PERIOD,
             "gbw_log_max_iter": cfg.SOLVER.MAX_ITER,
         }
@@ -505,8 +502,7 @@ class GBWPanopticSegmentor(nn.Module):
                 )
                 png, segments_info = panoptic_to_segments(panoptic, self.label_divisor, self.thing_ids, _VOID)
                 result["panoptic_seg"] = (png, segments_info)
-                if self.predict_instances:
-                    result["instances"] = self._instances(png, segments_info, dense["sem_seg"], dense["center"][0])
+                result["instances"] = self._instances(png, segments_info, dense["sem_seg"], dense["center"][0])
             results.append(result)
         return results
 

@@ -16,28 +16,20 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from detectron2.config import CfgNode, configurable
+from detectron2.config import CfgNode
 
 from .advent import SOURCE_DOMAIN, TARGET_DOMAIN, OutputSpaceAdversarial, OutputSpaceDiscriminator
 from .method import UDA_METHOD_REGISTRY, StepOutput, build_feature_distance
 from ..utils.padding import stack_padded
 from .runner import StudentRunner, stack_images
 
-__all__ = ["GAN_LOSSES", "AdvSeg", "gan_loss", "poly_lr_scheduler"]
-
-# "LS": least squares on the raw discriminator outputs (the reference's discriminator_type 'LS', its
-# default); "BCE": binary cross-entropy with logits (its 'Vanilla', AdaptSegNet's original).
-GAN_LOSSES = ("LS", "BCE")
+__all__ = ["AdvSeg", "gan_loss", "poly_lr_scheduler"]
 
 
-def gan_loss(domain_logits: torch.Tensor, domain: float, kind: str) -> torch.Tensor:
-    """Mean loss of discriminator outputs ``B x 1 x h x w`` against the domain label (0 source, 1 target)."""
-    target = torch.full_like(domain_logits, domain)
-    if kind == "LS":
-        return F.mse_loss(domain_logits, target)
-    if kind == "BCE":
-        return F.binary_cross_entropy_with_logits(domain_logits, target)
-    raise ValueError(f"GAN loss {kind!r} is unknown; expected one of {GAN_LOSSES}")
+def gan_loss(domain_logits: torch.Tensor, domain: float) -> torch.Tensor:
+    """Least-squares GAN loss (the reference's ``discriminator_type`` 'LS', its default): mean squared
+    difference of the raw discriminator outputs ``B x 1 x h x w`` and the domain label (0 source, 1 target)."""
+    return F.mse_loss(domain_logits, torch.full_like(domain_logits, domain))
 
 
 def poly_lr_scheduler(
@@ -55,7 +47,7 @@ def _softmax_maps(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 @UDA_METHOD_REGISTRY.register()
 class AdvSeg(OutputSpaceAdversarial):
-    """Source losses plus ``UDA.ADVSEG.LOSS_WEIGHT`` times the ``UDA.ADVSEG.GAN_LOSS`` of the discriminator
+    """Source losses plus ``UDA.ADVSEG.LOSS_WEIGHT`` times the least-squares GAN loss of the discriminator
     on the target softmax maps labelled as source; the discriminator (:class:`OutputSpaceDiscriminator`,
     ``UDA.ADVSEG.DISC_CHANNELS``) has its own Adam (``UDA.ADVSEG.DISC_LR``, betas 0.9/0.99) with a
     polynomial schedule of power ``UDA.ADVSEG.DISC_LR_POWER`` over ``SOLVER.MAX_ITER``, no warm-up.
@@ -66,11 +58,6 @@ class AdvSeg(OutputSpaceAdversarial):
     """
 
     config_name = "advseg"
-
-    @configurable
-    def __init__(self, *, gan_loss_kind: str, **kwargs):
-        super().__init__(**kwargs)
-        self.gan_loss_kind = gan_loss_kind
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model) -> dict:
@@ -89,7 +76,6 @@ class AdvSeg(OutputSpaceAdversarial):
             "disc_optimizer": disc_optimizer,
             "disc_scheduler": poly_lr_scheduler(disc_optimizer, cfg.SOLVER.MAX_ITER, node.DISC_LR_POWER),
             "loss_weight": node.LOSS_WEIGHT,
-            "gan_loss_kind": node.GAN_LOSS,
         }
 
     def run_step(
@@ -104,7 +90,7 @@ class AdvSeg(OutputSpaceAdversarial):
         self.discriminator.requires_grad_(False)
         target_images, target_valid = stack_images(target_batch, device)
         target_maps = _softmax_maps(runner.predict_dense(target_images)["sem_seg"], target_valid)
-        loss_adv = self.loss_weight * gan_loss(self.discriminator(target_maps), SOURCE_DOMAIN, self.gan_loss_kind)
+        loss_adv = self.loss_weight * gan_loss(self.discriminator(target_maps), SOURCE_DOMAIN)
         runner.backward(loss_adv)
         losses["loss_adv"] = loss_adv.detach()
 
@@ -113,8 +99,8 @@ class AdvSeg(OutputSpaceAdversarial):
         source_logits = source_dense["sem_seg"].detach()
         source_valid = [torch.ones(x["image"].shape[-2:], dtype=torch.bool, device=device) for x in source_batch]
         source_maps = _softmax_maps(source_logits, stack_padded(source_valid, False, source_logits.shape[-2:]))
-        disc_source = gan_loss(self.discriminator(source_maps), SOURCE_DOMAIN, self.gan_loss_kind) / 2
-        disc_target = gan_loss(self.discriminator(target_maps.detach()), TARGET_DOMAIN, self.gan_loss_kind) / 2
+        disc_source = gan_loss(self.discriminator(source_maps), SOURCE_DOMAIN) / 2
+        disc_target = gan_loss(self.discriminator(target_maps.detach()), TARGET_DOMAIN) / 2
         runner.backward(disc_source + disc_target)
         self.average_discriminator_gradients()
         return losses, {

@@ -15,7 +15,6 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 __all__ = [
-    "CLASS_MIX_CANDIDATES",
     "class_mix_masks",
     "mix",
     "rgb_to_hsv",
@@ -26,33 +25,20 @@ __all__ = [
     "strong_augment",
 ]
 
-# Where ClassMix takes the classes it draws from (UDA.CLASS_MIX_CLASSES).
-CLASS_MIX_CANDIDATES = ("batch", "image")
-
-
-def class_mix_masks(labels: torch.Tensor, ignore_value: int = 255, candidates: str = "batch") -> torch.Tensor:
-    """ClassMix masks: for each image, the pixels of a random half of the candidate classes.
+def class_mix_masks(labels: torch.Tensor) -> torch.Tensor:
+    """ClassMix masks, as the reference: the candidates are every label value of the whole batch, void
+    included, and each image draws ``ceil(n / 2)`` of those ``n`` values, so a drawn class may be absent
+    from that image.
 
     Args:
-        labels: int64 ``B x H x W`` semantic labels of the source images (``ignore_value`` = void).
-        candidates: "batch" (the reference): the candidates are every label value of the whole batch,
-            void included, and each image draws ``ceil(n / 2)`` of those ``n`` values, so a drawn class
-            may be absent from that image; "image": the non-void classes of each image, ``ceil(n / 2)``
-            of its ``n`` (none when the image is all void).
+        labels: int64 ``B x H x W`` semantic labels of the source images.
     Returns:
-        bool ``B x H x W``: True where the source pixel is pasted.
+        bool ``B x H x W``: True where the source pixel is pasted (the image's pixels of its drawn values).
     """
     masks = torch.zeros_like(labels, dtype=torch.bool)
-    batch_classes = torch.unique(labels)
+    classes = torch.unique(labels)
+    num_chosen = (classes.numel() + 1) // 2
     for index, label in enumerate(labels):
-        if candidates == "batch":
-            classes = batch_classes
-        else:
-            classes = torch.unique(label)
-            classes = classes[classes != ignore_value]
-        if classes.numel() == 0:
-            continue
-        num_chosen = (classes.numel() + 1) // 2
         chosen = classes[torch.randperm(classes.numel())[:num_chosen].to(classes.device)]
         masks[index] = torch.isin(label, chosen)
     return masks
@@ -182,9 +168,6 @@ def gaussian_blur(
     return torch.stack(blurred)
 
 
-def strong_augment(images: torch.Tensor, jitter_strength: float, jitter_probability: float, blur: bool) -> torch.Tensor:
-    """Colour jitter then (if ``blur``) Gaussian blur, as DACS applies to the mixed images."""
-    images = color_jitter(images, jitter_strength, jitter_probability)
-    if blur:
-        images = gaussian_blur(images)
-    return images.clamp(0.0, 255.0)
+def strong_augment(images: torch.Tensor, jitter_strength: float, jitter_probability: float) -> torch.Tensor:
+    """Colour jitter then Gaussian blur, as DACS applies to the mixed images."""
+    return gaussian_blur(color_jitter(images, jitter_strength, jitter_probability)).clamp(0.0, 255.0)

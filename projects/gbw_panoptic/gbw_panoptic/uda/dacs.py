@@ -21,14 +21,12 @@ from .method import UDA_METHOD_REGISTRY, StepOutput, UDAMethod, stack_field
 from .runner import StudentRunner, common_size, stack_images
 from .teacher import EMATeacher
 
-__all__ = ["PSEUDO_WEIGHT_SCOPES", "PseudoLabels", "pseudo_labels", "DACS"]
+__all__ = ["PseudoLabels", "pseudo_labels", "DACS"]
 
 logger = logging.getLogger(__name__)
 
 # Instance targets pasted with their source pixels (UDA.MIX_INSTANCES).
 INSTANCE_FIELDS = ("center", "center_weights", "offset", "offset_weights")
-# Over which pixels the confident fraction of a pseudo-label weight is counted (UDA.PSEUDO_WEIGHT_SCOPE).
-PSEUDO_WEIGHT_SCOPES = ("batch", "image")
 
 
 class PseudoLabels(NamedTuple):
@@ -46,24 +44,21 @@ def pseudo_labels(
     ignore_top: int = 0,
     ignore_bottom: int = 0,
     valid: Optional[torch.Tensor] = None,
-    scope: str = "batch",
     ignore_value: int = 255,
 ) -> PseudoLabels:
     """Hard pseudo-labels and their per-pixel weights from teacher logits.
 
     The weight is the fraction of pixels whose maximum probability is at least ``threshold``, counted
-    over the whole batch (``scope="batch"``: one scalar for every image, as the reference code; with
-    several processes over the batches of all of them, so that it equals the single-process value
-    of the whole batch) or over each image (``scope="image"``: one scalar per image), set to 0 on the
-    ``ignore_top`` first and the ``ignore_bottom`` last rows (absolute row counts, clipped to the
-    image height).
+    over the whole batch (one scalar for every image, as the reference code; with several processes
+    over the batches of all of them, so that it equals the single-process value of the whole batch),
+    set to 0 on the ``ignore_top`` first and the ``ignore_bottom`` last rows (absolute row counts,
+    clipped to the image height).
 
     Args:
         logits: ``B x C x H x W`` (softmax computed in float32).
         valid: optional bool ``B x H x W``, False on padding: those pixels are labelled
             ``ignore_value`` (so that they enter no loss and no GBW class statistic), get weight 0 and
             do not count in the confident fraction.
-        scope: "batch" or "image".
     """
     probs = torch.softmax(logits.float(), dim=1)
     max_probs, labels = probs.max(dim=1)
@@ -72,9 +67,8 @@ def pseudo_labels(
     else:
         labels = labels.masked_fill(~valid, ignore_value)
     confident = (max_probs >= threshold) & valid
-    dims = (0, 1, 2) if scope == "batch" else (1, 2)
-    counts = torch.stack([confident.sum(dim=dims), valid.sum(dim=dims)]).float()
-    if scope == "batch" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    counts = torch.stack([confident.sum(), valid.sum()]).float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts)
     fraction = counts[0] / counts[1].clamp(min=1)
     confidence = fraction.expand(labels.shape[0]).float()
@@ -87,10 +81,9 @@ def pseudo_labels(
 
 @UDA_METHOD_REGISTRY.register()
 class DACS(UDAMethod):
-    """DACS with an EMA teacher (``UDA.EMA_ALPHA``, ``UDA.TEACHER_BATCH_NORM``), confidence-weighted
-    pseudo-labels (``UDA.PSEUDO_THRESHOLD``, ``UDA.PSEUDO_WEIGHT_SCOPE``,
-    ``UDA.PSEUDO_WEIGHT_IGNORE_TOP/BOTTOM``), ClassMix (``UDA.CLASS_MIX_CLASSES``) and strong colour
-    augmentation (``UDA.COLOR_JITTER_*``, ``UDA.BLUR``)."""
+    """DACS with an EMA teacher (``UDA.EMA_ALPHA``), confidence-weighted pseudo-labels
+    (``UDA.PSEUDO_THRESHOLD``, ``UDA.PSEUDO_WEIGHT_IGNORE_TOP/BOTTOM``), ClassMix and strong colour
+    augmentation (``UDA.COLOR_JITTER_*``) with blur."""
 
     config_name = "dacs"
 
@@ -100,26 +93,20 @@ class DACS(UDAMethod):
         *,
         teacher: EMATeacher,
         pseudo_threshold: float,
-        pseudo_weight_scope: str,
         ignore_top: int,
         ignore_bottom: int,
         jitter_strength: float,
         jitter_probability: float,
-        blur: bool,
-        class_mix_candidates: str,
         mix_instances: bool,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.teacher = teacher
         self.pseudo_threshold = pseudo_threshold
-        self.pseudo_weight_scope = pseudo_weight_scope
         self.ignore_top = ignore_top
         self.ignore_bottom = ignore_bottom
         self.jitter_strength = jitter_strength
         self.jitter_probability = jitter_probability
-        self.blur = blur
-        self.class_mix_candidates = class_mix_candidates
         self.mix_instances = mix_instances
         self._padding_logged = False
 
@@ -127,15 +114,12 @@ class DACS(UDAMethod):
     def from_config(cls, cfg: CfgNode, model: nn.Module) -> dict:
         ret = super().from_config(cfg, model)
         ret.update(
-            teacher=EMATeacher(model, cfg.UDA.EMA_ALPHA, cfg.UDA.TEACHER_BATCH_NORM),
+            teacher=EMATeacher(model, cfg.UDA.EMA_ALPHA),
             pseudo_threshold=cfg.UDA.PSEUDO_THRESHOLD,
-            pseudo_weight_scope=cfg.UDA.PSEUDO_WEIGHT_SCOPE,
             ignore_top=cfg.UDA.PSEUDO_WEIGHT_IGNORE_TOP,
             ignore_bottom=cfg.UDA.PSEUDO_WEIGHT_IGNORE_BOTTOM,
             jitter_strength=cfg.UDA.COLOR_JITTER_STRENGTH,
             jitter_probability=cfg.UDA.COLOR_JITTER_PROB,
-            blur=cfg.UDA.BLUR,
-            class_mix_candidates=cfg.UDA.CLASS_MIX_CLASSES,
             mix_instances=cfg.UDA.MIX_INSTANCES,
         )
         return ret
@@ -164,10 +148,8 @@ class DACS(UDAMethod):
         source_images, _ = stack_images(source_batch, device, size)
         source_labels = stack_field(source_batch, "sem_seg", device, self.ignore_value, size)
         source_weights = stack_field(source_batch, "sem_seg_weights", device, 0.0, size).float()
-        masks = class_mix_masks(source_labels, self.ignore_value, self.class_mix_candidates)
-        images = strong_augment(
-            mix(masks, source_images, target_images), self.jitter_strength, self.jitter_probability, self.blur
-        )
+        masks = class_mix_masks(source_labels)
+        images = strong_augment(mix(masks, source_images, target_images), self.jitter_strength, self.jitter_probability)
         mixed_labels = mix(masks, source_labels, labels)
         mixed_weights = mix(masks, source_weights, weights)
         mixed = [
@@ -217,7 +199,6 @@ class DACS(UDAMethod):
             self.ignore_top,
             self.ignore_bottom,
             valid=target_valid,
-            scope=self.pseudo_weight_scope,
             ignore_value=self.ignore_value,
         )
         if not self._padding_logged and any(tuple(x["image"].shape[-2:]) != size for x in target_batch):

@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["TEACHER_BATCH_NORM_MODES", "EMATeacher", "ema_alpha"]
+__all__ = ["EMATeacher", "ema_alpha"]
 
 
 def ema_alpha(iteration: int, alpha: float) -> float:
@@ -16,32 +16,23 @@ def ema_alpha(iteration: int, alpha: float) -> float:
     return min(1.0 - 1.0 / (iteration + 1), alpha)
 
 
-TEACHER_BATCH_NORM_MODES = ("train", "eval")
-
-
 class EMATeacher(nn.Module):
     """A frozen copy of the student updated as ``teacher = a * teacher + (1 - a) * student``.
 
     The copy is made at construction (so the teacher starts equal to the student). Dropout and drop
-    path are always off. ``batch_norm`` chooses how batch norm predicts and what is averaged:
-
-    - ``"train"`` (the reference, DAFormer/EDAPS ``dacs.py``): batch-norm layers run in training mode,
-      normalising with the statistics of the batch the teacher predicts on; only the parameters are
-      averaged (the teacher's buffers are its own, its running statistics are never used);
-    - ``"eval"``: the whole teacher runs in eval mode (batch norm with running statistics), and the
-      floating-point buffers (those running statistics) follow the same average as the parameters;
-      integer buffers are copied.
+    path are always off. As in the reference (DAFormer/EDAPS ``dacs.py``), batch-norm layers run in
+    training mode, normalising with the statistics of the batch the teacher predicts on, and only the
+    parameters are averaged (the teacher's buffers are its own, its running statistics are never used).
 
     The teacher only predicts pseudo-labels (:meth:`predict_sem_seg`): the heads of its other outputs
     (the instance head's center and offsets) never run. Their parameters are averaged all the same
-    (the teacher stays an average of the whole student); with ``batch_norm="train"`` their batch-norm
-    running statistics, which no prediction reads, are not updated.
+    (the teacher stays an average of the whole student); their batch-norm running statistics, which no
+    prediction reads, are not updated.
     """
 
-    def __init__(self, student: nn.Module, alpha: float = 0.999, batch_norm: str = "train"):
+    def __init__(self, student: nn.Module, alpha: float = 0.999):
         super().__init__()
         self.alpha = alpha
-        self.batch_norm = batch_norm
         self.model = copy.deepcopy(student)
         for param in self.model.parameters():
             param.requires_grad_(False)
@@ -49,29 +40,19 @@ class EMATeacher(nn.Module):
 
     def train(self, mode: bool = True) -> "EMATeacher":
         """Whatever the mode of its parent, the teacher predicts in eval mode, except its batch-norm
-        layers with ``batch_norm="train"``."""
+        layers."""
         super().train(False)
-        if self.batch_norm == "train":
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.train(True)
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train(True)
         return self
 
     @torch.no_grad()
     def update(self, student: nn.Module, iteration: int) -> float:
         """Average ``student``'s current weights into the teacher; returns the coefficient used."""
         coefficient = ema_alpha(iteration, self.alpha)
-        if self.batch_norm == "train":
-            for teacher_param, student_param in zip(self.model.parameters(), student.parameters()):
-                teacher_param.mul_(coefficient).add_(student_param.detach(), alpha=1.0 - coefficient)
-            return coefficient
-        student_state = student.state_dict()
-        for name, teacher_tensor in self.model.state_dict().items():
-            student_tensor = student_state[name].detach()
-            if teacher_tensor.dtype.is_floating_point:
-                teacher_tensor.mul_(coefficient).add_(student_tensor, alpha=1.0 - coefficient)
-            else:
-                teacher_tensor.copy_(student_tensor)
+        for teacher_param, student_param in zip(self.model.parameters(), student.parameters()):
+            teacher_param.mul_(coefficient).add_(student_param.detach(), alpha=1.0 - coefficient)
         return coefficient
 
     def predict_sem_seg(self, images: torch.Tensor) -> torch.Tensor:

@@ -6,17 +6,12 @@ from typing import Any, Sequence
 from detectron2.config import CfgNode
 
 from ..gbw.grad_norms import CE_MODES
-from ..gbw.losses import REGRESSION_NORMALIZERS
 from ..gbw.qp import LAMBDA_MODES, SOLVERS
 from ..data.mapper import FLIP_DIRECTIONS
 from ..modeling.backbone.mit import mit_download_hint
 from ..modeling.meta_arch import CENTER_PIXEL_CLASSES, CLASS_WEIGHTINGS
-from .augment import CLASS_MIX_CANDIDATES
-from .advseg import GAN_LOSSES
-from .dacs import PSEUDO_WEIGHT_SCOPES
 from .method import UDA_METHOD_REGISTRY, uda_method_names
 from .optim import CLIP_TYPES, OPTIMIZERS
-from .teacher import TEACHER_BATCH_NORM_MODES
 
 __all__ = ["check_gbw_config", "check_uda_config", "check_weights_config"]
 
@@ -38,8 +33,8 @@ def _require_choice(key: str, value: Any, choices: Sequence[str]) -> None:
 def check_gbw_config(cfg: CfgNode) -> None:
     """Raise ``ValueError`` naming the key (e.g. ``MODEL.GBW.CENTER.LAMBDA_MODE``), its value and the
     allowed values for an invalid ``MODEL.GBW.<LOSS>`` node, ``MODEL.GBW.CENTER.PIXEL_CLASS`` or
-    ``MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER``; the checks the model and its GBW losses make when they
-    are built, done before anything is written."""
+    ``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING``; the checks the model and its GBW losses make when they are
+    built, done before anything is written."""
     for loss in GBW_LOSSES:
         node, prefix = cfg.MODEL.GBW[loss], f"MODEL.GBW.{loss}"
         _require_choice(f"{prefix}.LAMBDA_MODE", node.LAMBDA_MODE, LAMBDA_MODES)
@@ -54,8 +49,6 @@ def check_gbw_config(cfg: CfgNode) -> None:
         f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={weighting!r} replaces GBW's class weights of the cross-entropy; "
         "set it to 'none' or MODEL.GBW.SEM_SEG.ENABLED False",
     )
-    normalizer = cfg.MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER
-    _require_choice("MODEL.INS_EMBED_HEAD.OFFSET_LOSS_NORMALIZER", normalizer, REGRESSION_NORMALIZERS)
 
 
 def check_uda_config(cfg: CfgNode) -> None:
@@ -91,14 +84,10 @@ def check_uda_config(cfg: CfgNode) -> None:
         group, name = key.split(".")
         value = cfg.UDA[group][name]
         _require(value >= 0, f"UDA.{key}={value} must be >= 0")
-    _require_choice("UDA.ADVSEG.GAN_LOSS", cfg.UDA.ADVSEG.GAN_LOSS, GAN_LOSSES)
     _require(
         0.0 < cfg.UDA.FD.SCALE_MIN_RATIO <= 1.0,
         f"UDA.FD.SCALE_MIN_RATIO={cfg.UDA.FD.SCALE_MIN_RATIO} must lie in (0, 1]",
     )
-    _require_choice("UDA.TEACHER_BATCH_NORM", cfg.UDA.TEACHER_BATCH_NORM, TEACHER_BATCH_NORM_MODES)
-    _require_choice("UDA.PSEUDO_WEIGHT_SCOPE", cfg.UDA.PSEUDO_WEIGHT_SCOPE, PSEUDO_WEIGHT_SCOPES)
-    _require_choice("UDA.CLASS_MIX_CLASSES", cfg.UDA.CLASS_MIX_CLASSES, CLASS_MIX_CANDIDATES)
     margins = cfg.UDA.PSEUDO_LABEL_MARGINS
     _require(
         len(margins) == 4 and min(margins) >= 0,
