@@ -10,13 +10,14 @@ import cv2
 import numpy as np
 import pytest
 from cityscapesscripts.helpers.annotation import Annotation
+from cityscapesscripts.helpers.labels import name2label
 from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from PIL import Image
 
 from gbw_panoptic.data.datasets.builtin_meta import LABEL_ID_TO_TRAIN_ID, SYNTHIA_TO_LABEL_ID, THING_TRAIN_IDS
 from gbw_panoptic.data.datasets.layout import cityscapes_paths, synthia_paths
-from gbw_panoptic.data.prepare.synthetic import generate_synthetic
+from gbw_panoptic.data.prepare.synthetic import RARE_TARGET_CLASSES, generate_synthetic
 
 SMALL = dict(num_source=2, num_source_val=1, num_target_train=1, num_target_val=1, height=64, width=128)
 
@@ -155,3 +156,56 @@ def test_appearance_gap_between_domains(synthetic_datasets):
     source_accuracy, target_accuracy = accuracy(*source), accuracy(*target)
     assert source_accuracy > 0.7
     assert target_accuracy < source_accuracy - 0.3
+
+
+def _target_train(folder):
+    """Per target train image: label ids, image (HxWx3) and the polygon objects."""
+    images = {}
+    for label_file in sorted(glob.glob(os.path.join(folder, "target", "gtFine", "train", "*", "*_labelIds.png"))):
+        image_file = label_file.replace("gtFine", "leftImg8bit", 1).replace("_gtFine_labelIds", "_leftImg8bit")
+        with open(label_file.replace("_labelIds.png", "_polygons.json")) as f:
+            objects = json.load(f)["objects"]
+        images[os.path.basename(image_file)] = (np.asarray(Image.open(label_file)), np.asarray(Image.open(image_file)), objects)
+    return images
+
+
+def test_rare_frequency_thins_the_rare_target_objects_and_keeps_the_rest_of_each_image(tmp_path):
+    sizes = dict(num_source=1, num_source_val=1, num_target_train=24, num_target_val=1, height=64, width=128)
+    for name, fraction in (("all", 1.0), ("0.3", 0.3), ("0.1", 0.1)):
+        generate_synthetic(str(tmp_path / name), seed=0, rare_frequency=fraction, **sizes)
+    # A different benchmark for the experiment runner; the standard one's settings as before the option.
+    assert "rare_frequency" not in json.loads((tmp_path / "all" / "generation.json").read_text())
+    assert json.loads((tmp_path / "0.1" / "generation.json").read_text())["rare_frequency"] == 0.1
+    # The source splits and target val do not change.
+    unchanged = [f for f in _files(str(tmp_path / "all")) if "train" not in f.split(os.sep) and f != "generation.json"]
+    assert len(unchanged) == 2 + 2 + 4  # source and source val: image + labels; target val: 4 files
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "all", tmp_path / "0.1", unchanged, shallow=False)
+    assert mismatch == [] and errors == []
+
+    rare_ids = [name2label[name].id for name in RARE_TARGET_CLASSES]
+    everything, tenth, third = (_target_train(str(tmp_path / name)) for name in ("all", "0.1", "0.3"))
+    pixels = {name: sum(np.isin(labels, rare_ids).sum() for labels, _, _ in images.values())
+              for name, images in (("all", everything), ("0.1", tenth), ("0.3", third))}
+    # About 10x and 3x fewer (each object is kept with that probability; seeds 0-3 of this size: 0.06-0.14 and
+    # 0.25-0.36 of the pixels).
+    assert 0.03 < pixels["0.1"] / pixels["all"] < 0.2 and 0.15 < pixels["0.3"] / pixels["all"] < 0.5, pixels
+
+    def rare_objects(objects):
+        return [obj for obj in objects if obj["label"] in RARE_TARGET_CLASSES]
+
+    for key, (labels, image, objects) in everything.items():
+        # Those kept at 0.1 are kept at 0.3.
+        kept = rare_objects(tenth[key][2])
+        assert kept == [obj for obj in rare_objects(third[key][2]) if obj in kept]
+        for thinned_labels, thinned_image, thinned_objects in (tenth[key], third[key]):
+            # The same polygons but for the rare objects dropped.
+            assert [obj for obj in thinned_objects if obj["label"] not in RARE_TARGET_CLASSES] == [
+                obj for obj in objects if obj["label"] not in RARE_TARGET_CLASSES]
+            # Only the pixels of removed rare objects change label; the image changes only near them (blur σ 1
+            # px), kept objects keep their colours.
+            changed = labels != thinned_labels
+            assert np.isin(labels[changed], rare_ids).all()
+            near = cv2.dilate(changed.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+            np.testing.assert_array_equal(image[~near], thinned_image[~near])
+    with pytest.raises(ValueError, match="rare_frequency=0 must lie in"):
+        generate_synthetic(str(tmp_path / "none"), seed=0, rare_frequency=0, **sizes)

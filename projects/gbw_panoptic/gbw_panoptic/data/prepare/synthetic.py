@@ -17,14 +17,16 @@ self-training can bridge, as between a game engine and a camera):
   noise, a fixed camera (horizon at 40-48 %), many cars, few riders, grass median strips (terrain).
 
 Thin structures (poles, lights, signs; at least 3 px wide) and riders/two-wheelers stay around or
-below 1 % of the pixels, so the class imbalance resembles Cityscapes. Everything is drawn from
-``numpy.random.default_rng`` seeded with ``(seed, domain, split, index)``: the output does not depend
-on the number of workers.
+below 1 % of the pixels, so the class imbalance resembles Cityscapes; ``--rare-frequency`` makes the
+rare classes of the target train split rarer still. Everything is drawn from
+``numpy.random.default_rng`` seeded with ``(seed, domain, split, index)``, and which rare objects are
+kept from a stream spawned from the same seed: the output does not depend on the number of workers.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -52,13 +54,16 @@ from .synthia import prepare_synthia
 
 __all__ = [
     "DEFAULT_SIZES",
+    "RARE_TARGET_CLASSES",
     "PALETTE",
     "DomainStyle",
     "SOURCE_STYLE",
     "TARGET_STYLE",
     "generate_scene",
     "rasterise",
+    "instance_offsets",
     "render_image",
+    "rare_objects_kept",
     "generate_synthetic",
     "prepare_synthetic",
     "main",
@@ -66,6 +71,12 @@ __all__ = [
 
 Polygon = List[List[int]]
 SceneObject = Tuple[str, Polygon]  # (Cityscapes label name, polygon [[x, y], ...])
+
+# The classes under 1 % of the target train pixels (datasets/README.md, class frequencies at the default
+# size): the rare classes of the experiment report, whose frequency ``--rare-frequency`` scales. A
+# two-wheeler is kept or dropped with its rider.
+RARE_TARGET_CLASSES = ("wall", "traffic light", "traffic sign", "terrain", "rider", "motorcycle", "bicycle")
+TWO_WHEELERS = ("motorcycle", "bicycle")
 
 TARGET_TRAIN_CITIES = ("ashford", "brookdale")
 TARGET_VAL_CITIES = ("cedarton",)
@@ -317,10 +328,31 @@ def rasterise(objects: Sequence[SceneObject], height: int, width: int) -> Tuple[
     return polygons_json, label_ids, instance_ids
 
 
+def _visible_instances(instance_ids: np.ndarray) -> np.ndarray:
+    """The thing instance ids (``>= 1000``) that cover at least one pixel of ``instance_ids``, ascending."""
+    instances = np.flatnonzero(np.bincount(instance_ids.ravel()))
+    return instances[instances >= 1000]
+
+
+def instance_offsets(rng: np.random.Generator, style: DomainStyle, instance_ids: np.ndarray) -> np.ndarray:
+    """Random RGB colour offset (0-255 units, within ``±style.instance_variation``) of every thing instance
+    visible in ``instance_ids`` (HxW), drawn in ascending id order: ``(max id + 1) x 3`` float32, indexed by
+    instance id (0 for the others)."""
+    instances = _visible_instances(instance_ids)
+    offsets = np.zeros((instance_ids.max() + 1, 3), dtype=np.float32)
+    offsets[instances] = rng.uniform(-style.instance_variation, style.instance_variation, size=(len(instances), 3))
+    return offsets
+
+
 def render_image(
-    rng: np.random.Generator, style: DomainStyle, label_ids: np.ndarray, instance_ids: np.ndarray
+    rng: np.random.Generator,
+    style: DomainStyle,
+    label_ids: np.ndarray,
+    instance_ids: np.ndarray,
+    offsets: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """Render the RGB image (HxWx3 uint8) of a scene from its label and instance images."""
+    """Render the RGB image (HxWx3 uint8) of a scene from its label and instance images; ``offsets``: the
+    instances' colour offsets indexed by instance id (:func:`instance_offsets`; drawn from ``rng`` when None)."""
     H, W = label_ids.shape
     palette = np.zeros((256, 3), dtype=np.float32)
     for name, colour in style.palette.items():
@@ -330,10 +362,8 @@ def render_image(
     image = palette[label_ids]
 
     # Per-instance colour variation (cars of all colours, clothing).
-    instances = np.flatnonzero(np.bincount(instance_ids.ravel()))
-    instances = instances[instances >= 1000]
-    offsets = np.zeros((instance_ids.max() + 1, 3), dtype=np.float32)
-    offsets[instances] = rng.uniform(-style.instance_variation, style.instance_variation, size=(len(instances), 3))
+    if offsets is None:
+        offsets = instance_offsets(rng, style, instance_ids)
     image += offsets[instance_ids]
 
     # Low-frequency texture, different per class.
@@ -409,11 +439,69 @@ def _write_source_image(files: List[str], rng: np.random.Generator, height: int,
             raise OSError(f"could not write {tmp_path}")
 
 
-def _write_target_image(files: List[str], rng: np.random.Generator, height: int, width: int) -> None:
-    """Cityscapes layout: ``leftImg8bit`` image and ``gtFine`` polygons JSON, labelIds, instanceIds."""
+def rare_objects_kept(objects: Sequence[SceneObject], rng: np.random.Generator, fraction: float) -> List[bool]:
+    """Which of a scene's ``objects`` to keep when the frequency of :data:`RARE_TARGET_CLASSES` is scaled by
+    ``fraction``: an object of those classes is kept when a uniform draw of ``rng`` is below ``fraction``,
+    a two-wheeler with its rider (drawn right before it by :func:`generate_scene`), every other object is.
+    One draw per rare object or rider whatever ``fraction``, so that the objects kept at a fraction are
+    kept at every larger one."""
+    kept, rider_kept = [], True
+    for label, _ in objects:
+        if label in TWO_WHEELERS:
+            kept.append(rider_kept)
+        elif label in RARE_TARGET_CLASSES:
+            kept.append(bool(rng.random() < fraction))
+            rider_kept = kept[-1]
+        else:
+            kept.append(True)
+    return kept
+
+
+def _instance_id_in_scene(objects: Sequence[SceneObject], kept: Sequence[bool]) -> Dict[int, int]:
+    """``{instance id in the scene of the kept objects: instance id of the same object in the whole scene}``
+    (``createInstanceImage`` numbers the instances of each class in drawing order)."""
+    mapping: Dict[int, int] = {}
+    in_scene: Counter = Counter()
+    in_kept: Counter = Counter()
+    for (label, _), keep in zip(objects, kept):
+        if not name2label[label].hasInstances:
+            continue
+        base = name2label[label].id * 1000
+        if keep:
+            mapping[base + in_kept[label]] = base + in_scene[label]
+            in_kept[label] += 1
+        in_scene[label] += 1
+    return mapping
+
+
+def _write_target_image(
+    files: List[str], rng: np.random.Generator, rare_rng: np.random.Generator, height: int, width: int,
+    rare_frequency: float,
+) -> None:
+    """Cityscapes layout: ``leftImg8bit`` image and ``gtFine`` polygons JSON, labelIds, instanceIds.
+
+    The scene is drawn without the rare objects that :func:`rare_objects_kept` drops at ``rare_frequency``
+    (from ``rare_rng``), everything else as in the whole scene: ``rng`` makes the draws of the whole scene
+    (its polygons, the colour offsets of its visible instances, then the rendering), every instance keeps
+    the colour offset it has in the whole scene, and one that only becomes visible where a rare object is
+    removed draws its offset from ``rare_rng``. At ``rare_frequency`` 1 nothing is dropped: the image of the
+    whole scene.
+    """
     scene = generate_scene(rng, TARGET_STYLE, height, width)
-    polygons_json, label_ids, instance_ids = rasterise(scene, height, width)
-    image = render_image(rng, TARGET_STYLE, label_ids, instance_ids)
+    kept = rare_objects_kept(scene, rare_rng, rare_frequency)
+    polygons_json, label_ids, instance_ids = rasterise([obj for obj, keep in zip(scene, kept) if keep], height, width)
+    scene_instance_ids = rasterise(scene, height, width)[2]
+    scene_offsets = instance_offsets(rng, TARGET_STYLE, scene_instance_ids)
+    visible_in_scene = set(_visible_instances(scene_instance_ids).tolist())
+    in_scene = _instance_id_in_scene(scene, kept)
+    offsets = np.zeros((instance_ids.max() + 1, 3), dtype=np.float32)
+    for instance in _visible_instances(instance_ids):
+        if in_scene[instance] in visible_in_scene:
+            offsets[instance] = scene_offsets[in_scene[instance]]
+        else:
+            variation = TARGET_STYLE.instance_variation
+            offsets[instance] = rare_rng.uniform(-variation, variation, size=3)
+    image = render_image(rng, TARGET_STYLE, label_ids, instance_ids, offsets)
     image_file, polygons_file, label_file, instance_file = files
     save_png(image_file, image)
     write_json(polygons_file, polygons_json, indent=None)
@@ -426,11 +514,17 @@ _DOMAIN_CODES = {
 }
 
 
-def _write_image(task: Tuple[str, str, str, int, int, int, int]) -> None:
-    domain, out_dir, split, index, seed, height, width = task
-    rng = np.random.default_rng([seed, *_DOMAIN_CODES[domain, split], index])
-    writer = _write_source_image if domain == "source" else _write_target_image
-    writer(_output_files(domain, out_dir, split, index), rng, height, width)
+def _write_image(task: Tuple[str, str, str, int, int, int, int, float]) -> None:
+    domain, out_dir, split, index, seed, height, width, rare_frequency = task
+    seed_sequence = np.random.SeedSequence([seed, *_DOMAIN_CODES[domain, split], index])
+    rng = np.random.default_rng(seed_sequence)
+    files = _output_files(domain, out_dir, split, index)
+    if domain == "source":
+        _write_source_image(files, rng, height, width)
+    else:
+        # Which rare objects are kept: a stream of its own, so that the rest of the scene does not depend on it.
+        rare_rng = np.random.default_rng(seed_sequence.spawn(1)[0])
+        _write_target_image(files, rng, rare_rng, height, width, rare_frequency)
 
 
 def generate_synthetic(
@@ -443,12 +537,18 @@ def generate_synthetic(
     width: int = DEFAULT_SIZES["width"],
     workers: int = 1,
     num_source_val: int = DEFAULT_SIZES["num_source_val"],
+    rare_frequency: float = 1.0,
 ) -> Dict[str, str]:
     """Generate the raw benchmark under ``out_dir``.
 
     Writes ``out_dir/source`` (SYNTHIA-RAND-CITYSCAPES layout), ``out_dir/source_val`` (held-out
     source images, same layout), ``out_dir/target`` (Cityscapes layout, train and val), and the settings
-    in ``out_dir/generation.json``. Deterministic in ``seed`` whatever ``workers``. Re-running with the
+    in ``out_dir/generation.json``. Deterministic in ``seed`` whatever ``workers``. ``rare_frequency``
+    (0 < f <= 1) scales the frequency of :data:`RARE_TARGET_CLASSES` in the target train split: each of
+    their objects is kept with that probability, drawn from a random stream of its own, the rest of every
+    image as at 1 (:func:`_write_target_image`); the source splits and target val do not change. Recorded
+    in ``generation.json`` when it is not 1, so that the benchmarks of 1 are those generated before it
+    existed. Re-running with the
     same settings only writes the images with a missing, truncated or corrupt file
     (:func:`~.conversion.data_file_error`); a folder
     generated with other settings is refused (the converters would mix both).
@@ -456,6 +556,8 @@ def generate_synthetic(
     Returns:
         ``{"source": path, "source_val": path, "target": path}``.
     """
+    if not 0 < rare_frequency <= 1:
+        raise ValueError(f"rare_frequency={rare_frequency} must lie in (0, 1]: the fraction of the rare objects kept")
     settings = {
         "design": BENCHMARK_DESIGN,
         "seed": seed,
@@ -466,6 +568,8 @@ def generate_synthetic(
         "height": height,
         "width": width,
     }
+    if rare_frequency != 1.0:
+        settings["rare_frequency"] = rare_frequency
     settings_file = os.path.join(out_dir, "generation.json")
     if os.path.exists(settings_file):
         with open(settings_file) as f:
@@ -479,10 +583,10 @@ def generate_synthetic(
 
     source_dir, target_dir = os.path.join(out_dir, "source"), os.path.join(out_dir, "target")
     source_val_dir = os.path.join(out_dir, "source_val")
-    tasks = [("source", source_dir, "train", i, seed, height, width) for i in range(num_source)]
-    tasks += [("source", source_val_dir, "val", i, seed, height, width) for i in range(num_source_val)]
-    tasks += [("target", target_dir, "train", i, seed, height, width) for i in range(num_target_train)]
-    tasks += [("target", target_dir, "val", i, seed, height, width) for i in range(num_target_val)]
+    tasks = [("source", source_dir, "train", i, seed, height, width, 1.0) for i in range(num_source)]
+    tasks += [("source", source_val_dir, "val", i, seed, height, width, 1.0) for i in range(num_source_val)]
+    tasks += [("target", target_dir, "train", i, seed, height, width, rare_frequency) for i in range(num_target_train)]
+    tasks += [("target", target_dir, "val", i, seed, height, width, 1.0) for i in range(num_target_val)]
     # Images with a missing, truncated or corrupt file are written again.
     tasks = [task for task in tasks if any(map(data_file_error, _output_files(*task[:4])))]
     progress = dict(total=len(tasks), desc="generating synthetic scenes", disable=not tasks)
@@ -505,6 +609,7 @@ def prepare_synthetic(
     width: int = DEFAULT_SIZES["width"],
     workers: int = 1,
     num_source_val: int = DEFAULT_SIZES["num_source_val"],
+    rare_frequency: float = 1.0,
 ) -> List[Tuple[str, ConversionReport]]:
     """Generate the benchmark (:func:`generate_synthetic`) and prepare it with the real converters:
     ``prepare_synthia`` on ``out_dir/source`` and ``out_dir/source_val``, ``prepare_cityscapes`` on
@@ -514,7 +619,8 @@ def prepare_synthetic(
         ``[(name, report)]`` of the four conversions (source, source val, target train, target val).
     """
     folders = generate_synthetic(
-        out_dir, seed, num_source, num_target_train, num_target_val, height, width, workers, num_source_val
+        out_dir, seed, num_source, num_target_train, num_target_val, height, width, workers, num_source_val,
+        rare_frequency,
     )
     reports = [("synthetic source", prepare_synthia(folders["source"], workers))]
     reports.append(("synthetic source val", prepare_synthia(folders["source_val"], workers)))
@@ -557,6 +663,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "--" + option.replace("_", "-"), type=int, default=DEFAULT_SIZES[option],
             help=f"{help_text} (default: %(default)s)",
         )
+    parser.add_argument(
+        "--rare-frequency", type=float, default=1.0,
+        help="factor in (0, 1] on the frequency of the rare classes (" + ", ".join(RARE_TARGET_CLASSES) + ") in the "
+        "target train split: each of their objects is kept with this probability, the rest of the images as at 1 "
+        "(default: %(default)s, the standard benchmark)",
+    )
     args = parser.parse_args(argv)
     reports = prepare_synthetic(
         args.root,
@@ -568,5 +680,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.width,
         args.workers,
         args.num_source_val,
+        args.rare_frequency,
     )
     return max(print_report(report, name) for name, report in reports)
