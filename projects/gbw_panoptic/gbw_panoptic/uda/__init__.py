@@ -3,15 +3,17 @@ EMA teacher, ClassMix, optimizer and schedule, atomic checkpoints, and a gloo/NC
 
 Importing this package registers the methods in :data:`UDA_METHOD_REGISTRY`.
 """
-from .advent import AdvEnt, OutputSpaceAdversarial, OutputSpaceDiscriminator
+from .advent import AdvEnt
+from .adversarial import OutputSpaceAdversarial, OutputSpaceDiscriminator
 from .advseg import AdvSeg
 from .augment import blur_kernel_size, class_mix_masks, color_jitter, gaussian_blur, hsv_to_rgb, mix, rgb_to_hsv, strong_augment
 from .checkpoint import AtomicCheckpointer, get_rng_state, preserved_rng_state, set_rng_state
 from .dacs import DACS, PseudoLabels, pseudo_labels
+from .entropy import entropy_loss, entropy_map
 from .feature_distance import FeatureDistance, downscale_labels
 from .launch import default_backend, launch
 from .method import UDA_METHOD_REGISTRY, SourceOnly, UDAMethod, build_uda_method, uda_method_names
-from .minent import MinEnt, entropy_loss, entropy_map
+from .minent import MinEnt
 from .optim import build_lr_scheduler, build_optimizer, build_param_groups
 from .runner import StudentRunner
 from .teacher import EMATeacher, ema_alpha

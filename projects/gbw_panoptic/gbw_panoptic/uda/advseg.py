@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from detectron2.config import CfgNode
 
-from .advent import SOURCE_DOMAIN, TARGET_DOMAIN, OutputSpaceAdversarial, OutputSpaceDiscriminator
+from .adversarial import SOURCE_DOMAIN, TARGET_DOMAIN, OutputSpaceAdversarial, OutputSpaceDiscriminator
 from .method import UDA_METHOD_REGISTRY, StepOutput, build_feature_distance
 from ..utils.padding import stack_padded
 from .runner import StudentRunner, stack_images
