@@ -14,8 +14,13 @@ from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from experiment import run_experiment, threads_per_run  # noqa: E402
-from experiment.report import ExperimentResults, conclusion_section, design_checks, sweep_section  # noqa: E402
-from experiment.runs import ARMS, BATCH_SIZES, PRESETS, RunSpec, plan_runs, train_and_evaluate  # noqa: E402
+from experiment.report import (  # noqa: E402
+    ExperimentResults, conclusion_section, design_checks, sweep_section, write_levels_report,
+)
+from experiment.runs import (  # noqa: E402
+    ARMS, BATCH_SIZES, PRESETS, RunSpec, benchmark_of, plan_benchmarks, plan_runs, prepare_benchmark,
+    train_and_evaluate,
+)
 from experiment.stats import gap_closed, t_interval  # noqa: E402
 
 
@@ -241,6 +246,60 @@ def test_batch_preset_trains_every_batch_size_on_as_many_images(tmp_path):
         if images == 2:  # the reference batch: the config of DACS (± GBW) as the other studies train it
             cfg.OUTPUT_DIR = str(tmp_path / "runs" / run.arm.name.replace("_batch2", "") / f"600it_seed{run.seed}")
             assert cfg == plain[(run.arm.name.replace("_batch2", ""), run.seed)]
+
+
+def test_imbalance_preset_plans_one_benchmark_and_one_set_of_runs_per_level(tmp_path):
+    out, datasets = tmp_path / "out", tmp_path / "datasets"
+    benchmarks = plan_benchmarks(PRESETS["imbalance"], out, datasets)
+    assert [benchmark.level for benchmark in benchmarks] == [1.0, 0.1, 0.3]
+    standard = plan_runs(PRESETS["imbalance"], out)
+    for benchmark in benchmarks:
+        folder = f"imbalance_{benchmark.level:g}"
+        assert benchmark.datasets_root == datasets / folder and benchmark.out == out / folder
+        assert f"at {benchmark.level:g} times their frequency" in benchmark.preset.description
+        assert [(run.arm.name, run.seed) for run in benchmark.runs] == [(run.arm.name, run.seed) for run in standard]
+        for run, same in zip(benchmark.runs, standard):
+            assert run.output_dir == out / folder / "runs" / run.arm.name / f"600it_seed{run.seed}"
+            # The commands of the standard benchmark's runs, in the level's folder: from its own source-only model.
+            assert run.command == [part.replace(str(out), str(out / folder)) for part in same.command]
+            assert run.starts_from is None or run.starts_from.output_dir.parent.parent.parent == out / folder
+
+
+def test_levels_report_compares_gbw_with_dacs_at_each_level(tmp_path):
+    # GBW − DACS in rare recall: +1, +2, +3 on seeds 0, 1, 2 at level 1, -1 at 0.3 and -3 at 0.1 on every seed.
+    experiments = {
+        1.0: _experiment({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0}),
+        0.3: _experiment({0: -1.0, 1: -1.0, 2: -1.0}, {0: 0.0, 1: 0.0, 2: 0.0}),
+        0.1: _experiment({0: -3.0, 1: -3.0, 2: -3.0}, {0: 0.0, 1: 0.0, 2: 0.0}),
+    }
+    experiments[0.1].fractions[experiments[0.1].rare] /= 10
+    report = write_levels_report("imbalance", PRESETS["imbalance"], experiments, tmp_path, seconds=60.0)
+    text = report.read_text()
+    assert (tmp_path / "figures" / "sweep_rare-class_frequency_factor.png").stat().st_size > 1000
+    # The rare classes' share of the target train pixels per level, with the link to the level's own report.
+    assert "| 1 | 2.00% | [imbalance_1/report.md](imbalance_1/report.md) |" in text
+    assert "| 0.1 | 0.20% | [imbalance_0.1/report.md](imbalance_0.1/report.md) |" in text
+    rows = _table_rows(text, "DACS + GBW")
+    assert [(row[1], row[2], row[4]) for row in rows] == [
+        ("0.1", "DACS", "-3.00 [-3.00, -3.00]"), ("0.3", "DACS", "-1.00 [-1.00, -1.00]"),
+        ("1", "DACS", experiments[1.0].difference("dacs_gbw", "dacs", "recall (rare)").format(signed=True)),
+    ]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["levels"]) == {"1", "0.3", "0.1"}
+    assert results["levels"]["0.1"]["dacs_gbw/seed2"]["recall (rare)"] == 14.0 - 3.0
+
+
+@pytest.mark.slow
+def test_each_level_is_its_own_benchmark_for_the_runner(tmp_path):
+    datasets = tmp_path / "imbalance_0.1"
+    prepare_benchmark(PRESETS["smoke"], datasets, workers=1, rare_frequency=0.1)
+    benchmark = benchmark_of(datasets)
+    assert benchmark["rare_frequency"] == 0.1
+    # A run made on the standard benchmark of the same size is not this benchmark's.
+    standard = {key: value for key, value in benchmark.items() if key != "rare_frequency"}
+    run = plan_runs(PRESETS["smoke"], tmp_path / "out")[0]
+    assert run.matches({"command": run.command, "benchmark": benchmark}, benchmark)
+    assert not run.matches({"command": run.command, "benchmark": standard}, benchmark)
 
 
 def test_design_checks_report_only_what_the_arms_allow():

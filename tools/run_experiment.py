@@ -5,7 +5,10 @@
 `make experiment` runs `--preset experiment` (3 seeds per arm; longer). Steps:
 
 1. generate + prepare the synthetic two-domain benchmark under $DETECTRON2_DATASETS/synthetic
-   (default ./datasets/synthetic) with the same scripts as the real datasets;
+   (default ./datasets/synthetic) with the same scripts as the real datasets; `--preset imbalance`
+   generates one benchmark per level of the rare classes' target frequency under
+   $DETECTRON2_DATASETS/imbalance_<level>/synthetic and keeps each level's runs and report in
+   OUT/imbalance_<level>, OUT/report.md comparing the levels;
 2. train every (arm, seed) with tools/train_net.py (OUTPUT_DIR = OUT/runs/<arm>/<N>it_seed<k>), evaluated
    on the target val and held-out source val splits at the end; the adaptation arms (DACS ± GBW) and the
    target oracle start from the final source-only model of their seed, so source-only is trained first;

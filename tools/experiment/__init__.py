@@ -11,10 +11,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
-from .report import write_report
-from .runs import ARMS, PRESETS, RunSpec, plan_runs, prepare_benchmark, train_and_evaluate
+from .report import collect_results, write_levels_report, write_report
+from .runs import ARMS, PRESETS, RunSpec, plan_benchmarks, prepare_benchmark, train_and_evaluate
 
 __all__ = ["run_experiment", "threads_per_run"]
 
@@ -55,12 +55,13 @@ def run_experiment(
     max_iter: Optional[int] = None,
     report_only: bool = False,
 ) -> Path:
-    """Prepare the benchmark, train and evaluate every run (``jobs`` at a time; default: the preset's),
-    write the report. With ``report_only``, write the report of runs that have all finished, without
-    checking that their configs are those the current code gives (e.g. after a later change of the
-    code that added a config key); a missing run is an error.
+    """Prepare the benchmark (one per imbalance level of the preset, :func:`~.runs.plan_benchmarks`), train
+    and evaluate every run (``jobs`` at a time; default: the preset's), write the report of each benchmark
+    and, with imbalance levels, ``out/report.md`` comparing them. With ``report_only``, write the reports
+    of runs that have all finished, without checking that their configs are those the current code gives
+    (e.g. after a later change of the code that added a config key); a missing run is an error.
 
-    Returns the path of ``report.md``.
+    Returns the path of ``out/report.md``.
     """
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
@@ -84,22 +85,40 @@ def run_experiment(
         )
     jobs = max(jobs or preset.jobs, 1)
     start = time.perf_counter()
-    runs = plan_runs(preset, out)
+    benchmarks = plan_benchmarks(preset, out, datasets_root)
+    runs = [(run, benchmark.datasets_root) for benchmark in benchmarks for run in benchmark.runs]
     if report_only:
-        missing = [f"{run.arm.name} seed {run.seed} ({run.output_dir})" for run in runs if not run.is_finished()]
+        missing = [f"{run.arm.name} seed {run.seed} ({run.output_dir})" for run, _ in runs if not run.is_finished()]
         if missing:
             raise RuntimeError(f"--report-only: {len(missing)} run(s) not finished: {'; '.join(missing)}")
-        report = write_report(preset_name, preset, runs, out, datasets_root, time.perf_counter() - start)
-        logger.info("Report: %s", report)
-        return report
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_benchmark(preset, datasets_root, workers=jobs)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for benchmark in benchmarks:
+            prepare_benchmark(benchmark.preset, benchmark.datasets_root, workers=jobs, rare_frequency=benchmark.level)
+        logger.info("%d runs (%s)", len(runs), preset.description)
+        _train(runs, jobs)
+    for benchmark in benchmarks:
+        report = write_report(preset_name, benchmark.preset, benchmark.runs, benchmark.out, benchmark.datasets_root,
+                              time.perf_counter() - start)
+    if preset.imbalance_levels:
+        experiments = {
+            benchmark.level: collect_results(preset_name, benchmark.preset, benchmark.runs, benchmark.datasets_root)
+            for benchmark in benchmarks
+        }
+        report = write_levels_report(preset_name, preset, experiments, out, time.perf_counter() - start)
+    logger.info("Report: %s", report)
+    return report
+
+
+def _train(runs: Sequence[Tuple[RunSpec, Path]], jobs: int) -> None:
+    """Train and evaluate ``runs`` (each with its datasets root), ``jobs`` at a time, a run after the one it
+    starts from; raises the first failure once every run has ended."""
     cores = os.cpu_count() or 1
-    threads, shared = threads_per_run(runs, jobs, cores), max(cores // jobs, 1)
-    logger.info("%d runs (%s), %d at a time with %d thread(s) each", len(runs), preset.description, jobs, shared)
+    threads, shared = threads_per_run([run for run, _ in runs], jobs, cores), max(cores // jobs, 1)
+    logger.info("%d at a time with %d thread(s) each", jobs, shared)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures: Dict[Path, Future] = {}
-        for run in runs:
+        for run, datasets_root in runs:
             if threads[run.output_dir] > shared:
                 logger.info("%s seed %d: nothing can train beside it, so it trains with %d thread(s)",
                             run.arm.name, run.seed, cores)
@@ -108,6 +127,3 @@ def run_experiment(
             futures[run.output_dir] = pool.submit(_train_after, after, run, datasets_root, threads[run.output_dir])
         for future in futures.values():
             future.result()
-    report = write_report(preset_name, preset, runs, out, datasets_root, time.perf_counter() - start)
-    logger.info("Report: %s", report)
-    return report

@@ -3,9 +3,10 @@
 :func:`write_report` reads every run's evaluation reports (target val and source val) and its
 ``metrics.json``, then writes one section after another: setting; domain gap (source-val and
 target-val mIoU, fraction of the source-only → oracle gap closed); semantic and panoptic results per
-arm; paired differences against DACS with 95 % Student-t intervals over seeds; per-class IoU,
-recall and precision; the GBW weight and teacher confidence curves; the benchmark's design checks; a
-conclusion worded from the intervals; example predictions.
+arm; paired differences against DACS with 95 % Student-t intervals over seeds; each swept setting
+(λ, batch size) against its value; per-class IoU, recall and precision; the GBW weight and teacher
+confidence curves; the benchmark's design checks; a conclusion worded from the intervals; example
+predictions. :func:`write_levels_report` compares the benchmarks of a preset with imbalance levels.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from _common import read_metrics
 from .figures import plot_curves, plot_recall_deltas, plot_sweep
 from .runs import (
     ARMS, ORACLE, REFERENCE, REPO_ROOT, SOURCE_ONLY, SOURCE_VAL_DATASET, VAL_DATASET, Arm, Preset, RunSpec, environment,
+    level_folder,
 )
 from .stats import Interval, gap_closed, paired_differences, t_interval
 
@@ -40,6 +42,7 @@ __all__ = [
     "collect_results",
     "conclusion_section",
     "write_report",
+    "write_levels_report",
 ]
 
 # A class is "rare" when it covers less than this fraction of the target train pixels
@@ -353,11 +356,12 @@ def sweep_rows(experiment: ExperimentResults, points: Mapping[str, Tuple[str, fl
     return rows
 
 
-def sweep_lines(title: str, axis: str, rows: Sequence[SweepRow], figure: Path, out: Path) -> List[str]:
+def sweep_lines(title: str, axis: str, rows: Sequence[SweepRow], out: Path) -> List[str]:
     """A report section of ``rows``: a table (per row its series, value of ``axis``, baseline, and each of
-    :data:`SWEEP_METRICS` with its difference against the baseline) and ``figure``, the differences against
-    ``axis``, one line per series (rows without a baseline are in the table only). ``out``: the report's
-    folder, which the figure's link is relative to."""
+    :data:`SWEEP_METRICS` with its difference against the baseline) and the figure of the differences
+    against ``axis``, one line per series (rows without a baseline are in the table only), written to
+    ``out/figures/sweep_<axis>.png`` (``out``: the report's folder)."""
+    figure = out / "figures" / f"sweep_{axis.replace(' ', '_')}.png"
     table, points = [], {}
     for row in sorted(rows, key=lambda row: (math.isnan(row.value), row.series, row.value)):
         cells = [row.series, "–" if math.isnan(row.value) else f"{row.value:g}", row.baseline or "–"]
@@ -388,7 +392,7 @@ def sweep_lines(title: str, axis: str, rows: Sequence[SweepRow], figure: Path, o
 def sweep_section(experiment: ExperimentResults, figures: Path) -> List[str]:
     """One section per swept setting (``Arm.sweep.axis``) with at least two arms: :func:`sweep_lines` of
     those arms and of the baselines they are compared with that are not swept themselves (e.g. DACS beside
-    the λ arms), figure ``figures/sweep_<axis>.png``."""
+    the λ arms); ``figures``: the report's ``figures`` folder."""
     lines: List[str] = []
     for axis in dict.fromkeys(arm.sweep.axis for arm in experiment.arms if arm.sweep is not None):
         swept = [arm for arm in experiment.arms if arm.sweep is not None and arm.sweep.axis == axis]
@@ -398,8 +402,7 @@ def sweep_section(experiment: ExperimentResults, figures: Path) -> List[str]:
         for arm in swept:
             if arm.baseline is not None and experiment.has(arm.baseline) and arm.baseline not in points:
                 points[arm.baseline] = (ARMS[arm.baseline].label, math.nan)
-        figure = figures / f"sweep_{axis.replace(' ', '_')}.png"
-        lines += sweep_lines(f"Sweep: {axis}", axis, sweep_rows(experiment, points), figure, figures.parent)
+        lines += sweep_lines(f"Sweep: {axis}", axis, sweep_rows(experiment, points), figures.parent)
     return lines
 
 
@@ -621,6 +624,11 @@ def examples_section(experiment: ExperimentResults, out: Path, datasets_root: Pa
     return lines
 
 
+def _metrics_by_run(experiment: ExperimentResults) -> Dict[str, "OrderedDict[str, float]"]:
+    """The metrics of every run, keyed ``<arm>/seed<k>`` (``results.json``)."""
+    return {f"{arm}/seed{seed}": values for (arm, seed), values in experiment.metrics.items()}
+
+
 def write_report(
     preset_name: str,
     preset: Preset,
@@ -651,8 +659,50 @@ def write_report(
     summary = {
         "preset": preset_name,
         "seconds": seconds,
-        "runs": {f"{arm}/seed{seed}": values for (arm, seed), values in experiment.metrics.items()},
+        "runs": _metrics_by_run(experiment),
         "design_checks": [{"check": c, "measured": m, "met": p} for c, m, p in design_checks(experiment)],
     }
     write_json(out / "results.json", summary)
     return report
+
+
+def write_levels_report(
+    preset_name: str, preset: Preset, experiments: Mapping[float, ExperimentResults], out: Path, seconds: float
+) -> Path:
+    """``out/report.md`` of a preset with imbalance levels, from the results of each level (``{level:
+    results}``; each level has its own report in ``out/imbalance_<level>``): per level the rare classes'
+    share of the target train pixels, then every arm against the level (:func:`sweep_lines`: DACS + GBW −
+    DACS paired by seed at each level, table and ``figures/sweep_rare-class_frequency_factor.png``);
+    ``out/results.json`` holds every run's metrics by level. Returns the path of the report."""
+    levels = sorted(experiments, reverse=True)
+    shares = [[
+        f"{level:g}",
+        f"{100 * experiments[level].fractions[experiments[level].rare].sum():.2f}%",
+        f"[{level_folder(level)}/report.md]({level_folder(level)}/report.md)",
+    ] for level in levels]
+    rows = [
+        row for level in levels
+        for row in sweep_rows(experiments[level], {arm.name: (arm.label, level) for arm in experiments[level].arms})
+    ]
+    lines = [
+        f"# Synthetic benchmark: {preset.description}",
+        "",
+        f"Generated by `python tools/run_experiment.py --preset {preset_name}` (this machine: {os.cpu_count()} CPU "
+        f"threads; this call {seconds / 60:.1f} min): one benchmark per level, generated by `prepare_synthetic.py "
+        "--rare-frequency <level>` (each object of the rare classes in the target train split kept with that "
+        "probability, the rest of the images, the source splits and target val as in the standard benchmark) "
+        "under `<datasets root>/imbalance_<level>/synthetic`, and one set of runs per level, each with its own "
+        f"report (seeds {', '.join(map(str, preset.seeds))}, {preset.max_iter} iterations). Numbers are on the "
+        "(identical) target val split of each level, in percent.",
+        "",
+        _markdown(shares, ["level", "rare classes' share of the target train pixels", "report"]),
+    ]
+    lines += sweep_lines("Against the rare-class frequency", "rare-class frequency factor", rows, out)
+    with atomic_write(out / "report.md", "w") as f:
+        f.write("\n".join(lines))
+    write_json(out / "results.json", {
+        "preset": preset_name,
+        "seconds": seconds,
+        "levels": {f"{level:g}": _metrics_by_run(experiments[level]) for level in levels},
+    })
+    return out / "report.md"

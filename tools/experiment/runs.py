@@ -30,7 +30,8 @@ from gbw_panoptic.utils.io import write_json
 __all__ = [
     "Arm", "SweepPoint", "Preset", "ARMS", "BATCH_SIZES", "PRESETS", "RunSpec", "REPO_ROOT", "VAL_DATASET",
     "SOURCE_VAL_DATASET", "SOURCE_ONLY", "ORACLE", "REFERENCE",
-    "environment", "same_images_schedule", "plan_runs", "prepare_benchmark", "train_and_evaluate",
+    "Benchmark", "environment", "same_images_schedule", "plan_runs", "level_folder", "plan_benchmarks",
+    "prepare_benchmark", "train_and_evaluate",
 ]
 
 logger = logging.getLogger("experiment")
@@ -180,6 +181,10 @@ class Preset:
     extra_opts: Tuple[str, ...] = ()
     description: str = ""
     jobs: int = 2  # training runs at a time (``--jobs``); each gets cores ÷ jobs threads, at least 1
+    # Factors on the frequency of the rare classes in the target train split (``prepare_synthetic.py
+    # --rare-frequency``): one benchmark and one set of runs per level, each in its own folder
+    # (:func:`level_folder`); empty: the standard benchmark.
+    imbalance_levels: Tuple[float, ...] = ()
 
 
 PRESETS: Dict[str, Preset] = {
@@ -238,6 +243,16 @@ PRESETS: Dict[str, Preset] = {
         max_iter=ITERATIONS,
         description="3 seeds of DACS ± GBW with 2, 4 and 8 images per domain per step, each trained on as many "
         "images (600, 300, 150 iterations), next to source-only",
+    ),
+    # GBW's effect against the severity of the imbalance: the rare classes of the target train split at 1, 0.1
+    # and 0.3 times their frequency (datasets/README.md, "Study: imbalance severity"); the end points first.
+    "imbalance": Preset(
+        arms=(SOURCE_ONLY, REFERENCE, "dacs_gbw"),
+        seeds=(0, 1, 2),
+        max_iter=ITERATIONS,
+        imbalance_levels=(1.0, 0.1, 0.3),
+        description="3 seeds of source-only, DACS and DACS + GBW on three benchmarks whose target train split holds "
+        "the rare classes at 1, 0.3 and 0.1 times their frequency",
     ),
     # HRDA next to the single-scale arms it extends (not part of `make experiment`: an HRDA + DACS
     # step costs about 3x a single-scale one on the CPU).
@@ -314,15 +329,22 @@ class RunSpec:
         return merged_config(build_parser().parse_args(self.command[2:])).dump()
 
 
-def prepare_benchmark(preset: Preset, datasets_root: Path, workers: int) -> None:
-    """Generate and prepare the synthetic benchmark under ``datasets_root/synthetic`` (idempotent)."""
+def level_folder(level: float) -> str:
+    """The folder of one imbalance level (``Preset.imbalance_levels``) under the datasets root and under the
+    output folder: ``imbalance_<level>``."""
+    return f"imbalance_{level:g}"
+
+
+def prepare_benchmark(preset: Preset, datasets_root: Path, workers: int, rare_frequency: float = 1.0) -> None:
+    """Generate and prepare the synthetic benchmark under ``datasets_root/synthetic`` (idempotent), with
+    the rare classes of its target train split at ``rare_frequency`` times their frequency."""
     height, width = preset.image_size
     command = [
         sys.executable, str(REPO_ROOT / "datasets" / "prepare_synthetic.py"), str(datasets_root / "synthetic"),
         "--num-source", str(preset.num_source), "--num-source-val", str(preset.num_source_val),
         "--num-target-train", str(preset.num_target_train),
         "--num-target-val", str(preset.num_target_val), "--height", str(height), "--width", str(width),
-        "--workers", str(workers),
+        "--rare-frequency", repr(float(rare_frequency)), "--workers", str(workers),
     ]
     logger.info("Preparing the synthetic benchmark: %s", " ".join(command))
     subprocess.run(command, check=True, env=environment(datasets_root, threads=1))
@@ -410,6 +432,38 @@ def plan_runs(preset: Preset, out: Path) -> List[RunSpec]:
             runs_of_seed[arm_name] = RunSpec(ARMS[arm_name], seed, output_dir, command, starts_from)
         runs += runs_of_seed.values()
     return runs
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark of an experiment with its runs: the preset as it runs there, the factor on its rare
+    classes' target train frequency (``level``), its datasets root and the experiment's folder for it."""
+
+    preset: Preset
+    level: float
+    datasets_root: Path
+    out: Path
+    runs: List[RunSpec]
+
+
+def plan_benchmarks(preset: Preset, out: Path, datasets_root: Path) -> List[Benchmark]:
+    """The benchmarks of ``preset`` and their runs (:func:`plan_runs`): the standard benchmark under
+    ``datasets_root`` with the runs under ``out``, or, for a preset with ``imbalance_levels``, one per level,
+    both in :func:`level_folder` (e.g. ``datasets_root/imbalance_0.1/synthetic``, ``out/imbalance_0.1/runs``)."""
+    if not preset.imbalance_levels:
+        return [Benchmark(preset, 1.0, datasets_root, out, plan_runs(preset, out))]
+    benchmarks = []
+    for level in preset.imbalance_levels:
+        level_preset = replace(
+            preset, imbalance_levels=(),
+            description=f"{preset.description}; this benchmark: the rare classes of target train at {level:g} times "
+            "their frequency",
+        )
+        folder = level_folder(level)
+        benchmarks.append(Benchmark(
+            level_preset, level, datasets_root / folder, out / folder, plan_runs(level_preset, out / folder)
+        ))
+    return benchmarks
 
 
 def benchmark_of(datasets_root: Path) -> Dict:
