@@ -14,7 +14,6 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, build_model
 from detectron2.projects.deeplab.loss import DeepLabCE
 from detectron2.structures import Instances
-from detectron2.utils.events import EventStorage
 
 from gbw_panoptic.config import add_gbw_panoptic_config
 from gbw_panoptic.gbw import GBWRegressionLoss
@@ -48,7 +47,6 @@ def _small_model(opts: List = ()) -> GBWPanopticSegmentor:
         "MODEL.SEM_SEG_HEAD.EMBED_DIM", 16, "MODEL.INS_EMBED_HEAD.EMBED_DIM", 16,
         "MODEL.SEM_SEG_HEAD.DROPOUT", 0.0, "MODEL.INS_EMBED_HEAD.DROPOUT", 0.0,
         "DATASETS.TRAIN", "()", "DATASETS.TEST", f"('{CITYSCAPES_CLASSES}',)",
-        "UDA.LOG_PERIOD", 1,  # GBW weights logged every call
     ]  # fmt: skip
     return build_model(_cfg(opts=[*base, *opts]))
 
@@ -276,44 +274,47 @@ def _gbw_opts(enabled: bool, lam: float, mode: str) -> List:
     )
 
 
-def _losses_and_logged(model: GBWPanopticSegmentor, prefix: str = "gbw"):
-    with EventStorage() as storage:
-        losses = model(_batch(), gbw_log_prefix=prefix)
-        logged = {name: value for name, (value, _) in storage.latest().items()}
-    return {k: v.detach() for k, v in losses.items()}, logged
+def _losses_and_class_weights(model: GBWPanopticSegmentor):
+    """The losses of a training pass on :func:`_batch` and the GBW class weights it used."""
+    losses = model(_batch())
+    weights = {name: float(value) for name, value in model.gbw_class_weights().items()}
+    return {k: v.detach() for k, v in losses.items()}, weights
 
 
-def test_gbw_on_vs_off_and_logged_weights():
+def test_gbw_on_vs_off_and_the_class_weights_of_the_pass():
     off = _small_model(_gbw_opts(False, 1.0, "absolute")).train()
     state = off.state_dict()
-    off_losses, off_logged = _losses_and_logged(off)
-    assert not any(name.startswith("gbw/") for name in off_logged)
+    off_losses, off_weights = _losses_and_class_weights(off)
+    assert off_weights == {}
 
     # A huge lambda pins every weight to 1: the same losses as without GBW.
     uniform = _small_model(_gbw_opts(True, 1e12, "absolute")).train()
     uniform.load_state_dict(state)
-    uniform_losses, uniform_logged = _losses_and_logged(uniform)
+    uniform_losses, uniform_weights = _losses_and_class_weights(uniform)
     for name in off_losses:
         torch.testing.assert_close(uniform_losses[name], off_losses[name], rtol=1e-5, atol=1e-7)
-    assert all(abs(v - 1.0) < 1e-6 for k, v in uniform_logged.items() if k.startswith("gbw/"))
+    assert uniform_weights and all(abs(v - 1.0) < 1e-6 for v in uniform_weights.values())
 
     weighted = _small_model(_gbw_opts(True, 0.1, "relative")).train()
     weighted.load_state_dict(state)
-    weighted_losses, logged = _losses_and_logged(weighted, prefix="gbw_source")
+    weighted_losses, weights = _losses_and_class_weights(weighted)
     for name in off_losses:
         assert not torch.allclose(weighted_losses[name], off_losses[name], rtol=1e-3), name
     names = weighted.class_names
-    for loss, classes in (("sem_seg", range(19)), ("center", range(19)), ("offset", THINGS)):
-        weights = [logged[f"gbw_source/{loss}/{names[c]}"] for c in classes]
-        assert sum(weights) == pytest.approx(len(classes), rel=1e-5), loss
-        assert min(weights) >= 0 and max(weights) > 1.01
-    assert not any(f"gbw_source/offset/{names[c]}" in logged for c in range(11))
+    # Each loss's classes, by name; the offset loss covers the thing classes only.
+    covered = (("sem_seg", range(19)), ("center", range(19)), ("offset", THINGS))
+    assert list(weights) == [f"{loss}/{names[c]}" for loss, classes in covered for c in classes]
+    for loss, classes in covered:
+        loss_weights = [weights[f"{loss}/{names[c]}"] for c in classes]
+        assert sum(loss_weights) == pytest.approx(len(classes), rel=1e-5), loss
+        assert min(loss_weights) >= 0 and max(loss_weights) > 1.01
+    assert [weights[f"sem_seg/{name}"] for name in names] == weighted.sem_seg_loss.last_weights.tolist()
 
 
 def test_losses_and_features_in_one_backbone_pass():
     model = _small_model(["MODEL.MIT.DROP_PATH_RATE", 0.0]).train()
     batch = _batch()
-    losses, features = model.losses_and_features(batch, gbw_log_prefix="gbw/source")
+    losses, features = model.losses_and_features(batch)
     expected_losses = model(batch)
     expected_features = model.extract_features(model.preprocess_image(batch).tensor)
     for name, value in expected_losses.items():

@@ -60,9 +60,9 @@ def _train_one_step(repo_root: str, output_dir: str, config: str) -> Dict[str, o
                 return step(*args, **kwargs)
 
             def recording_run_step(*args, **kwargs):
-                step_losses, metrics = run_step(*args, **kwargs)
-                losses.update(step_losses)
-                return step_losses, metrics
+                output = run_step(*args, **kwargs)
+                losses.update(output.losses)
+                return output
 
             trainer.optimizer.step = recording_step
             trainer.method.run_step = recording_run_step

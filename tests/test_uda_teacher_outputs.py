@@ -152,7 +152,7 @@ def _dacs_step(model: nn.Module, teacher_class: type) -> List[torch.Tensor]:
     model.zero_grad(set_to_none=True)
     with EventStorage(1):
         method.before_step(model, 1)
-        losses, metrics = method.run_step(runner, _batch(), target, 1)
+        losses = method.run_step(runner, _batch(), target, 1).losses
     assert {"loss_mix_sem_seg", "loss_mix_center", "loss_mix_offset"} <= set(losses)
     return [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
 

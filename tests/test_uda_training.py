@@ -146,6 +146,32 @@ def test_advseg_trains_its_discriminator_and_resumes(synthetic_datasets, repo_ro
 
 
 @pytest.mark.slow
+def test_gbw_weights_are_written_with_the_metrics_under_their_pass(synthetic_datasets, repo_root, tmp_path):
+    """DACS + GBW, metrics written every 2 of 5 iterations: each written iteration holds the class weights
+    of its source and mixed passes as ``gbw/<pass>/<loss>/<class>`` (the offset loss: the thing classes),
+    those of its own step, and nothing is written in between."""
+    extra = ["SOLVER.MAX_ITER", "5", "UDA.LOG_PERIOD", "2", "DATASETS.TEST", "()"]
+    trainer = _train(setup(_args(repo_root, tmp_path, extra=extra)), resume=False)
+    records = _metrics(tmp_path)
+    assert [r["iteration"] for r in records] == [1, 3, 4]
+    names, things = trainer.model.class_names, trainer.model.thing_ids
+    covered = (("sem_seg", range(19)), ("center", range(19)), ("offset", things))
+    expected = {
+        f"gbw/{run}/{loss}/{names[c]}" for run in ("source", "mixed") for loss, classes in covered for c in classes
+    }
+    for record in records:
+        assert {k for k in record if k.startswith("gbw/")} == expected
+        for run in ("source", "mixed"):
+            for loss, classes in covered:
+                weights = [record[f"gbw/{run}/{loss}/{names[c]}"] for c in classes]
+                assert sum(weights) == pytest.approx(len(classes), rel=1e-4), (run, loss)
+    # The last pass of the last step is the mixed one: its weights are the model's last.
+    last_mixed = [records[-1][f"gbw/mixed/sem_seg/{name}"] for name in names]
+    assert last_mixed == trainer.model.sem_seg_loss.last_weights.tolist()
+    assert records[-2]["gbw/mixed/sem_seg/road"] != records[-1]["gbw/mixed/sem_seg/road"]
+
+
+@pytest.mark.slow
 def test_dacs_teacher_classmix_and_eval_only(synthetic_datasets, repo_root, tmp_path, monkeypatch):
     # Evaluated inside training after each iteration; written under a umask other than the usual.
     extra = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "1"]

@@ -1,18 +1,9 @@
-"""The Detectron2 compatibility module: the active event storage and the local process group."""
+"""The Detectron2 compatibility module: the local process group and the loss metrics."""
 import json
 import subprocess
 import sys
 
 from detectron2.utils.events import EventStorage
-
-from gbw_panoptic.utils.d2_compat import active_event_storage
-
-
-def test_active_event_storage_only_inside_a_storage():
-    assert active_event_storage() is None
-    with EventStorage() as storage:
-        assert active_event_storage() is storage
-    assert active_event_storage() is None
 
 
 def test_local_process_group_gives_detectron2_the_local_rank(tmp_path):

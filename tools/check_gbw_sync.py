@@ -3,11 +3,10 @@
 
 Builds the model of a config twice, with GBW off and with GBW on for the losses the config enables,
 and counts the synchronising CUDA operations (``torch.cuda.set_sync_debug_mode("warn")``) of one
-training forward and backward on the same random batch (inside an ``EventStorage`` at iteration 0, as
-in training; the class weights are read back only at the iterations whose metrics are written, every
-``UDA.LOG_PERIOD``: not iteration 0 unless ``UDA.LOG_PERIOD`` or ``SOLVER.MAX_ITER`` is 1). The check
-passes when GBW on synchronises no more often than GBW off; it prints where each extra
-synchronisation happens and writes the counts as JSON.
+training forward and backward on the same random batch, with the class weights taken as a UDA method
+takes them after each pass (``gbw_weights``; the trainer reads them back only when it writes the
+metrics, every ``UDA.LOG_PERIOD`` iterations). The check passes when GBW on synchronises no more often
+than GBW off; it prints where each extra synchronisation happens and writes the counts as JSON.
 
     python tools/check_gbw_sync.py --config-file configs/synthia2cityscapes/mit_b5_gbw.yaml \\
         --out output/check_cuda/gbw_sync.json MODEL.MIT.PRETRAINED ""
@@ -26,10 +25,10 @@ import torch
 import gbw_panoptic  # noqa: F401  (before Detectron2: its warning filter covers fvcore's import-time scripting)
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 
 import gbw_panoptic.modeling  # noqa: F401  (registers the meta-architecture)
 from gbw_panoptic.config import add_gbw_panoptic_config
+from gbw_panoptic.uda.method import gbw_weights
 from gbw_panoptic.utils.io import write_json
 
 SYNC_MESSAGE = "called a synchronizing CUDA operation"
@@ -61,20 +60,21 @@ def random_batch(num_images: int, height: int, width: int, num_classes: int, dev
 
 
 def count_syncs(model: torch.nn.Module, batch: List[Dict], amp: bool) -> Tuple[int, collections.Counter]:
-    """Synchronising operations of one forward and backward of ``model``'s training losses."""
-    with EventStorage(0):
-        for _ in range(2):  # the first step initialises caches (cuDNN, allocator); not counted
-            model.zero_grad(set_to_none=True)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    with torch.autocast("cuda", enabled=amp):
-                        losses = model(batch)
-                    sum(losses.values()).backward()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            torch.cuda.synchronize()
+    """Synchronising operations of one forward and backward of ``model``'s training losses and of taking
+    the class weights of its GBW losses."""
+    for _ in range(2):  # the first step initialises caches (cuDNN, allocator); not counted
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.autocast("cuda", enabled=amp):
+                    losses = model(batch)
+                gbw_weights(model, "source")
+                sum(losses.values()).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
     places = collections.Counter(
         f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if SYNC_MESSAGE in str(w.message)
     )

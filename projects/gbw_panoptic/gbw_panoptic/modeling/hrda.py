@@ -21,7 +21,7 @@ Losses: each loss of :class:`GBWPanopticSegmentor` (``loss_sem_seg`` and, with t
 ``loss_center``, ``loss_offset``) on the fused outputs over the whole crop, times
 ``1 - DETAIL_LOSS_WEIGHT``, and its detail counterpart (``loss_sem_seg_detail``, ...) on the detail
 outputs and the box's targets, times ``DETAIL_LOSS_WEIGHT`` (0.1). The detail losses are copies of the
-fused ones (``MODEL.GBW.*``) and compute their own class weights (logged as ``{prefix}/sem_seg_detail/...``).
+fused ones (``MODEL.GBW.*``) and compute their own class weights (logged as ``gbw/<pass>/sem_seg_detail/...``).
 
 Inference (:meth:`HRDASegmentor.predict_dense`, also the EMA teacher's pseudo-label prediction under
 DACS): the context is the whole input at CONTEXT_SCALE, the detail branch covers the whole input with
@@ -511,9 +511,7 @@ class HRDASegmentor(GBWPanopticSegmentor):
                     targets[name] = resized.to(targets[name].dtype)
         return {name: None if value is None else crop(value, box) for name, value in targets.items()}
 
-    def hrda_losses(
-        self, predictions: Dict, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"
-    ) -> Dict[str, torch.Tensor]:
+    def hrda_losses(self, predictions: Dict, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         """The losses of :meth:`training_predictions` outputs: those of :meth:`losses` on the fused
         outputs over the whole crop, times ``1 - DETAIL_LOSS_WEIGHT``, and ``loss_<output>_detail`` on the
         detail crop (same loss weights) times ``DETAIL_LOSS_WEIGHT``."""
@@ -535,18 +533,17 @@ class HRDASegmentor(GBWPanopticSegmentor):
                 detail["offset"], targets["offset"], labels, targets["offset_weights"]
             )
             detail_losses["loss_offset_detail"] = offset_loss * self.offset_loss_weight
-        # Computed last, so that it logs the class weights of every GBW loss of this pass.
-        losses = self.losses(predictions["fused"], batched_inputs, gbw_log_prefix)
+        losses = self.losses(predictions["fused"], batched_inputs)
         losses = {name: value * (1.0 - self.detail_loss_weight) for name, value in losses.items()}
         losses.update({name: value * self.detail_loss_weight for name, value in detail_losses.items()})
         return losses
 
     def losses_and_features(
-        self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"
+        self, batched_inputs: List[Dict]
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Training losses (:meth:`hrda_losses`) and the context features of the same pass."""
         predictions = self.training_predictions(self.preprocess_image(batched_inputs).tensor)
-        return self.hrda_losses(predictions, batched_inputs, gbw_log_prefix), predictions["features"]
+        return self.hrda_losses(predictions, batched_inputs), predictions["features"]
 
     def gbw_losses(self) -> Dict[str, nn.Module]:
         """The fused losses (as :class:`GBWPanopticSegmentor`) and the detail ones as ``<output>_detail``."""
@@ -554,10 +551,10 @@ class HRDASegmentor(GBWPanopticSegmentor):
         modules.update({f"{name}_detail": module for name, module in self.detail_losses.items()})
         return modules
 
-    def forward(self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"):
+    def forward(self, batched_inputs: List[Dict]):
         """As :meth:`GBWPanopticSegmentor.forward`; training returns the losses of :meth:`hrda_losses`,
         inference uses :meth:`predict_windows`."""
         if self.training:
-            return self.losses_and_features(batched_inputs, gbw_log_prefix)[0]
+            return self.losses_and_features(batched_inputs)[0]
         images = self.preprocess_image(batched_inputs)
         return self.postprocess(self.predict_windows(images.tensor), batched_inputs, images.image_sizes)

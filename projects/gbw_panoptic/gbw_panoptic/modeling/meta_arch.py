@@ -15,7 +15,7 @@ With ``MODEL.INS_EMBED_HEAD.ENABLED False`` the model is semantic-only (DAFormer
 head, only ``loss_sem_seg`` and the ``sem_seg`` output.
 """
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,11 @@ from detectron2.structures import BitMasks, ImageList, Instances
 from torch import nn
 
 from ..gbw import GBWCrossEntropyLoss, GBWRegressionLoss, median_frequency_weights
-from ..utils.d2_compat import active_event_storage
 from ..utils.padding import stack_padded
 from .heads import build_ins_embed_head
 from .post_processing import panoptic_segmentation, panoptic_to_segments
 
-__all__ = ["DENSE_OUTPUTS", "GBWPanopticSegmentor"]
+__all__ = ["DENSE_OUTPUTS", "GBWPanopticSegmentor", "gbw_weight_entries"]
 
 _VOID = -1
 logger = logging.getLogger(__name__)
@@ -100,10 +99,22 @@ def _dataset_classes(cfg: CfgNode) -> Tuple[List[str], List[int], int]:
     return list(meta["stuff_classes"]), thing_ids, meta.get("label_divisor", 1000)
 
 
-def _writes_metrics(iteration: int, period: int, max_iter: int) -> bool:
-    """Whether Detectron2's ``PeriodicWriter(period)`` writes the metrics after ``iteration`` of a run
-    of ``max_iter`` iterations (the condition of its ``after_step``)."""
-    return (iteration + 1) % period == 0 or iteration == max_iter - 1
+def gbw_weight_entries(losses: Iterable[Tuple[str, nn.Module, Sequence[str]]]) -> Dict[str, torch.Tensor]:
+    """The last class weights of GBW losses as ``{"<loss>/<class name>": weight}``.
+
+    Args:
+        losses: ``(log name, GBW loss module, names of its C classes)``; a loss without weights
+            (``last_weights`` None: GBW off) is left out.
+    Returns:
+        one 0-dim float32 tensor per class that shares the loss's simplex (``active_classes``), in class
+        order: views of ``last_weights`` on its device, so that nothing is read back.
+    """
+    return {
+        f"{loss_name}/{class_names[c]}": module.last_weights[c]
+        for loss_name, module, class_names in losses
+        if module.last_weights is not None
+        for c in module.active_classes
+    }
 
 
 @META_ARCH_REGISTRY.register()
@@ -135,8 +146,6 @@ class GBWPanopticSegmentor(nn.Module):
         center_threshold: float,
         nms_kernel: int,
         top_k: int,
-        gbw_log_period: int = 1,
-        gbw_log_max_iter: int = 0,
     ):
         """
         Args:
@@ -154,16 +163,10 @@ class GBWPanopticSegmentor(nn.Module):
                 it, ``"center_class"`` of the inputs; its semantic label elsewhere).
             pixel_mean, pixel_std: RGB normalisation, 0-255 scale.
             size_divisibility: images are padded to a multiple of it.
-            class_names: C class names (logged GBW weights are named after them).
+            class_names: C class names (:meth:`gbw_class_weights` names the weights after them).
             thing_ids: contiguous ids of the thing classes.
             label_divisor: panoptic label = class * label_divisor + instance.
             stuff_area, center_threshold, nms_kernel, top_k: Panoptic-DeepLab post-processing.
-            gbw_log_period, gbw_log_max_iter: the GBW class weights are read back from the device
-                and logged only at the event-storage iterations after which Detectron2's
-                ``PeriodicWriter(gbw_log_period)`` writes the metrics in a run of
-                ``gbw_log_max_iter`` iterations (``UDA.LOG_PERIOD``, ``SOLVER.MAX_ITER``), the only
-                values that reach ``metrics.json``: a readback at every step would make the host
-                wait for the GPU. A period of 1 logs every call.
         """
         super().__init__()
         if (ins_embed_head is None) != (center_loss is None) or (center_loss is None) != (offset_loss is None):
@@ -179,8 +182,6 @@ class GBWPanopticSegmentor(nn.Module):
         self.offset_loss_weight = offset_loss_weight
         if center_loss_zero_above < 0:
             raise ValueError(f"center_loss_zero_above must be >= 0 (0 disables it), got {center_loss_zero_above}")
-        if gbw_log_period < 1:
-            raise ValueError(f"gbw_log_period must be >= 1, got {gbw_log_period}")
         self.center_loss_zero_above = center_loss_zero_above
         self.center_pixel_class = center_pixel_class
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
@@ -193,8 +194,6 @@ class GBWPanopticSegmentor(nn.Module):
         self.center_threshold = center_threshold
         self.nms_kernel = nms_kernel
         self.top_k = top_k
-        self.gbw_log_period = gbw_log_period
-        self.gbw_log_max_iter = gbw_log_max_iter
         self.ignore_value = sem_seg_loss.ignore_index
         if len(self.class_names) != sem_seg_loss.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {sem_seg_loss.num_classes} classes")
@@ -253,8 +252,6 @@ class GBWPanopticSegmentor(nn.Module):
             "center_threshold": post.CENTER_THRESHOLD,
             "nms_kernel": post.NMS_KERNEL,
             "top_k": post.TOP_K_INSTANCE,
-            "gbw_log_period": cfg.UDA.LOG_PERIOD,
-            "gbw_log_max_iter": cfg.SOLVER.MAX_ITER,
         }
 
     @property
@@ -338,16 +335,16 @@ class GBWPanopticSegmentor(nn.Module):
         }
 
     def losses_and_features(
-        self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"
+        self, batched_inputs: List[Dict]
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Training losses (as :meth:`forward`) and the backbone features they were computed from
         (e.g. for a feature-distance loss), with a single backbone pass."""
         images = self.preprocess_image(batched_inputs).tensor
         features = self.extract_features(images)
         predictions = self.decode_dense(features, images.shape[-2:])
-        return self.losses(predictions, batched_inputs, gbw_log_prefix), features
+        return self.losses(predictions, batched_inputs), features
 
-    def forward(self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"):
+    def forward(self, batched_inputs: List[Dict]):
         """
         Args:
             batched_inputs: list of dicts with ``"image"`` and, in training, the targets
@@ -357,17 +354,17 @@ class GBWPanopticSegmentor(nn.Module):
                 the instance whose Gaussian covers each pixel, 255 elsewhere; read with
                 ``center_pixel_class="instance"``); at inference optional ``"height"``,
                 ``"width"`` (output resolution).
-            gbw_log_prefix: GBW class weights are logged as ``{prefix}/{loss}/{class name}``.
         Returns:
             training: ``{"loss_sem_seg", "loss_center", "loss_offset"}`` (no instance losses in
-            semantic-only mode); inference: one dict per image with ``"sem_seg"`` (C x H x W
-            logits), and with the instance head ``"panoptic_seg"`` ``(png, segments_info)`` and
-            ``"instances"`` (see :meth:`postprocess`).
+            semantic-only mode; the GBW class weights they used: :meth:`gbw_class_weights`);
+            inference: one dict per image with ``"sem_seg"`` (C x H x W logits), and with the
+            instance head ``"panoptic_seg"`` ``(png, segments_info)`` and ``"instances"`` (see
+            :meth:`postprocess`).
         """
         images = self.preprocess_image(batched_inputs)
         predictions = self.predict_dense(images.tensor)
         if self.training:
-            return self.losses(predictions, batched_inputs, gbw_log_prefix)
+            return self.losses(predictions, batched_inputs)
         return self.postprocess(predictions, batched_inputs, images.image_sizes)
 
     def _batch_target(
@@ -384,12 +381,9 @@ class GBWPanopticSegmentor(nn.Module):
 
         return stack_padded([target(x) for x in batched_inputs], pad_value, size)
 
-    def losses(
-        self, predictions: Dict[str, torch.Tensor], batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"
-    ) -> Dict[str, torch.Tensor]:
+    def losses(self, predictions: Dict[str, torch.Tensor], batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         """Supervised losses of :meth:`predict_dense` outputs (for the padded batch of
-        :meth:`preprocess_image`) against the targets of ``batched_inputs`` (padded likewise);
-        GBW weights are logged under ``gbw_log_prefix``."""
+        :meth:`preprocess_image`) against the targets of ``batched_inputs`` (padded likewise)."""
         size = predictions["sem_seg"].shape[-2:]
         if any("sem_seg" not in x for x in batched_inputs):
             raise ValueError("training inputs need a 'sem_seg' target (H x W int64) in every dict")
@@ -413,7 +407,6 @@ class GBWPanopticSegmentor(nn.Module):
             losses["loss_offset"] = (
                 self.offset_loss(predictions["offset"], offset, labels, offset_weights) * self.offset_loss_weight
             )
-        self.log_gbw_weights(gbw_log_prefix)
         return losses
 
     def center_pixel_classes(self, batched_inputs: List[Dict], size, labels: torch.Tensor) -> torch.Tensor:
@@ -447,25 +440,11 @@ class GBWPanopticSegmentor(nn.Module):
             modules.update(center=self.center_loss, offset=self.offset_loss)
         return modules
 
-    def log_gbw_weights(self, prefix: str = "gbw") -> None:
-        """Put the class weights of each GBW loss's last call into the active EventStorage as
-        ``{prefix}/{loss}/{class name}`` (only the classes the loss covers), with one readback from
-        the device; a no-op without an EventStorage or at an iteration whose metrics are not
-        written (see ``gbw_log_period`` in :meth:`__init__`)."""
-        storage = active_event_storage()
-        if storage is None or not _writes_metrics(storage.iter, self.gbw_log_period, self.gbw_log_max_iter):
-            return
-        logged = [(name, module) for name, module in self.gbw_losses().items() if module.last_weights is not None]
-        if not logged:
-            return
-        # [losses, 2, C]: the weights and whether the loss covers each class, read back at once.
-        readback = torch.stack(
-            [torch.stack((module.last_weights, module.fixed_active.to(module.last_weights))) for _, module in logged]
-        ).tolist()
-        for (loss_name, _), (loss_weights, covered) in zip(logged, readback):
-            for class_name, weight, is_covered in zip(self.class_names, loss_weights, covered):
-                if is_covered:
-                    storage.put_scalar(f"{prefix}/{loss_name}/{class_name}", weight, smoothing_hint=False)
+    def gbw_class_weights(self) -> Dict[str, torch.Tensor]:
+        """The class weights that the GBW losses of :meth:`gbw_losses` used in the last training pass, on
+        the device: ``{"<loss>/<class name>": 0-dim float32 tensor}`` for each enabled loss and each
+        class that shares its simplex (:func:`gbw_weight_entries`); empty with GBW off."""
+        return gbw_weight_entries((name, module, self.class_names) for name, module in self.gbw_losses().items())
 
     def postprocess(
         self, predictions: Dict[str, torch.Tensor], batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]

@@ -42,8 +42,13 @@ from detectron2.structures import ImageList, Instances
 from torch import nn
 
 from ..gbw import GBWCrossEntropyLoss
-from ..utils.d2_compat import active_event_storage
-from .meta_arch import GBWPanopticSegmentor, _dataset_classes, _fixed_class_weights, _gbw_loss_kwargs, _writes_metrics
+from .meta_arch import (
+    GBWPanopticSegmentor,
+    _dataset_classes,
+    _fixed_class_weights,
+    _gbw_loss_kwargs,
+    gbw_weight_entries,
+)
 from .post_processing import merge_semantic_and_instances, panoptic_to_segments
 
 __all__ = ["UDA_METHODS", "EncoderFeatures", "GBWTopDownPanopticSegmentor", "build_fpn_neck", "paint_instance_masks"]
@@ -145,8 +150,6 @@ class GBWTopDownPanopticSegmentor(nn.Module):
         stuff_area: int,
         mask_score_threshold: float,
         zero_instance_losses_if_empty: bool = True,
-        gbw_log_period: int = 1,
-        gbw_log_max_iter: int = 0,
     ):
         """
         Args:
@@ -159,7 +162,7 @@ class GBWTopDownPanopticSegmentor(nn.Module):
             sem_seg_loss_weight: multiplier of the semantic loss.
             pixel_mean, pixel_std: RGB normalisation, 0-255 scale.
             size_divisibility: images are padded to a multiple of it (32: the FPN's coarsest input).
-            class_names: C class names (logged GBW weights are named after them).
+            class_names: C class names (:meth:`gbw_class_weights` names the weights after them).
             thing_ids: the K contiguous ids of the thing classes, in increasing order: instance class
                 k of the RoI heads is semantic class ``thing_ids[k]``.
             label_divisor: panoptic label = class * label_divisor + instance.
@@ -167,7 +170,6 @@ class GBWTopDownPanopticSegmentor(nn.Module):
             mask_score_threshold: detections below this score are not pasted into the panoptic output.
             zero_instance_losses_if_empty: when an image with ``instances`` has none, the instance
                 losses of the batch are 0 (EDAPS); False: Detectron2's losses (negatives only there).
-            gbw_log_period, gbw_log_max_iter: as :class:`~gbw_panoptic.modeling.GBWPanopticSegmentor`.
         """
         super().__init__()
         num_things = getattr(roi_heads, "num_classes", None)
@@ -182,8 +184,6 @@ class GBWTopDownPanopticSegmentor(nn.Module):
             raise ValueError(f"{len(class_names)} class names for {sem_seg_loss.num_classes} classes")
         if not 0.0 <= mask_score_threshold <= 1.0:
             raise ValueError(f"MODEL.TOP_DOWN.MASK_SCORE_THRESHOLD must be in [0, 1], got {mask_score_threshold}")
-        if gbw_log_period < 1:
-            raise ValueError(f"gbw_log_period must be >= 1, got {gbw_log_period}")
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.neck = neck
@@ -201,9 +201,9 @@ class GBWTopDownPanopticSegmentor(nn.Module):
         self.stuff_area = stuff_area
         self.mask_score_threshold = mask_score_threshold
         self.zero_instance_losses_if_empty = zero_instance_losses_if_empty
-        self.gbw_log_period = gbw_log_period
-        self.gbw_log_max_iter = gbw_log_max_iter
         self.ignore_value = sem_seg_loss.ignore_index
+        # Whether the last training pass computed the instance losses (some input had "instances").
+        self._last_pass_had_instances = False
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict:
@@ -251,8 +251,6 @@ class GBWTopDownPanopticSegmentor(nn.Module):
             "stuff_area": cfg.MODEL.POST_PROCESSING.STUFF_AREA,
             "mask_score_threshold": cfg.MODEL.TOP_DOWN.MASK_SCORE_THRESHOLD,
             "zero_instance_losses_if_empty": cfg.MODEL.TOP_DOWN.ZERO_INSTANCE_LOSSES_IF_EMPTY,
-            "gbw_log_period": cfg.UDA.LOG_PERIOD,
-            "gbw_log_max_iter": cfg.SOLVER.MAX_ITER,
         }
 
     # The input side is the bottom-up model's (same attributes): the device and class count, the
@@ -282,40 +280,35 @@ class GBWTopDownPanopticSegmentor(nn.Module):
             )
         return {"sem_seg": self.semantic_logits(self.extract_features(images), images.shape[-2:])}
 
-    def forward(self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"):
+    def forward(self, batched_inputs: List[Dict]):
         """
         Args:
             batched_inputs: list of dicts with ``"image"`` and, in training, ``"sem_seg"`` (H x W int64,
                 255 ignore), optional ``"sem_seg_weights"`` (H x W) and optional ``"instances"``
                 (``gt_boxes``, ``gt_classes`` 0 .. K - 1, ``gt_masks``); at inference optional
                 ``"height"``, ``"width"`` (output resolution).
-            gbw_log_prefix: GBW class weights are logged as ``{prefix}/{loss}/{class name}``.
         Returns:
             training: ``loss_sem_seg`` and, when some input has ``instances``, Detectron2's
-            ``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``, ``loss_mask``;
-            inference: one dict per image (see :meth:`inference`).
+            ``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``, ``loss_mask`` (the GBW
+            class weights they used: :meth:`gbw_class_weights`); inference: one dict per image (see :meth:`inference`).
         """
         images = self.preprocess_image(batched_inputs)
         features = self.extract_features(images.tensor)
         if self.training:
-            return self.losses(images, features, batched_inputs, gbw_log_prefix)
+            return self.losses(images, features, batched_inputs)
         return self.inference(images, features, batched_inputs)
 
     def losses_and_features(
-        self, batched_inputs: List[Dict], gbw_log_prefix: str = "gbw"
+        self, batched_inputs: List[Dict]
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Training losses (as :meth:`forward`) and the encoder features they were computed from, with a
         single encoder pass."""
         images = self.preprocess_image(batched_inputs)
         features = self.extract_features(images.tensor)
-        return self.losses(images, features, batched_inputs, gbw_log_prefix), features
+        return self.losses(images, features, batched_inputs), features
 
     def losses(
-        self,
-        images: ImageList,
-        features: Dict[str, torch.Tensor],
-        batched_inputs: List[Dict],
-        gbw_log_prefix: str = "gbw",
+        self, images: ImageList, features: Dict[str, torch.Tensor], batched_inputs: List[Dict]
     ) -> Dict[str, torch.Tensor]:
         """The semantic loss of every image and the Mask R-CNN losses of the images with ``instances``
         (none when no image has them: DACS's mixed images, whose graph still reaches the instance branch
@@ -341,7 +334,7 @@ class GBWTopDownPanopticSegmentor(nn.Module):
             # instance branch joins the graph with a factor 0 (its gradients are 0, the loss unchanged).
             unused = sum(p.sum() for m in (self.neck, self.proposal_generator, self.roi_heads) for p in m.parameters())
             losses["loss_sem_seg"] = losses["loss_sem_seg"] + 0.0 * unused
-        self.log_gbw_weights(gbw_log_prefix, instance_losses=bool(with_instances))
+        self._last_pass_had_instances = bool(with_instances)
         return losses
 
     def instance_losses(
@@ -381,32 +374,15 @@ class GBWTopDownPanopticSegmentor(nn.Module):
             modules["mask"] = (mask_loss, thing_names)
         return modules
 
-    def log_gbw_weights(self, prefix: str = "gbw", instance_losses: bool = True) -> None:
-        """Put the class weights of each GBW loss's last call into the active EventStorage as
-        ``{prefix}/{loss}/{class name}`` (the classes the loss covers), with one readback from the device,
-        at the iterations whose metrics are written (see ``gbw_log_period``); the box and mask weights only
-        with ``instance_losses`` (the call computed them)."""
-        storage = active_event_storage()
-        if storage is None or not _writes_metrics(storage.iter, self.gbw_log_period, self.gbw_log_max_iter):
-            return
-        logged = [
+    def gbw_class_weights(self) -> Dict[str, torch.Tensor]:
+        """The class weights that the GBW losses of :meth:`gbw_losses` used in the last training pass, on
+        the device, as ``{"<loss>/<class name>": 0-dim float32 tensor}`` (:func:`gbw_weight_entries`); the
+        box and mask weights only when that pass computed the instance losses."""
+        return gbw_weight_entries(
             (name, module, names)
             for name, (module, names) in self.gbw_losses().items()
-            if module.last_weights is not None and (instance_losses or name == "sem_seg")
-        ]
-        if not logged:
-            return
-        readback = torch.cat(
-            [torch.stack((m.last_weights, m.fixed_active.to(m.last_weights))).flatten() for _, m, _ in logged]
-        ).tolist()
-        offset = 0
-        for loss_name, module, names in logged:
-            count = module.num_classes
-            weights, covered = readback[offset : offset + count], readback[offset + count : offset + 2 * count]
-            offset += 2 * count
-            for class_name, weight, is_covered in zip(names, weights, covered):
-                if is_covered:
-                    storage.put_scalar(f"{prefix}/{loss_name}/{class_name}", weight, smoothing_hint=False)
+            if self._last_pass_had_instances or name == "sem_seg"
+        )
 
     def inference(
         self, images: ImageList, features: Dict[str, torch.Tensor], batched_inputs: List[Dict]

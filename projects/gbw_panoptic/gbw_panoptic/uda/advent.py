@@ -47,7 +47,8 @@ class AdvEnt(OutputSpaceAdversarial):
     def run_step(
         self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
     ) -> StepOutput:
-        losses = self.source_step(runner, source_batch)
+        source = self.source_step(runner, source_batch)
+        losses = source.losses
         device = runner.model.device
 
         # Student: make the target entropy maps look like source ones (discriminator frozen).
@@ -68,7 +69,8 @@ class AdvEnt(OutputSpaceAdversarial):
         disc_target = _domain_loss(self.discriminator(target_entropy.detach()), TARGET_DOMAIN) / 2
         runner.backward(disc_source + disc_target)
         self.average_discriminator_gradients()
-        return losses, {
+        metrics = {
             "advent/disc_loss_source": float(disc_source.detach()),
             "advent/disc_loss_target": float(disc_target.detach()),
         }
+        return StepOutput(losses, metrics, source.gbw_weights)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 
 from .adversarial import SOURCE_DOMAIN, TARGET_DOMAIN, OutputSpaceAdversarial, OutputSpaceDiscriminator
-from .method import UDA_METHOD_REGISTRY, StepOutput, build_feature_distance
+from .method import UDA_METHOD_REGISTRY, StepOutput, build_feature_distance, gbw_weights
 from ..utils.padding import stack_padded
 from .runner import StudentRunner, stack_images
 
@@ -82,7 +82,8 @@ class AdvSeg(OutputSpaceAdversarial):
         self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
     ) -> StepOutput:
         device = runner.model.device
-        source_losses, source_dense = runner.losses_and_dense(source_batch, gbw_log_prefix="gbw/source")
+        source_losses, source_dense = runner.losses_and_dense(source_batch)
+        source_weights = gbw_weights(runner.model, "source")
         runner.backward(sum(source_losses.values()))
         losses = {name: value.detach() for name, value in source_losses.items()}
 
@@ -103,7 +104,8 @@ class AdvSeg(OutputSpaceAdversarial):
         disc_target = gan_loss(self.discriminator(target_maps.detach()), TARGET_DOMAIN) / 2
         runner.backward(disc_source + disc_target)
         self.average_discriminator_gradients()
-        return losses, {
+        metrics = {
             "advseg/disc_loss_source": float(disc_source.detach()),
             "advseg/disc_loss_target": float(disc_target.detach()),
         }
+        return StepOutput(losses, metrics, source_weights)

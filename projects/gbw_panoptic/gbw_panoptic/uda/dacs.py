@@ -17,7 +17,7 @@ from torch import nn
 from detectron2.config import CfgNode, configurable
 
 from .augment import class_mix_masks, mix, strong_augment
-from .method import UDA_METHOD_REGISTRY, StepOutput, UDAMethod, stack_field
+from .method import UDA_METHOD_REGISTRY, StepOutput, UDAMethod, gbw_weights, stack_field
 from .runner import StudentRunner, common_size, stack_images
 from .teacher import EMATeacher
 
@@ -187,7 +187,8 @@ class DACS(UDAMethod):
     def run_step(
         self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
     ) -> StepOutput:
-        losses = self.source_step(runner, source_batch)
+        source = self.source_step(runner, source_batch)
+        losses = source.losses
         device = runner.model.device
         size = common_size(source_batch + target_batch)
         target_images, target_valid = stack_images(target_batch, device, size)
@@ -208,7 +209,8 @@ class DACS(UDAMethod):
             # UDA.PSEUDO_LABEL_MARGINS (HRDA): margins of the whole image, cropped with it by the mapper.
             pseudo_weights = pseudo_weights * stack_field(target_batch, "pseudo_label_valid", device, 0, size)
         mixed, masks = self.mixed_batch(source_batch, target_images, pseudo.labels, pseudo_weights)
-        mixed_losses = runner.losses(mixed, gbw_log_prefix="gbw/mixed")
+        mixed_losses = runner.losses(mixed)
+        mixed_weights = gbw_weights(runner.model, "mixed")
         runner.backward(sum(mixed_losses.values()))
         for name, value in mixed_losses.items():
             losses[name.replace("loss_", "loss_mix_", 1)] = value.detach()
@@ -217,4 +219,4 @@ class DACS(UDAMethod):
             "dacs/pseudo_max_prob": float(pseudo.max_probs.mean()),
             "dacs/mixed_fraction": float(masks.float().mean()),
         }
-        return losses, metrics
+        return StepOutput(losses, metrics, {**source.gbw_weights, **mixed_weights})

@@ -4,9 +4,11 @@ A method is an ``nn.Module`` holding its own networks (EMA teacher, discriminato
 they move to the model's device and are checkpointed with the trainer. Per iteration the trainer calls
 :meth:`UDAMethod.before_step`, then :meth:`UDAMethod.run_step` (forwards and backwards; the trainer steps
 the student's optimizer afterwards, and the optimizers of :meth:`UDAMethod.optimizers`). GBW is
-independent of the method: it lives in the model's losses (``MODEL.GBW.*``).
+independent of the method: it lives in the model's losses (``MODEL.GBW.*``); after each pass of the
+student that computes losses, the method takes the class weights they used with :func:`gbw_weights`
+under the pass's name (``source``, ``mixed``), and the trainer logs them.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,6 +28,7 @@ __all__ = [
     "uda_method_names",
     "build_uda_method",
     "build_feature_distance",
+    "gbw_weights",
     "stack_field",
 ]
 
@@ -35,8 +38,23 @@ Registry of UDA methods; ``UDA.METHOD`` selects the class whose ``config_name`` 
 A method is built as ``cls(cfg, model)`` (``@configurable``).
 """
 
-# (losses to back-propagate and log, other scalars to log) of one step.
-StepOutput = Tuple[Dict[str, torch.Tensor], Dict[str, float]]
+
+class StepOutput(NamedTuple):
+    """What one step of a method gives the trainer to log."""
+
+    # The losses it back-propagated, detached.
+    losses: Dict[str, torch.Tensor]
+    # Other scalars (``dacs/...``, ...).
+    metrics: Dict[str, float]
+    # The GBW class weights of its passes, on the device (:func:`gbw_weights`).
+    gbw_weights: Dict[str, torch.Tensor]
+
+
+def gbw_weights(model: nn.Module, label: str) -> Dict[str, torch.Tensor]:
+    """The class weights that the GBW losses of ``model`` (unwrapped) used in its last training pass,
+    named as the trainer logs them: ``{"gbw/<label>/<loss>/<class name>": 0-dim float32 tensor}``, on
+    the model's device (nothing is read back); empty with GBW off."""
+    return {f"gbw/{label}/{name}": weight for name, weight in model.gbw_class_weights().items()}
 
 
 def stack_field(
@@ -116,23 +134,25 @@ class UDAMethod(nn.Module):
     def before_step(self, model: nn.Module, iteration: int) -> None:
         """Called before the forwards of ``iteration`` (e.g. to update an EMA teacher)."""
 
-    def source_step(self, runner: StudentRunner, source_batch: List[dict]) -> Dict[str, torch.Tensor]:
-        """Forward and backward of the supervised source losses; returns them detached."""
+    def source_step(self, runner: StudentRunner, source_batch: List[dict]) -> StepOutput:
+        """Forward and backward of the supervised source losses; returns them detached, with the GBW
+        weights of the pass (``gbw/source/...``) and no other metric."""
         if self.feature_distance is None:
-            losses = runner.losses(source_batch, gbw_log_prefix="gbw/source")
+            losses = runner.losses(source_batch)
         else:
             losses, features, images = runner.losses_and_features(
-                source_batch, gbw_log_prefix="gbw/source", feature_name=self.feature_distance.feature_name
+                source_batch, feature_name=self.feature_distance.feature_name
             )
             labels = stack_field(source_batch, "sem_seg", images.device, pad_value=self.ignore_value)
             losses["loss_fd"] = self.feature_distance(features, images, labels)
+        source_weights = gbw_weights(runner.model, "source")
         runner.backward(sum(losses.values()))
-        return {name: value.detach() for name, value in losses.items()}
+        return StepOutput({name: value.detach() for name, value in losses.items()}, {}, source_weights)
 
     def run_step(
         self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
     ) -> StepOutput:
-        """Forwards and backwards of one iteration; returns (losses, other scalars) for logging."""
+        """Forwards and backwards of one iteration; returns what the trainer logs."""
         raise NotImplementedError
 
 
@@ -146,7 +166,7 @@ class SourceOnly(UDAMethod):
     def run_step(
         self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
     ) -> StepOutput:
-        return self.source_step(runner, source_batch), {}
+        return self.source_step(runner, source_batch)
 
 
 def uda_method_names() -> List[str]:

@@ -31,10 +31,11 @@ class MinEnt(UDAMethod):
     def run_step(
         self, runner: StudentRunner, source_batch: List[dict], target_batch: List[dict], iteration: int
     ) -> StepOutput:
-        losses = self.source_step(runner, source_batch)
+        source = self.source_step(runner, source_batch)
+        losses = source.losses
         target_images, target_valid = stack_images(target_batch, runner.model.device)
         target_entropy = entropy_loss(runner.predict_dense(target_images)["sem_seg"], target_valid)
         loss_entropy = self.loss_weight * target_entropy
         runner.backward(loss_entropy)
         losses["loss_entropy"] = loss_entropy.detach()
-        return losses, {"minent/target_entropy": float(target_entropy.detach())}
+        return StepOutput(losses, {"minent/target_entropy": float(target_entropy.detach())}, source.gbw_weights)

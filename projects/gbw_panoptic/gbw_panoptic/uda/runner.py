@@ -28,10 +28,10 @@ __all__ = [
 class StudentForward(nn.Module):
     """Dispatches the three kinds of student passes of a UDA step to the model.
 
-    ``forward("losses", batched_inputs, gbw_log_prefix=...)`` -> dict of losses;
-    ``forward("losses_and_features", batched_inputs, gbw_log_prefix=..., feature_name=...)`` ->
+    ``forward("losses", batched_inputs)`` -> dict of losses;
+    ``forward("losses_and_features", batched_inputs, feature_name=...)`` ->
     ``(losses, features B x C x h x w, normalised padded images B x 3 x H' x W')``;
-    ``forward("losses_and_dense", batched_inputs, gbw_log_prefix=...)`` -> ``(losses, predict_dense outputs
+    ``forward("losses_and_dense", batched_inputs)`` -> ``(losses, predict_dense outputs
     of the normalised padded images the losses were computed from)``;
     ``forward("dense", images)`` -> the model's ``predict_dense`` outputs for normalised images.
     """
@@ -40,22 +40,16 @@ class StudentForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        task: str,
-        inputs,
-        gbw_log_prefix: str = "gbw",
-        feature_name: Optional[str] = None,
-    ):
+    def forward(self, task: str, inputs, feature_name: Optional[str] = None):
         if task == "losses":
-            return self.model(inputs, gbw_log_prefix=gbw_log_prefix)
+            return self.model(inputs)
         if task == "losses_and_features":
-            losses, features = self.model.losses_and_features(inputs, gbw_log_prefix=gbw_log_prefix)
+            losses, features = self.model.losses_and_features(inputs)
             images = self.model.preprocess_image(inputs).tensor
             return losses, features[feature_name], images
         if task == "losses_and_dense":
             dense = self.model.predict_dense(self.model.preprocess_image(inputs).tensor)
-            return self.model.losses(dense, inputs, gbw_log_prefix=gbw_log_prefix), dense
+            return self.model.losses(dense, inputs), dense
         if task == "dense":
             return self.model.predict_dense(inputs)
         raise ValueError(
@@ -121,28 +115,26 @@ class StudentRunner:
         """Autocast context of the model's device (a no-op when AMP is off)."""
         return torch.autocast(device_type=self.model.device.type, enabled=self.amp)
 
-    def losses(self, batched_inputs: List[dict], gbw_log_prefix: str) -> Dict[str, torch.Tensor]:
-        """The model's training losses on ``batched_inputs``; GBW weights logged under ``gbw_log_prefix``."""
+    def losses(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        """The model's training losses on ``batched_inputs``."""
         with self.autocast():
-            return self.forward("losses", batched_inputs, gbw_log_prefix=gbw_log_prefix)
+            return self.forward("losses", batched_inputs)
 
     def losses_and_features(
-        self, batched_inputs: List[dict], gbw_log_prefix: str, feature_name: str
+        self, batched_inputs: List[dict], feature_name: str
     ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Like :meth:`losses`, plus the encoder features ``feature_name`` and the normalised, padded
         images they were computed from (for the feature distance)."""
         with self.autocast():
-            return self.forward(
-                "losses_and_features", batched_inputs, gbw_log_prefix=gbw_log_prefix, feature_name=feature_name
-            )
+            return self.forward("losses_and_features", batched_inputs, feature_name=feature_name)
 
     def losses_and_dense(
-        self, batched_inputs: List[dict], gbw_log_prefix: str
+        self, batched_inputs: List[dict]
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Like :meth:`losses`, plus the dense predictions they were computed from (``"sem_seg"`` logits
         B x C x H' x W' for the batch padded as the model pads it, bottom/right, ...)."""
         with self.autocast():
-            return self.forward("losses_and_dense", batched_inputs, gbw_log_prefix=gbw_log_prefix)
+            return self.forward("losses_and_dense", batched_inputs)
 
     def predict_dense(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Dense student outputs (``"sem_seg"`` logits B x C x H x W, ...) for raw images B x 3 x H x W, 0-255."""

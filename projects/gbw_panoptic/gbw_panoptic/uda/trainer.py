@@ -4,8 +4,9 @@ Per iteration: next ``(source_batch, target_batch)``; the method's ``before_step
 method's forwards and backwards (:mod:`.method`); optional gradient clipping; optimizer steps through
 the gradient scaler (AMP on CUDA). Hooks: iteration timer, LR schedule, checkpoints (with the RNG states
 of every process), periodic evaluation on ``DATASETS.TEST``, and Detectron2's writers (console with ETA,
-``metrics.json``, TensorBoard). The model logs its GBW class weights to the event storage as
-``gbw/source/...`` and ``gbw/mixed/...``; the methods log their own scalars (``dacs/...``, ...).
+``metrics.json``, TensorBoard). The methods hand over their own scalars (``dacs/...``, ...) and the GBW
+class weights of their passes (``gbw/source/...``, ``gbw/mixed/...``), which stay on the device until the
+writers write: only then are they read back and put into the event storage.
 
 SIGTERM and SIGINT during :meth:`UDATrainer.train` end the current iteration (or abandon it, when its
 data can no longer be loaded), write a checkpoint of the last finished iteration and raise
@@ -84,6 +85,29 @@ class _ConsolePrinter(CommonMetricPrinter):
         if iteration != self._printed_iter:
             super().write()
             self._printed_iter = iteration
+
+
+class _GBWWeightWriter(EventWriter):
+    """Puts the GBW class weights of the last step into the event storage, read back from the device in
+    one copy. First among the writers of the ``PeriodicWriter``, it runs only at the iterations whose
+    metrics are written, so that the weights reach ``metrics.json`` and TensorBoard with them: a readback
+    at every step would make the host wait for the device.
+
+    Attributes:
+        weights: ``{"gbw/<pass>/<loss>/<class name>": 0-dim tensor}`` of the last step
+            (:attr:`StepOutput.gbw_weights <gbw_panoptic.uda.method.StepOutput.gbw_weights>`), put at the
+            storage's iteration (the step's) and then dropped, so that the ``PeriodicWriter``'s last write
+            after training, at the iteration after the last step, puts them no second time.
+    """
+
+    def __init__(self):
+        self.weights: Dict[str, torch.Tensor] = {}
+
+    def write(self) -> None:
+        if self.weights:
+            values = torch.stack(list(self.weights.values())).tolist()
+            get_event_storage().put_scalars(smoothing_hint=False, **dict(zip(self.weights, values)))
+            self.weights = {}
 
 
 class _StopOnSignal(hooks.HookBase):
@@ -189,6 +213,7 @@ class UDATrainer(TrainerBase):
         self._resume_rng_states: List[dict] = []
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
+        self._gbw_weight_writer = _GBWWeightWriter()
         self.register_hooks(self.build_hooks())
 
     # ------------------------------------------------------------------ builders
@@ -236,10 +261,11 @@ class UDATrainer(TrainerBase):
         return results
 
     def build_writers(self) -> List[EventWriter]:
-        """Console (with ETA), ``OUTPUT_DIR/metrics.json`` and TensorBoard writers."""
+        """Console (with ETA), ``OUTPUT_DIR/metrics.json`` and TensorBoard writers, after the one that puts
+        the GBW class weights into the event storage."""
         console, *files = default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
         assert isinstance(console, CommonMetricPrinter), console
-        return [_ConsolePrinter(self.max_iter), *files]
+        return [self._gbw_weight_writer, _ConsolePrinter(self.max_iter), *files]
 
     def build_hooks(self) -> List[hooks.HookBase]:
         cfg = self.cfg
@@ -321,6 +347,8 @@ class UDATrainer(TrainerBase):
 
     def run_step(self) -> None:
         assert self.model.training, "[UDATrainer] the student was switched to eval mode"
+        # A step that fails leaves no weights: the final write must not log the last step's as its own.
+        self._gbw_weight_writer.weights = {}
         start = time.perf_counter()
         try:
             source_batch, target_batch = next(self._data_loader_iter)
@@ -334,8 +362,9 @@ class UDATrainer(TrainerBase):
         extra_optimizers = list(self.method.optimizers().values())
         for optimizer in [self.optimizer] + extra_optimizers:
             optimizer.zero_grad(set_to_none=True)
-        losses, metrics = self.method.run_step(self.runner, source_batch, target_batch, self.iter)
-        self._write_metrics(losses, metrics, data_time)
+        output = self.method.run_step(self.runner, source_batch, target_batch, self.iter)
+        self._write_metrics(output.losses, output.metrics, data_time)
+        self._gbw_weight_writer.weights = output.gbw_weights
 
         if self.cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
             self.grad_scaler.unscale_(self.optimizer)

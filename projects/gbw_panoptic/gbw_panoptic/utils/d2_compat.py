@@ -5,10 +5,6 @@ source, ``tools/install_detectron2.py --source``) added one for each after v0.6.
 the public API where it exists and otherwise the v0.6 module attribute that upstream's public function
 reads or sets, so the rest of the project uses no private Detectron2 name:
 
-- :func:`active_event_storage`: the model logs the GBW class weights only inside a training loop's
-  ``EventStorage``; v0.6's ``get_event_storage()`` fails with an assertion outside one, and only the
-  module list ``detectron2.utils.events._CURRENT_STORAGE_STACK`` tells whether one is active (upstream:
-  ``has_event_storage()``).
 - :func:`create_local_process_group`: ``comm.get_local_rank()`` and ``comm.get_local_size()`` need the
   process group of the ranks on this machine; the project's own launcher (gloo on the CPU) must create
   it, which v0.6 does only inside its NCCL-only ``launch`` by setting ``comm._LOCAL_PROCESS_GROUP``
@@ -21,25 +17,16 @@ reads or sets, so the rest of the project uses no private Detectron2 name:
   has no such attribute.
 """
 import inspect
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
-from detectron2.utils import comm, events
+from detectron2.utils import comm
 
-__all__ = ["active_event_storage", "create_local_process_group", "reset_after_failed_load", "write_loss_metrics"]
+__all__ = ["create_local_process_group", "reset_after_failed_load", "write_loss_metrics"]
 
 _WRITE_METRICS_TAKES_ITERATION = "cur_iter" in inspect.signature(SimpleTrainer.write_metrics).parameters
-
-
-def active_event_storage() -> Optional[events.EventStorage]:
-    """The current Detectron2 ``EventStorage``, or None outside ``with EventStorage():``."""
-    if hasattr(events, "has_event_storage"):
-        active = events.has_event_storage()
-    else:
-        active = bool(events._CURRENT_STORAGE_STACK)
-    return events.get_event_storage() if active else None
 
 
 def create_local_process_group(num_processes_per_machine: int) -> None:
