@@ -137,6 +137,14 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
         Arm("hrda_source_only_gbw", "synthetic/hrda_source_only_gbw.yaml", "HRDA source only + GBW", "hrda_source_only"),
         Arm("hrda_dacs", "synthetic/hrda_dacs.yaml", "HRDA + DACS", starts_from="hrda_source_only"),
         Arm("hrda_dacs_gbw", "synthetic/hrda_dacs_gbw.yaml", "HRDA + DACS + GBW", "hrda_dacs", "hrda_source_only"),
+        # The top-down model (EDAPS's released architecture: Mask R-CNN instance decoder), its DACS from its
+        # own source-only model, as the bottom-up arms.
+        Arm("maskrcnn_source_only", "synthetic/maskrcnn_source_only.yaml", "top-down source only"),
+        Arm("maskrcnn_dacs", "synthetic/maskrcnn_dacs.yaml", "top-down DACS", starts_from="maskrcnn_source_only"),
+        Arm(
+            "maskrcnn_dacs_gbw", "synthetic/maskrcnn_dacs_gbw.yaml", "top-down DACS + GBW", "maskrcnn_dacs",
+            "maskrcnn_source_only",
+        ),
     )
 )
 
@@ -262,6 +270,15 @@ PRESETS: Dict[str, Preset] = {
         max_iter=ITERATIONS,
         description="3 seeds of HRDA source-only and HRDA + DACS (± GBW) next to single-scale source-only, "
         "DACS and the target oracle",
+    ),
+    # The top-down model next to the bottom-up one (datasets/README.md, "Study: top-down"); a top-down
+    # step costs about 10x a bottom-up one on the CPU, so this preset is sized for a GPU.
+    "top_down": Preset(
+        arms=(SOURCE_ONLY, REFERENCE, "dacs_gbw", "maskrcnn_source_only", "maskrcnn_dacs", "maskrcnn_dacs_gbw"),
+        seeds=(0, 1, 2),
+        max_iter=ITERATIONS,
+        description="3 seeds of the top-down model (Mask R-CNN decoder): source-only, DACS, DACS + GBW, next to "
+        "the bottom-up source-only, DACS and DACS + GBW",
     ),
     # CI smoke test: a few iterations of two arms on a tiny benchmark; the numbers mean nothing.
     "smoke": Preset(
