@@ -148,6 +148,15 @@ def test_conclusion_follows_the_intervals(rare, miou, verdict):
     assert interval.format(signed=True) in text
 
 
+def test_conclusion_names_a_precision_no_seed_has_as_undefined():
+    """An arm that never predicts the rare classes has no rare precision in any seed: undefined, not one seed."""
+    experiment = _experiment({0: -9.0, 1: -10.0, 2: -11.0}, {0: -5.0, 1: -5.0, 2: -5.0})
+    for seed in experiment.seeds:
+        experiment.metrics[("dacs_gbw", seed)]["precision (rare)"] = math.nan
+    text = "\n".join(conclusion_section(experiment))
+    assert "precision (rare): undefined in every seed" in text and "one seed" not in text
+
+
 def test_conclusion_with_one_seed_claims_nothing():
     experiment = _experiment({0: 10.0}, {0: 5.0}, seeds=(0,))
     text = "\n".join(conclusion_section(experiment))

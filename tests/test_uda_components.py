@@ -390,6 +390,7 @@ def test_rng_state_round_trip_and_preservation():
         ({"DATASETS.TRAIN": ()}, "DATASETS.TRAIN"),
         ({"DATALOADER.RCS.MIN_CROP_RATIO": -1.0}, "DATALOADER.RCS.MIN_CROP_RATIO=-1.0"),
         ({"UDA.PSEUDO_LABEL_MARGINS": [1, 2]}, "UDA.PSEUDO_LABEL_MARGINS=[1, 2]"),
+        ({"MODEL.SYNC_BN": True, "MODEL.INS_EMBED_HEAD.NORM": "GN"}, "MODEL.INS_EMBED_HEAD.NORM='GN'"),
     ],
 )
 def test_bad_configs_name_the_key_and_value(overrides, named):
@@ -401,6 +402,10 @@ def test_bad_configs_name_the_key_and_value(overrides, named):
 def test_valid_configs_pass():
     check_uda_config(_uda_cfg())
     check_uda_config(_uda_cfg(**{"UDA.METHOD": "source_only", "DATASETS.TARGET_TRAIN": ()}))
+    # The semantic-only model's unused instance decoder may keep another norm.
+    check_uda_config(
+        _uda_cfg(**{"MODEL.SYNC_BN": True, "MODEL.INS_EMBED_HEAD.ENABLED": False, "MODEL.INS_EMBED_HEAD.NORM": "GN"})
+    )
 
 
 @pytest.mark.parametrize("clip_type", ["value", "norm"])

@@ -1,8 +1,11 @@
 """Training with several processes: one step of two processes with one image per domain equals one step
-of one process with two; the batch split checked before any process starts; DDP searches for unused
-parameters exactly for the models and methods whose passes leave some out."""
+of one process with two (batch norm over the whole batch with MODEL.SYNC_BN, over each process's share
+without); the batch split checked before any process starts; DDP searches for unused parameters exactly
+for the models and methods whose passes leave some out."""
+import fcntl
 import os
-from typing import Dict, List
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from test_uda_training import _args
 
 # One step of 2 + 2 images. Without randomness that depends on the process: no dropout, a fixed
 # ClassMix (the even classes of each source image) and no colour augmentation (their draws come from
-# each process's generator), and BatchNorm statistics over the whole batch (Detectron2's naiveSyncBN).
+# each process's generator), and batch norm statistics over the whole batch (MODEL.SYNC_BN).
 EQUIVALENCE = [
     "SOLVER.MAX_ITER", "1",
     "DATASETS.TEST", "()",
@@ -23,16 +26,14 @@ EQUIVALENCE = [
     "DATASETS.TARGET_IMS_PER_BATCH", "2",
     "MODEL.SEM_SEG_HEAD.DROPOUT", "0.0",
     "MODEL.INS_EMBED_HEAD.DROPOUT", "0.0",
-    "MODEL.SEM_SEG_HEAD.NORM", "naiveSyncBN",
-    "MODEL.INS_EMBED_HEAD.NORM", "naiveSyncBN",
+    "MODEL.SYNC_BN", "True",
 ]  # fmt: skip
 
 
-def _train_one_step(repo_root: str, output_dir: str, config: str) -> Dict[str, object]:
-    """One training step of ``config`` with :data:`EQUIVALENCE` in this process (one of a launched group
-    or alone): the GBW class weights of every loss call, the step's losses, the student's gradients
-    before the optimizer step and its parameters after it."""
-    from pathlib import Path
+def _train_one_step(repo_root: str, output_dir: str, config: str, extra: Sequence[str] = ()) -> Dict[str, object]:
+    """One training step of ``config`` with :data:`EQUIVALENCE` and ``extra`` in this process (one of a
+    launched group or alone): the GBW class weights of every loss call, the step's losses, the student's
+    gradients before the optimizer step, its parameters and buffers (batch norm statistics) after it."""
 
     weights: List[torch.Tensor] = []
     gradients: Dict[str, torch.Tensor] = {}
@@ -47,7 +48,7 @@ def _train_one_step(repo_root: str, output_dir: str, config: str) -> Dict[str, o
         patch.setattr(_ClassWeighting, "class_weights_and_sums", recording_solve)
         patch.setattr(dacs, "class_mix_masks", lambda labels: labels % 2 == 0)
         patch.setattr(dacs, "strong_augment", lambda images, strength, probability: images)
-        cfg = cli.setup(_args(Path(repo_root), output_dir, config, extra=EQUIVALENCE))
+        cfg = cli.setup(_args(Path(repo_root), output_dir, config, extra=[*EQUIVALENCE, *extra]))
         try:
             trainer = UDATrainer(cfg)
             names = {id(p): name for name, p in trainer.model.named_parameters()}
@@ -70,7 +71,8 @@ def _train_one_step(repo_root: str, output_dir: str, config: str) -> Dict[str, o
         finally:
             unlock_output_dir(cfg.OUTPUT_DIR)
     parameters = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    return {"weights": weights, "losses": losses, "gradients": gradients, "parameters": parameters}
+    buffers = {name: b.clone() for name, b in trainer.model.named_buffers()}
+    return {"weights": weights, "losses": losses, "gradients": gradients, "parameters": parameters, "buffers": buffers}
 
 
 # Config -> GBW loss calls of one step (sem_seg, center, offset on the source batch; DACS: and the mixed
@@ -83,28 +85,83 @@ EQUIVALENCE_CONFIGS = {
 }
 
 
+# The step of this config also runs without MODEL.SYNC_BN (result "per_process").
+PER_PROCESS_CONFIG = "mit_b0_source_only_gbw.yaml"
+
+
+def _uneven_shares() -> Dict[str, List[torch.Tensor]]:
+    """Inputs of a 4-channel batch norm, split over 2 processes in shares of other sizes (2 x 4 x 5 x 6 and
+    1 x 4 x 7 x 6), the gradients of its outputs alike, and its affine parameters."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(2, 4, 5, 6), (1, 4, 7, 6)]
+    return {
+        "inputs": [torch.randn(shape, generator=generator) * 3 + 1 for shape in shapes],
+        "output_grads": [torch.randn(shape, generator=generator) for shape in shapes],
+        "affine": [torch.randn(4, generator=generator), torch.randn(4, generator=generator)],
+    }
+
+
+def _uneven_batch_norm(rank: int) -> Dict[str, torch.Tensor]:
+    """This process's forward and backward of :class:`WholeBatchNorm2d` on its share of :func:`_uneven_shares`:
+    output, input gradient, its part of the affine parameters' gradients, running statistics."""
+    from gbw_panoptic.modeling.batch_norm import WholeBatchNorm2d
+
+    shares = _uneven_shares()
+    norm = WholeBatchNorm2d(4)
+    with torch.no_grad():
+        norm.weight.copy_(shares["affine"][0])
+        norm.bias.copy_(shares["affine"][1])
+    x = shares["inputs"][rank].clone().requires_grad_()
+    output = norm(x)
+    output.backward(shares["output_grads"][rank])
+    return {"output": output.detach(), "input_grad": x.grad, "weight_grad": norm.weight.grad,
+            "bias_grad": norm.bias.grad, **dict(norm.named_buffers())}  # fmt: skip
+
+
 def _one_step_worker(repo_root: str, output_dir: str, datasets_root: str) -> None:
-    """Runs in each launched process: :func:`_train_one_step` of each of :data:`EQUIVALENCE_CONFIGS`,
-    saved as ``{config}.rank{R}.pt``."""
+    """Runs in each launched process: :func:`_train_one_step` of each of :data:`EQUIVALENCE_CONFIGS` and of
+    :data:`PER_PROCESS_CONFIG` without MODEL.SYNC_BN, and :func:`_uneven_batch_norm`, saved as
+    ``{config, "per_process" or "uneven_batch_norm"}.rank{R}.pt``."""
     from detectron2.utils import comm
 
     from gbw_panoptic.data.datasets import register_all
 
     register_all(datasets_root)
-    for config in EQUIVALENCE_CONFIGS:
-        result = _train_one_step(repo_root, os.path.join(output_dir, config), config)
-        torch.save(result, os.path.join(output_dir, f"{config}.rank{comm.get_rank()}.pt"))
+    steps = [(config, config, ()) for config in EQUIVALENCE_CONFIGS]
+    steps.append(("per_process", PER_PROCESS_CONFIG, ("MODEL.SYNC_BN", "False")))
+    for name, config, extra in steps:
+        result = _train_one_step(repo_root, os.path.join(output_dir, name), config, extra)
+        torch.save(result, os.path.join(output_dir, f"{name}.rank{comm.get_rank()}.pt"))
+    rank = comm.get_rank()
+    torch.save(_uneven_batch_norm(rank), os.path.join(output_dir, f"uneven_batch_norm.rank{rank}.pt"))
+
+
+def _launch_once(
+    worker: Callable[[str, str, str], None], name: str, datasets_root: Path, tmp_path_factory, worker_id: str
+) -> Path:
+    """The folder ``name`` in which ``worker(repo_root, folder, datasets_root)`` ran in 2 launched processes,
+    once per test session even when several pytest-xdist workers run tests that need it: the first
+    launches, the others wait on a file lock and read the same folder."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # With xdist, the parent of a worker's base folder is the session's, shared by all its workers.
+    folder = tmp_path_factory.getbasetemp().parent / name if worker_id != "master" else tmp_path_factory.mktemp(name)
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not (folder / "launched").exists():
+            folder.mkdir(exist_ok=True)
+            launch(worker, 2, dist_url="auto", args=(repo_root, str(folder), str(datasets_root)))
+            (folder / "launched").touch()
+    return folder
 
 
 @pytest.fixture(scope="module")
-def two_process_steps(synthetic_datasets, tmp_path_factory) -> Dict[str, List[Dict[str, object]]]:
-    """The results of :func:`_train_one_step` in each of 2 launched processes, by config (one launch)."""
-    output_dir = tmp_path_factory.mktemp("two_processes")
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    launch(_one_step_worker, 2, dist_url="auto", args=(repo_root, str(output_dir), str(synthetic_datasets)))
+def two_process_steps(synthetic_datasets, tmp_path_factory, worker_id) -> Dict[str, List[Dict[str, object]]]:
+    """The results of :func:`_one_step_worker` in each of 2 launched processes, by config, ``"per_process"``
+    and ``"uneven_batch_norm"`` (one launch)."""
+    output_dir = _launch_once(_one_step_worker, "two_process_steps", synthetic_datasets, tmp_path_factory, worker_id)
     return {
-        config: [torch.load(output_dir / f"{config}.rank{rank}.pt", weights_only=False) for rank in range(2)]
-        for config in EQUIVALENCE_CONFIGS
+        name: [torch.load(output_dir / f"{name}.rank{rank}.pt", weights_only=False) for rank in range(2)]
+        for name in [*EQUIVALENCE_CONFIGS, "per_process", "uneven_batch_norm"]
     }
 
 
@@ -133,6 +190,57 @@ def test_two_processes_with_one_image_per_domain_train_as_one_process_with_two(
     for name, reference in one["parameters"].items():
         for rank in ranks:
             torch.testing.assert_close(rank["parameters"][name], reference, rtol=1e-4, atol=1e-6, msg=name)
+    # Batch norm's running statistics (and every other buffer) are those of the whole batch.
+    assert ranks[0]["buffers"].keys() == one["buffers"].keys()
+    for name, reference in one["buffers"].items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["buffers"][name], reference, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_without_sync_bn_each_process_normalises_its_own_image(two_process_steps) -> None:
+    """MODEL.SYNC_BN False: each process's batch norm statistics are those of its image. The ASPP's first
+    layers see the same inputs in both runs (the encoder holds no batch statistics), so there the mean of
+    the two processes' running means is the whole batch's, which MODEL.SYNC_BN gives every process."""
+    synced = two_process_steps[PER_PROCESS_CONFIG][0]["buffers"]
+    ranks = [rank["buffers"] for rank in two_process_steps["per_process"]]
+    layers = [name[: -len(".running_var")] for name in synced if name.endswith(".running_var")]
+    first = [name for name in layers if name.endswith((".aspp.0.norm", ".depthwise.norm"))]
+    assert len(layers) > len(first) > 0
+    for layer in layers:
+        assert not torch.allclose(ranks[0][f"{layer}.running_var"], ranks[1][f"{layer}.running_var"]), layer
+    for layer in first:
+        mean = (ranks[0][f"{layer}.running_mean"] + ranks[1][f"{layer}.running_mean"]) / 2
+        torch.testing.assert_close(mean, synced[f"{layer}.running_mean"], rtol=1e-4, atol=1e-6, msg=layer)
+        assert not torch.allclose(ranks[0][f"{layer}.running_mean"], synced[f"{layer}.running_mean"]), layer
+
+
+@pytest.mark.slow
+def test_whole_batch_norm_over_shares_of_other_sizes_is_batch_norm_of_the_whole_batch(two_process_steps) -> None:
+    """The reference: ``nn.BatchNorm2d`` in one process on every pixel of both shares, as one 1 x 4 x N x 1
+    batch (batch norm reduces over the batch and pixels alike)."""
+    shares, ranks = _uneven_shares(), two_process_steps["uneven_batch_norm"]
+
+    def pixels(tensors: List[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.transpose(0, 1).reshape(4, -1) for t in tensors], dim=1)[None, :, :, None]
+
+    reference = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        reference.weight.copy_(shares["affine"][0])
+        reference.bias.copy_(shares["affine"][1])
+    x = pixels(shares["inputs"]).requires_grad_()
+    output = reference(x)
+    output.backward(pixels(shares["output_grads"]))
+    sizes = [t[:, 0].numel() for t in shares["inputs"]]
+    for rank, share, result in zip(range(2), shares["inputs"], ranks):
+        for name, whole in (("output", output.detach()), ("input_grad", x.grad)):
+            expected = whole[0, :, :, 0].split(sizes, dim=1)[rank].reshape(4, share.shape[0], *share.shape[2:])
+            torch.testing.assert_close(result[name], expected.transpose(0, 1), rtol=1e-5, atol=1e-5, msg=name)
+        for name, buffer in reference.named_buffers():
+            torch.testing.assert_close(result[name], buffer, rtol=1e-5, atol=1e-6, msg=name)
+    for name, parameter in reference.named_parameters():  # each process's part is its share's
+        total = ranks[0][f"{name}_grad"] + ranks[1][f"{name}_grad"]
+        torch.testing.assert_close(total, parameter.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -554,6 +554,8 @@ def checks_section(experiment: ExperimentResults) -> List[str]:
 
 
 def _describe(label: str, reference: str, metric: str, interval: Interval) -> str:
+    if interval.n == 0:  # e.g. a precision of classes one arm never predicts
+        return f"{label} − {reference}, {metric}: undefined in every seed"
     if interval.n < 2:
         return f"{label} − {reference}, {metric}: {interval.format(signed=True)} (one seed, no interval)"
     if not interval.excludes_zero():

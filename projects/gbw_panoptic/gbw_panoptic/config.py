@@ -95,6 +95,12 @@ def add_model_config(cfg: CN) -> None:
     # EDAPS does with its source center loss (14.0); 0 disables it.
     cfg.MODEL.INS_EMBED_HEAD.CENTER_LOSS_ZERO_ABOVE = 14.0
 
+    # With several training processes, the student's BatchNorm layers ("BN": the decoders' SEM_SEG_HEAD.NORM
+    # and INS_EMBED_HEAD.NORM, HRDA's attention heads, a ResNet encoder's RESNETS.NORM) normalise over the
+    # whole batch of all processes, as one process does (modeling/batch_norm.py); False: over each
+    # process's share. The reference trained on one GPU, where the two are the same.
+    cfg.MODEL.SYNC_BN = False
+
     # Panoptic-DeepLab post-processing.
     cfg.MODEL.POST_PROCESSING = CN()
     cfg.MODEL.POST_PROCESSING.CENTER_THRESHOLD = 0.1

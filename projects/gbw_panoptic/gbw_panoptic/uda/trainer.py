@@ -219,10 +219,13 @@ class UDATrainer(TrainerBase):
     # ------------------------------------------------------------------ builders
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
-        """The meta-architecture of ``MODEL.META_ARCHITECTURE`` on ``MODEL.DEVICE``."""
+        """The meta-architecture of ``MODEL.META_ARCHITECTURE`` on ``MODEL.DEVICE``; with ``MODEL.SYNC_BN`` its
+        batch norm layers normalise over the whole batch of all processes."""
         from .. import modeling  # noqa: F401  (registers the meta-architecture, backbones and heads)
+        from ..modeling.batch_norm import convert_to_whole_batch_norm
 
-        return build_model(cfg)
+        model = build_model(cfg)
+        return convert_to_whole_batch_norm(model) if cfg.MODEL.SYNC_BN else model
 
     @classmethod
     def build_method(cls, cfg: CfgNode, model: nn.Module) -> UDAMethod:

@@ -53,7 +53,8 @@ def check_gbw_config(cfg: CfgNode) -> None:
 
 def check_uda_config(cfg: CfgNode) -> None:
     """Raise ``ValueError`` naming the key, its value and what is expected for an invalid config
-    (``UDA.*``, ``SOLVER.MAX_ITER`` / ``OPTIMIZER`` / ``CLIP_GRADIENTS.CLIP_TYPE``, ``INPUT.RANDOM_FLIP``,
+    (``UDA.*``, ``MODEL.SYNC_BN`` with the decoders' ``NORM``, ``SOLVER.MAX_ITER`` / ``OPTIMIZER`` /
+    ``CLIP_GRADIENTS.CLIP_TYPE``, ``INPUT.RANDOM_FLIP``,
     ``DATALOADER.RCS.MIN_CROP_RATIO`` and, through :func:`check_gbw_config`, ``MODEL.GBW.*``)."""
     check_gbw_config(cfg)
     _require_choice("UDA.METHOD", cfg.UDA.METHOD, uda_method_names())
@@ -88,6 +89,14 @@ def check_uda_config(cfg: CfgNode) -> None:
         0.0 < cfg.UDA.FD.SCALE_MIN_RATIO <= 1.0,
         f"UDA.FD.SCALE_MIN_RATIO={cfg.UDA.FD.SCALE_MIN_RATIO} must lie in (0, 1]",
     )
+    decoders = ("SEM_SEG_HEAD", "INS_EMBED_HEAD") if cfg.MODEL.INS_EMBED_HEAD.ENABLED else ("SEM_SEG_HEAD",)
+    for head in decoders if cfg.MODEL.SYNC_BN else ():
+        norm = cfg.MODEL[head].NORM
+        _require(
+            norm == "BN",
+            f"MODEL.SYNC_BN=True synchronises the decoders' BatchNorm ('BN') over the processes, but "
+            f"MODEL.{head}.NORM={norm!r}; set it to 'BN', or MODEL.SYNC_BN to False to keep {norm!r}",
+        )
     margins = cfg.UDA.PSEUDO_LABEL_MARGINS
     _require(
         len(margins) == 4 and min(margins) >= 0,
