@@ -1,9 +1,13 @@
 """Training with several processes: one step of two processes with one image per domain equals one step
 of one process with two (batch norm over the whole batch with MODEL.SYNC_BN, over each process's share
-without); the batch split checked before any process starts; DDP searches for unused parameters exactly
-for the models and methods whose passes leave some out."""
+without); each UDA method runs to the end, stops on a signal and resumes in two processes; the batch
+split checked before any process starts; DDP searches for unused parameters exactly for the models and
+methods whose passes leave some out."""
 import fcntl
+import json
+import math
 import os
+import signal
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
@@ -14,7 +18,9 @@ from gbw_panoptic.gbw.losses import _ClassWeighting
 from gbw_panoptic.uda import UDATrainer, cli, dacs, launch
 from gbw_panoptic.uda.output_lock import unlock_output_dir
 from gbw_panoptic.uda.runner import StudentForward, StudentRunner, needs_unused_parameter_search
-from test_uda_training import _args
+from gbw_panoptic.uda.signals import TrainingInterrupted
+from test_robustness import _SignalDuringIteration
+from test_uda_training import _args, _metrics
 
 # One step of 2 + 2 images. Without randomness that depends on the process: no dropout, a fixed
 # ClassMix (the even classes of each source image) and no colour augmentation (their draws come from
@@ -329,3 +335,92 @@ def test_unused_parameter_search_is_on_exactly_when_a_pass_leaves_parameters_out
         unlock_output_dir(cfg.OUTPUT_DIR)
     assert len(passes) >= 1
     assert any(passes) == needed == needs_unused_parameter_search(trainer.model, trainer.method.semantic_only_pass)
+
+
+# Method -> synthetic config and its overrides for the runs of 2 processes (1 + 1 images each), 3
+# iterations, batch norm over the whole batch.
+METHOD_RUNS = {
+    "source_only": ("mit_b0_source_only_gbw.yaml", []),
+    "dacs": ("dacs_gbw.yaml", []),
+    "advent": ("advent_gbw.yaml", []),
+    "advseg": ("advseg_gbw.yaml", []),
+    "minent": ("minent_gbw.yaml", []),
+    "hrda": (
+        "hrda_panoptic_dacs_gbw.yaml",
+        ["MODEL.HRDA.DETAIL_CROP_SIZE", "[32, 32]", "MODEL.HRDA.ATTENTION_EMBED_DIM", "16"],
+    ),
+}
+RUN = ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", "()", "MODEL.SYNC_BN", "True"]
+# The methods whose resumed run is compared with an uninterrupted one, as their single-process tests do.
+COMPARED_WITH_UNINTERRUPTED = ("dacs", "hrda")
+
+
+def _method_runs_worker(repo_root: str, output_dir: str, datasets_root: str) -> None:
+    """Runs in each launched process, for each of :data:`METHOD_RUNS`: a run stopped by a SIGTERM that only
+    process 1 receives, at iteration 1 (``interrupted``; what ended it saved as ``stop.rank{R}.json``), that
+    run resumed to the end and, for :data:`COMPARED_WITH_UNINTERRUPTED`, the run without interruption
+    (``straight``)."""
+    from detectron2.utils import comm
+
+    from gbw_panoptic.data.datasets import register_all
+
+    rank = comm.get_rank()
+    register_all(datasets_root)
+    for method, (config, extra) in METHOD_RUNS.items():
+
+        def args(name: str, flags: Sequence[str] = ()):
+            output = os.path.join(output_dir, method, name)
+            return _args(Path(repo_root), output, config, extra=[*RUN, *extra], flags=flags)
+
+        if method in COMPARED_WITH_UNINTERRUPTED:
+            cli.main(args("straight"))
+        cfg = cli.setup(args("interrupted"))
+        trainer = UDATrainer(cfg)
+        if rank == 1:
+            trainer.register_hooks([_SignalDuringIteration(1, signal.SIGTERM)])
+        trainer.resume_or_load(resume=False)
+        stop = {"stopped": None}
+        try:
+            trainer.train()
+        except TrainingInterrupted as e:
+            stop = {"stopped": str(e), "checkpoint": e.checkpoint}
+        with open(os.path.join(output_dir, method, f"stop.rank{rank}.json"), "w") as f:
+            json.dump(stop, f)
+        cli.main(args("interrupted", flags=["--resume"]))
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(synthetic_datasets, tmp_path_factory, worker_id) -> Path:
+    """The folder of :func:`_method_runs_worker`'s runs in 2 launched processes (one launch)."""
+    return _launch_once(_method_runs_worker, "two_process_runs", synthetic_datasets, tmp_path_factory, worker_id)
+
+
+def _assert_same_checkpoint(expected_path: Path, actual_path: Path) -> None:
+    """Student, UDA method (teacher, discriminator) and optimizer moments of two checkpoints are equal."""
+    expected, actual = (torch.load(p, map_location="cpu", weights_only=False) for p in (expected_path, actual_path))
+    for part, state_expected, state_actual in (
+        ("model", expected["model"], actual["model"]),
+        ("method", expected["trainer"]["method"], actual["trainer"]["method"]),
+        ("optimizer", expected["trainer"]["optimizer"]["state"], actual["trainer"]["optimizer"]["state"]),
+    ):
+        assert state_expected.keys() == state_actual.keys(), part
+        for key, value in state_expected.items():
+            torch.testing.assert_close(state_actual[key], value, rtol=1e-5, atol=1e-6, msg=f"{part} {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHOD_RUNS)
+def test_each_method_runs_stops_and_resumes_in_two_processes(two_process_runs, method) -> None:
+    runs = two_process_runs / method
+    # The signal reached process 1 alone; both stopped after the same iteration, and the main process
+    # wrote its checkpoint.
+    stops = [json.loads((runs / f"stop.rank{rank}.json").read_text()) for rank in range(2)]
+    assert all(stop["stopped"].startswith("SIGTERM: training stopped after iteration 1 of 3") for stop in stops), stops
+    assert os.path.basename(stops[0]["checkpoint"]) == "model_0000001.pth"
+    # Resumed at iteration 2, nothing replayed, to the end.
+    losses = [r for r in _metrics(runs / "interrupted") if "total_loss" in r]
+    assert [r["iteration"] for r in losses] == [0, 1, 2]
+    assert all(math.isfinite(r["total_loss"]) for r in losses)
+    assert (runs / "interrupted" / "last_checkpoint").read_text() == "model_final.pth"
+    if method in COMPARED_WITH_UNINTERRUPTED:
+        _assert_same_checkpoint(runs / "straight" / "model_final.pth", runs / "interrupted" / "model_final.pth")
