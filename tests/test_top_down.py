@@ -22,6 +22,7 @@ from gbw_panoptic.modeling.post_processing import merge_semantic_and_instances
 from gbw_panoptic.modeling.roi_heads import GBWFastRCNNOutputLayers, class_weighted_mask_loss
 from gbw_panoptic.modeling.top_down import paint_instance_masks
 from gbw_panoptic.uda.cli import main, setup
+from gbw_panoptic.uda.validate import check_uda_config
 from test_uda_training import _Killed, _args, _metrics, _train, assert_same_training_state
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -319,9 +320,9 @@ def test_config_errors_name_the_key():
         build_model(_cfg(SYNTHETIC, "MODEL.INS_EMBED_HEAD.ENABLED", "True"))
     with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES is 7"):
         build_model(_cfg(SYNTHETIC, "MODEL.ROI_HEADS.NUM_CLASSES", "7"))
-    with pytest.raises(ValueError, match="UDA.METHOD is 'advent'"):
-        build_model(_cfg(SYNTHETIC, "UDA.METHOD", "advent"))
-    build_model(_cfg(SYNTHETIC, "UDA.METHOD", "source_only"))
+    with pytest.raises(ValueError, match="UDA.METHOD='advent': MODEL.META_ARCHITECTURE 'GBWTopDownPanopticSegmentor'"):
+        check_uda_config(_cfg(SYNTHETIC, "UDA.METHOD", "advent"))
+    check_uda_config(_cfg(SYNTHETIC, "UDA.METHOD", "source_only"))
     with pytest.raises(ValueError, match="MODEL.FPN.IN_FEATURES"):
         build_model(_cfg(SYNTHETIC, "MODEL.FPN.IN_FEATURES", "['res1', 'res2']"))
 

@@ -217,10 +217,6 @@ class GBWTopDownPanopticSegmentor(nn.Module):
                 "MODEL.INS_EMBED_HEAD.ENABLED is True: the top-down model has no center/offset head; set it "
                 "False (the data mapper would otherwise build center/offset targets)"
             )
-        if cfg.UDA.METHOD not in UDA_METHODS:
-            raise ValueError(
-                f"UDA.METHOD is {cfg.UDA.METHOD!r}: GBWTopDownPanopticSegmentor trains with one of {UDA_METHODS}"
-            )
         backbone = build_backbone(cfg)
         neck = build_fpn_neck(cfg, backbone.output_shape())
         class_names, thing_ids, label_divisor = _dataset_classes(cfg)

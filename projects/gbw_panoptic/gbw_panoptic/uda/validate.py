@@ -10,6 +10,7 @@ from ..gbw.qp import LAMBDA_MODES, SOLVERS
 from ..data.mapper import FLIP_DIRECTIONS
 from ..modeling.backbone.mit import mit_download_hint
 from ..modeling.meta_arch import CENTER_PIXEL_CLASSES, CLASS_WEIGHTINGS
+from ..modeling.top_down import UDA_METHODS as TOP_DOWN_UDA_METHODS
 from .method import UDA_METHOD_REGISTRY, uda_method_names
 from .optim import CLIP_TYPES, OPTIMIZERS
 
@@ -59,6 +60,11 @@ def check_uda_config(cfg: CfgNode) -> None:
     check_gbw_config(cfg)
     _require_choice("UDA.METHOD", cfg.UDA.METHOD, uda_method_names())
     method = {cls.config_name: cls for _, cls in UDA_METHOD_REGISTRY}[cfg.UDA.METHOD]
+    _require(
+        cfg.MODEL.META_ARCHITECTURE != "GBWTopDownPanopticSegmentor" or cfg.UDA.METHOD in TOP_DOWN_UDA_METHODS,
+        f"UDA.METHOD={cfg.UDA.METHOD!r}: MODEL.META_ARCHITECTURE 'GBWTopDownPanopticSegmentor' trains with one of "
+        f"{TOP_DOWN_UDA_METHODS}",
+    )
     _require(len(cfg.DATASETS.TRAIN) > 0, "DATASETS.TRAIN is empty; name the labelled source dataset(s)")
     _require(
         not method.uses_target or len(cfg.DATASETS.TARGET_TRAIN) > 0,
