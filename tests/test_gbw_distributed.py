@@ -60,6 +60,9 @@ def _run_case(kind: str, kwargs: Dict, part: slice, calls: int = 2) -> Dict[str,
         (grad,) = torch.autograd.grad(loss, output)
         results[f"loss{call}"], results[f"grad{call}"] = loss.detach(), grad
         results[f"weights{call}"] = module.last_weights if module.last_weights is not None else torch.zeros(0)
+        statistics = getattr(module, "last_class_statistics", None) or {}
+        for name, value in statistics.items():
+            results[f"{name}{call}"] = value
     return results
 
 
@@ -107,12 +110,18 @@ def test_two_processes_give_the_weights_loss_and_gradient_of_the_whole_batch(two
     for call in range(2):
         for rank in ranks:
             torch.testing.assert_close(rank[f"weights{call}"], whole[f"weights{call}"], rtol=1e-5, atol=1e-6)
+            # The cross-entropy's logged class statistics are those of the whole batch too.
+            for name in ("sq_norm", "pixels", "ce"):
+                assert (f"{name}{call}" in rank) == (f"{name}{call}" in whole)
+                if f"{name}{call}" in whole:
+                    torch.testing.assert_close(rank[f"{name}{call}"], whole[f"{name}{call}"], rtol=1e-5, atol=1e-7)
         # DDP averages the processes' gradients; the logged losses are averaged likewise.
         mean_loss = torch.stack([rank[f"loss{call}"] for rank in ranks]).mean()
         torch.testing.assert_close(mean_loss, whole[f"loss{call}"], rtol=1e-5, atol=1e-7)
         grads = torch.cat([rank[f"grad{call}"] for rank in ranks]) / WORLD_SIZE
         torch.testing.assert_close(grads, whole[f"grad{call}"], rtol=1e-5, atol=1e-8)
-    # One all-reduce per call: the statistics ([C] or [C, C] norms, [C] counts, the weight sum) or,
+    # One all-reduce per call: the statistics ([C] or [C, C] norms, [C] counts, the cross-entropy's [C]
+    # class loss sums, the weight sum) or,
     # with GBW off, the regression weight sum alone; nothing for a mean over the pixels.
     reductions = ranks[0]["reductions"].tolist()
     enabled = kwargs.get("enabled", True)
@@ -122,7 +131,8 @@ def test_two_processes_give_the_weights_loss_and_gradient_of_the_whole_batch(two
         channel_mode = kind == "ce" and kwargs.get("mode", "channel") == "channel"
         norms = NUM_CLASSES * NUM_CLASSES if channel_mode else NUM_CLASSES
         weight_sum = 0 if kind == "ce" or kwargs.get("normalizer") == "mean" else 1
-        per_call = [norms + NUM_CLASSES + weight_sum]
+        class_losses = NUM_CLASSES if kind == "ce" else 0
+        per_call = [norms + NUM_CLASSES + class_losses + weight_sum]
     assert reductions == per_call * 2
 
 

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from gbw_panoptic.utils.io import atomic_write  # noqa: E402
 
-__all__ = ["plot_recall_deltas", "plot_curves", "plot_sweep"]
+__all__ = ["plot_recall_deltas", "plot_curves", "plot_sweep", "plot_intervals"]
 
 
 def _save(fig: "plt.Figure", path: Path) -> None:
@@ -102,4 +102,32 @@ def plot_sweep(
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_intervals(
+    labels: Sequence[str], intervals: Mapping[str, Sequence[Tuple[float, float, float]]], ylabel: str, title: str,
+    path: Path,
+) -> None:
+    """Points with 95 % intervals, one group of series per label (e.g. per class), and a line at 0.
+
+    Args:
+        labels: the x tick labels, in order.
+        intervals: ``{series: [(mean, low, high) per label]}``; NaN bounds draw no error bar, a NaN mean
+            no point.
+    """
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(labels)), 4.5))
+    offset = 0.6 / max(len(intervals), 1)
+    for index, (name, values) in enumerate(intervals.items()):
+        mean, low, high = (np.asarray(column, dtype=float) for column in zip(*values))
+        error = np.vstack([mean - low, high - mean])
+        xs = np.arange(len(labels)) + (index - (len(intervals) - 1) / 2) * offset
+        ax.errorbar(xs, mean, yerr=np.where(np.isfinite(error), error, 0.0), fmt="o", capsize=3, label=name)
+    ax.axhline(0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xticks(np.arange(len(labels)))
+    ax.set_xticklabels(labels, rotation=60, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)

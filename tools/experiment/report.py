@@ -28,7 +28,8 @@ from gbw_panoptic.evaluation.report import read_report
 
 from _common import read_metrics
 
-from .figures import plot_curves, plot_recall_deltas, plot_sweep
+from .figures import plot_curves, plot_intervals, plot_recall_deltas, plot_sweep
+from .gradient import HORIZON, WINDOW, correlations, runs_logged_every_step, summarize
 from .runs import (
     ARMS, ORACLE, REFERENCE, REPO_ROOT, SOURCE_ONLY, SOURCE_VAL_DATASET, VAL_DATASET, Arm, Preset, RunSpec, environment,
     level_folder,
@@ -469,6 +470,61 @@ def weight_stability_section(experiment: ExperimentResults) -> List[str]:
     ]
 
 
+def gradient_section(experiment: ExperimentResults, figures: Path) -> List[str]:
+    """For each GBW arm whose runs logged their class statistics at every step: the rank correlation of a
+    class's g² with the decrease of its loss over the next K steps (:mod:`.gradient`), per class and
+    pooled, on the source batch (true labels) and the mixed batch (pseudo-labels), mean over seeds with
+    95 % t-intervals; ``figures/gradient_difficulty_<arm>.png`` per class."""
+    lines: List[str] = []
+    for arm in experiment.arms:
+        run_dirs = {seed: experiment.run_of[(arm.name, seed)].output_dir for seed in experiment.seeds}
+        pooled_rows, per_class_of = [], {}
+        for call in ("source/sem_seg", "mixed/sem_seg"):
+            found = runs_logged_every_step(run_dirs, experiment.preset.max_iter, call)
+            if found is None:
+                continue
+            per_seed = [correlations(found[seed]) for seed in sorted(found)]
+            per_class, pooled = summarize(per_seed)
+            per_class_of[call] = per_class
+            pairs = int(np.mean([result.pairs for result in per_seed]))
+            pooled_rows.append([call, str(pairs), *(interval.format(signed=True) for interval in pooled.values())])
+        if not pooled_rows:
+            continue
+        names = [name for name in experiment.class_names if name in next(iter(per_class_of.values()))]
+        share = dict(zip(experiment.class_names, experiment.fractions))
+        rows = [
+            [name, f"{100 * share[name]:.2f}", *(per_class_of[call][name].format(signed=True) for call in per_class_of)]
+            for name in names
+        ]
+        figure = figures / f"gradient_difficulty_{arm.name}.png"
+        plot_intervals(
+            names,
+            {call: [(i.mean, i.low, i.high) for i in (per_class_of[call][name] for name in names)] for call in per_class_of},
+            "Spearman ρ(g²(t), ΔL over the next K steps)",
+            f"{arm.label}: does a class's gradient track its loss decrease? (mean over seeds, 95 % interval)",
+            figure,
+        )
+        lines += [
+            f"## Gradient and difficulty: {arm.label}",
+            "",
+            f"Spearman's ρ between a class's squared gradient norm g² at step t (the one GBW solves its weights "
+            f"from) and ΔL, the decrease of its mean cross-entropy over the next K = {HORIZON} steps (mean over "
+            f"the {WINDOW} steps before t minus the mean over the {WINDOW} steps ending at t + K, neither "
+            "containing t), over the steps whose batch holds the class; mean over seeds with 95 % t-intervals. "
+            "Control: the loss level before t (the first of the two means) in place of g², and the partial ρ "
+            "of g² with ΔL given that level (datasets/README.md, \"Study: gradient and difficulty\").",
+            "",
+            _markdown(pooled_rows, ["loss call", "pairs per run", "ρ(g², ΔL)", "ρ(loss level, ΔL)",
+                                    "partial ρ(g², ΔL | level)"]),
+            "",
+            _markdown(rows, ["class", "target pixels (%)", *(f"ρ(g², ΔL), {call}" for call in per_class_of)]),
+            "",
+            f"![gradient and difficulty](figures/{figure.name})",
+            "",
+        ]
+    return lines
+
+
 def curves_section(experiment: ExperimentResults, figures: Path, datasets_root: Path) -> List[str]:
     """The teacher's confident fraction over training (mean over seeds) and the GBW weight curves (first seed)."""
     lines: List[str] = []
@@ -653,6 +709,7 @@ def write_report(
     lines += checks_section(experiment)
     lines += per_class_section(experiment)
     lines += weight_stability_section(experiment)
+    lines += gradient_section(experiment, figures)
     lines += curves_section(experiment, figures, datasets_root)
     lines += examples_section(experiment, out, datasets_root)
     report = out / "report.md"

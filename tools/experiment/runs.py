@@ -129,6 +129,12 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
             "dacs_gbw_from_gbw", "synthetic/dacs_gbw.yaml", "DACS + GBW (GBW from the start)", "dacs_from_gbw",
             "source_only_gbw",
         ),
+        # DACS + GBW with every step's GBW class statistics logged (UDA.LOG_PERIOD 1; training is that of
+        # dacs_gbw): the gradient-difficulty study.
+        Arm(
+            "dacs_gbw_every_step", "synthetic/dacs_gbw.yaml", "DACS + GBW (logged every step)",
+            starts_from=SOURCE_ONLY, opts=("UDA.LOG_PERIOD", "1"),
+        ),
         # The oracle starts from the same model and trains as many iterations with the target labels:
         # the upper bound of what adaptation from that model can reach.
         Arm(ORACLE, "synthetic/target_oracle.yaml", "target oracle", starts_from=SOURCE_ONLY),
@@ -261,6 +267,15 @@ PRESETS: Dict[str, Preset] = {
         imbalance_levels=(1.0, 0.1, 0.3),
         description="3 seeds of source-only, DACS and DACS + GBW on three benchmarks whose target train split holds "
         "the rare classes at 1, 0.3 and 0.1 times their frequency",
+    ),
+    # Does a class's gradient track how hard it is to learn: DACS + GBW logged at every step
+    # (datasets/README.md, "Study: gradient and difficulty").
+    "gradient": Preset(
+        arms=(SOURCE_ONLY, "dacs_gbw_every_step"),
+        seeds=(0, 1, 2),
+        max_iter=ITERATIONS,
+        description="3 seeds of DACS + GBW with the class statistics of every step logged: the rank correlation "
+        "of a class's squared gradient norm with the decrease of its loss over the next steps",
     ),
     # HRDA next to the single-scale arms it extends (not part of `make experiment`: an HRDA + DACS
     # step costs about 3x a single-scale one on the CPU).

@@ -20,7 +20,8 @@ norms: there the weights say which pixels the loss covers at all (crowd, stuff i
 On a GPU a call adds no host synchronisation (with the default ``solver="projection"``): the input
 checks stay on the device, as :mod:`.grad_norms` describes, and so do the solved class weights, which
 the module keeps as ``last_weights`` until its next call (for logging; reading them back is the
-caller's choice).
+caller's choice). The cross-entropy keeps the per-class statistics the weights were solved from as
+``last_class_statistics``, likewise.
 
 Several processes (``torch.distributed`` initialised with a world size > 1, e.g. one per GPU under
 DistributedDataParallel): each call sums the per-class statistics of all processes in one
@@ -29,7 +30,7 @@ compute on the whole batch; every process must therefore make the same loss call
 that normalise the regression losses are summed likewise, so that the gradients DDP averages are
 those of the whole batch. With one process nothing changes.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,11 @@ class _ClassWeighting(nn.Module):
     Attributes:
         last_weights: float32 [C] class weights of the last call (detached, on the inputs' device);
             None when disabled. Inactive classes have weight 0.
+        last_class_statistics: the cross-entropy's per-class statistics of the last call, float32 [C]
+            each, detached, on the device, of the whole batch (summed over the processes):
+            ``"sq_norm"`` the squared gradient norm g_c^2 the weights were solved from, ``"pixels"`` the
+            pixel count N_c, ``"ce"`` the mean unweighted cross-entropy over the class's pixels (0 for
+            a class without pixels); None when disabled and for the regression losses.
         active_classes: the ids of the classes that share the simplex, increasing (all C classes unless
             given).
         fixed_active: bool [C] buffer, True at ``active_classes``.
@@ -97,6 +103,7 @@ class _ClassWeighting(nn.Module):
         self.register_buffer("fixed_active", fixed_active, persistent=False)
         # Class weights [C] used by the last forward call (detached), None when GBW is disabled.
         self.last_weights: Optional[torch.Tensor] = None
+        self.last_class_statistics: Optional[Dict[str, torch.Tensor]] = None
 
     def class_weights(self, sq_norms: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Detached float32 class weights [C] from this process's squared norms and covered pixel
@@ -116,14 +123,15 @@ class _ClassWeighting(nn.Module):
         totals, the same in every process.
 
         Returns:
-            detached float32 class weights [C], then the (summed) ``sums``.
+            detached float32 class weights [C], the squared norms [C] and counts [C] they were solved
+            from (of the whole batch), then the (summed) ``sums``.
         """
         if world_size() > 1:
             sq_norms, counts, *sums = global_class_statistics(sq_norms, counts, *sums)
         active = self.fixed_active.to(sq_norms.device)
         weights = qp_class_weights(sq_norms, self.lam, self.lam_mode, self.solver, active).float()
         self.last_weights = weights.detach()
-        return (self.last_weights, *sums)
+        return (self.last_weights, sq_norms.detach(), counts, *sums)
 
     def extra_repr(self) -> str:
         return (
@@ -206,6 +214,7 @@ class GBWCrossEntropyLoss(_ClassWeighting):
         if not self.enabled:
             check_class_map(labels, self.num_classes, self.ignore_index, "labels")
             self.last_weights = None
+            self.last_class_statistics = None
             pixel_losses = F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index, reduction="none")
             if self.fixed_class_weights is not None:
                 # Ignored pixels have loss 0 whatever weight they take.
@@ -227,7 +236,17 @@ class GBWCrossEntropyLoss(_ClassWeighting):
         else:
             probe = sq_norms
         sq_norms = check_finite_norms(probe, ("logits", logits), ("pixel_weights", pixel_weights))
-        weights = self.class_weights(sq_norms, groups.counts)
+        # Per-class sums of the unweighted loss (uncovered pixels add 0), summed over the processes
+        # in the weights' all-reduce.
+        class_loss_sums = torch.zeros(self.num_classes, dtype=torch.float32, device=logits.device).index_add_(
+            0, groups.safe_class_map.flatten(), pixel_losses.detach().flatten()
+        )
+        weights, sq_norms, counts, class_loss_sums = self.class_weights_and_sums(
+            sq_norms, groups.counts, class_loss_sums
+        )
+        self.last_class_statistics = {
+            "sq_norm": sq_norms, "pixels": counts, "ce": class_loss_sums / counts.clamp(min=1.0)
+        }
         return self._weighted_mean(pixel_losses * weights.take(groups.safe_class_map), pixel_weights)
 
     @staticmethod
@@ -314,7 +333,7 @@ class GBWRegressionLoss(_ClassWeighting):
             groups = group_pixels(pixel_class, self.num_classes, self.ignore_index, pixel_weights, "pixel_class")
             sq_norms = regression_sq_norms_from_groups(pred, target, groups, self.kind)
             if global_weight_sum:
-                weights, weight_sum = self.class_weights_and_sums(sq_norms, groups.counts, weight_sum)
+                weights, _, _, weight_sum = self.class_weights_and_sums(sq_norms, groups.counts, weight_sum)
             else:
                 weights = self.class_weights(sq_norms, groups.counts)
             ignored = pixel_class == self.ignore_index

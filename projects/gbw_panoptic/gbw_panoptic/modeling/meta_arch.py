@@ -31,7 +31,7 @@ from ..utils.padding import stack_padded
 from .heads import build_ins_embed_head
 from .post_processing import panoptic_segmentation, panoptic_to_segments
 
-__all__ = ["DENSE_OUTPUTS", "GBWPanopticSegmentor", "gbw_weight_entries"]
+__all__ = ["DENSE_OUTPUTS", "GBWPanopticSegmentor", "gbw_statistic_entries", "gbw_weight_entries"]
 
 _VOID = -1
 logger = logging.getLogger(__name__)
@@ -114,6 +114,19 @@ def gbw_weight_entries(losses: Iterable[Tuple[str, nn.Module, Sequence[str]]]) -
         for loss_name, module, class_names in losses
         if module.last_weights is not None
         for c in module.active_classes
+    }
+
+
+def gbw_statistic_entries(losses: Iterable[Tuple[str, nn.Module, Sequence[str]]]) -> Dict[str, torch.Tensor]:
+    """The per-class statistics that the GBW cross-entropy losses solved their last weights from
+    (``last_class_statistics``: ``sq_norm``, ``pixels``, ``ce``) as ``{"<loss>/<class name>/<statistic>":
+    value}``, for the classes of :func:`gbw_weight_entries`; 0-dim float32 views on the device."""
+    return {
+        f"{loss_name}/{class_names[c]}/{statistic}": values[c]
+        for loss_name, module, class_names in losses
+        if module.last_class_statistics is not None
+        for c in module.active_classes
+        for statistic, values in module.last_class_statistics.items()
     }
 
 
@@ -445,6 +458,11 @@ class GBWPanopticSegmentor(nn.Module):
         the device: ``{"<loss>/<class name>": 0-dim float32 tensor}`` for each enabled loss and each
         class that shares its simplex (:func:`gbw_weight_entries`); empty with GBW off."""
         return gbw_weight_entries((name, module, self.class_names) for name, module in self.gbw_losses().items())
+
+    def gbw_class_statistics(self) -> Dict[str, torch.Tensor]:
+        """The per-class statistics of the last training pass's GBW cross-entropy, on the device
+        (:func:`gbw_statistic_entries`); empty with GBW off."""
+        return gbw_statistic_entries((name, module, self.class_names) for name, module in self.gbw_losses().items())
 
     def postprocess(
         self, predictions: Dict[str, torch.Tensor], batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]

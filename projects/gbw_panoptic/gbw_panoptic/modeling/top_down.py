@@ -47,6 +47,7 @@ from .meta_arch import (
     _dataset_classes,
     _fixed_class_weights,
     _gbw_loss_kwargs,
+    gbw_statistic_entries,
     gbw_weight_entries,
 )
 from .post_processing import merge_semantic_and_instances, panoptic_to_segments
@@ -374,11 +375,21 @@ class GBWTopDownPanopticSegmentor(nn.Module):
         """The class weights that the GBW losses of :meth:`gbw_losses` used in the last training pass, on
         the device, as ``{"<loss>/<class name>": 0-dim float32 tensor}`` (:func:`gbw_weight_entries`); the
         box and mask weights only when that pass computed the instance losses."""
-        return gbw_weight_entries(
+        return gbw_weight_entries(self._last_pass_gbw_losses())
+
+    def gbw_class_statistics(self) -> Dict[str, torch.Tensor]:
+        """The per-class statistics of the last training pass's GBW cross-entropy losses, on the device
+        (:func:`gbw_statistic_entries`), of the same losses as :meth:`gbw_class_weights`."""
+        return gbw_statistic_entries(self._last_pass_gbw_losses())
+
+    def _last_pass_gbw_losses(self) -> List[Tuple[str, nn.Module, List[str]]]:
+        """``(log name, module, class names)`` of the GBW losses the last training pass computed: the
+        semantic loss, and the box and mask losses when that pass computed the instance losses."""
+        return [
             (name, module, names)
             for name, (module, names) in self.gbw_losses().items()
             if self._last_pass_had_instances or name == "sem_seg"
-        )
+        ]
 
     def inference(
         self, images: ImageList, features: Dict[str, torch.Tensor], batched_inputs: List[Dict]

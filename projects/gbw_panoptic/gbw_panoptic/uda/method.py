@@ -46,15 +46,20 @@ class StepOutput(NamedTuple):
     losses: Dict[str, torch.Tensor]
     # Other scalars (``dacs/...``, ...).
     metrics: Dict[str, float]
-    # The GBW class weights of its passes, on the device (:func:`gbw_weights`).
+    # The GBW class weights of its passes and the class statistics they were solved from, on the
+    # device (:func:`gbw_weights`).
     gbw_weights: Dict[str, torch.Tensor]
 
 
 def gbw_weights(model: nn.Module, label: str) -> Dict[str, torch.Tensor]:
-    """The class weights that the GBW losses of ``model`` (unwrapped) used in its last training pass,
-    named as the trainer logs them: ``{"gbw/<label>/<loss>/<class name>": 0-dim float32 tensor}``, on
-    the model's device (nothing is read back); empty with GBW off."""
-    return {f"gbw/{label}/{name}": weight for name, weight in model.gbw_class_weights().items()}
+    """The class weights that the GBW losses of ``model`` (unwrapped) used in its last training pass and,
+    for the cross-entropy losses, the per-class statistics they were solved from, named as the trainer
+    logs them: ``{"gbw/<label>/<loss>/<class name>": weight, "gbw_stats/<label>/<loss>/<class
+    name>/<sq_norm|pixels|ce>": statistic}``, 0-dim float32 tensors on the model's device (nothing is
+    read back); empty with GBW off."""
+    entries = {f"gbw/{label}/{name}": weight for name, weight in model.gbw_class_weights().items()}
+    entries.update((f"gbw_stats/{label}/{name}", value) for name, value in model.gbw_class_statistics().items())
+    return entries
 
 
 def stack_field(
