@@ -14,6 +14,7 @@ from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from experiment import run_experiment, threads_per_run  # noqa: E402
+from experiment import report as experiment_report  # noqa: E402
 from experiment.report import (  # noqa: E402
     ExperimentResults, conclusion_section, design_checks, sweep_section, write_levels_report,
 )
@@ -400,9 +401,18 @@ def test_smoke_experiment_writes_the_report_and_skips_finished_runs(tmp_path):
 
     assert "## GBW class weights over training (semantic loss)" in text and "| DACS + GBW |" in text
 
-    # The report alone, from the finished runs; a run that has not finished is named.
+    # The report alone, from the finished runs: the same report but for the time of this call. The figure tools it
+    # runs (plot_training.py, visualize.py, run above) are recorded, not run again. A run that has not finished is
+    # named.
     (out / "report.md").unlink()
-    assert run_experiment("smoke", out, datasets, report_only=True).read_text().startswith("# Synthetic benchmark")
+    tools = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment_report, "_tool", lambda name, *args, datasets_root: tools.append(name))
+        again = run_experiment("smoke", out, datasets, report_only=True).read_text()
+    assert tools == ["plot_training.py", "visualize.py", "visualize.py"]
+    assert [line for line in again.splitlines() if "this call" not in line] == [
+        line for line in text.splitlines() if "this call" not in line
+    ]
     with pytest.raises(RuntimeError, match="3 run\(s\) not finished: source_only seed 1"):
         run_experiment("smoke", out, datasets, seeds=[0, 1], report_only=True)
 
