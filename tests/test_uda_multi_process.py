@@ -9,7 +9,7 @@ import math
 import os
 import signal
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import pytest
 import torch
@@ -124,15 +124,12 @@ def _uneven_batch_norm(rank: int) -> Dict[str, torch.Tensor]:
             "bias_grad": norm.bias.grad, **dict(norm.named_buffers())}  # fmt: skip
 
 
-def _one_step_worker(repo_root: str, output_dir: str, datasets_root: str) -> None:
+def _one_step_worker(repo_root: str, output_dir: str) -> None:
     """Runs in each launched process: :func:`_train_one_step` of each of :data:`EQUIVALENCE_CONFIGS` and of
     :data:`PER_PROCESS_CONFIG` without MODEL.SYNC_BN, and :func:`_uneven_batch_norm`, saved as
     ``{config, "per_process" or "uneven_batch_norm"}.rank{R}.pt``."""
     from detectron2.utils import comm
 
-    from gbw_panoptic.data.datasets import register_all
-
-    register_all(datasets_root)
     steps = [(config, config, ()) for config in EQUIVALENCE_CONFIGS]
     steps.append(("per_process", PER_PROCESS_CONFIG, ("MODEL.SYNC_BN", "False")))
     for name, config, extra in steps:
@@ -142,29 +139,11 @@ def _one_step_worker(repo_root: str, output_dir: str, datasets_root: str) -> Non
     torch.save(_uneven_batch_norm(rank), os.path.join(output_dir, f"uneven_batch_norm.rank{rank}.pt"))
 
 
-def _launch_once(
-    worker: Callable[[str, str, str], None], name: str, datasets_root: Path, tmp_path_factory, worker_id: str
-) -> Path:
-    """The folder ``name`` in which ``worker(repo_root, folder, datasets_root)`` ran in 2 launched processes,
-    once per test session even when several pytest-xdist workers run tests that need it: the first
-    launches, the others wait on a file lock and read the same folder."""
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # With xdist, the parent of a worker's base folder is the session's, shared by all its workers.
-    folder = tmp_path_factory.getbasetemp().parent / name if worker_id != "master" else tmp_path_factory.mktemp(name)
-    with open(f"{folder}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        if not (folder / "launched").exists():
-            folder.mkdir(exist_ok=True)
-            launch(worker, 2, dist_url="auto", args=(repo_root, str(folder), str(datasets_root)))
-            (folder / "launched").touch()
-    return folder
-
-
 @pytest.fixture(scope="module")
-def two_process_steps(synthetic_datasets, tmp_path_factory, worker_id) -> Dict[str, List[Dict[str, object]]]:
-    """The results of :func:`_one_step_worker` in each of 2 launched processes, by config, ``"per_process"``
-    and ``"uneven_batch_norm"`` (one launch)."""
-    output_dir = _launch_once(_one_step_worker, "two_process_steps", synthetic_datasets, tmp_path_factory, worker_id)
+def two_process_steps(two_processes) -> Dict[str, List[Dict[str, object]]]:
+    """The results of :func:`_one_step_worker` in each of the 2 launched processes, by config, ``"per_process"``
+    and ``"uneven_batch_norm"``."""
+    output_dir = two_processes / "steps"
     return {
         name: [torch.load(output_dir / f"{name}.rank{rank}.pt", weights_only=False) for rank in range(2)]
         for name in [*EQUIVALENCE_CONFIGS, "per_process", "uneven_batch_norm"]
@@ -355,17 +334,14 @@ RUN = ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST
 COMPARED_WITH_UNINTERRUPTED = ("dacs", "hrda")
 
 
-def _method_runs_worker(repo_root: str, output_dir: str, datasets_root: str) -> None:
+def _method_runs_worker(repo_root: str, output_dir: str) -> None:
     """Runs in each launched process, for each of :data:`METHOD_RUNS`: a run stopped by a SIGTERM that only
     process 1 receives, at iteration 1 (``interrupted``; what ended it saved as ``stop.rank{R}.json``), that
     run resumed to the end and, for :data:`COMPARED_WITH_UNINTERRUPTED`, the run without interruption
     (``straight``)."""
     from detectron2.utils import comm
 
-    from gbw_panoptic.data.datasets import register_all
-
     rank = comm.get_rank()
-    register_all(datasets_root)
     for method, (config, extra) in METHOD_RUNS.items():
 
         def args(name: str, flags: Sequence[str] = ()):
@@ -390,9 +366,40 @@ def _method_runs_worker(repo_root: str, output_dir: str, datasets_root: str) -> 
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(synthetic_datasets, tmp_path_factory, worker_id) -> Path:
-    """The folder of :func:`_method_runs_worker`'s runs in 2 launched processes (one launch)."""
-    return _launch_once(_method_runs_worker, "two_process_runs", synthetic_datasets, tmp_path_factory, worker_id)
+def two_process_runs(two_processes) -> Path:
+    """The folder of :func:`_method_runs_worker`'s runs in the 2 launched processes."""
+    return two_processes / "runs"
+
+
+def _two_process_worker(repo_root: str, output_dir: str, datasets_root: str) -> None:
+    """Runs in each launched process: :func:`_one_step_worker` in ``output_dir/steps``, then
+    :func:`_method_runs_worker` in ``output_dir/runs`` (one launch: the processes start, import the package
+    and join their group once)."""
+    from gbw_panoptic.data.datasets import register_all
+
+    register_all(datasets_root)
+    for name, worker in (("steps", _one_step_worker), ("runs", _method_runs_worker)):
+        folder = os.path.join(output_dir, name)
+        os.makedirs(folder, exist_ok=True)
+        worker(repo_root, folder)
+
+
+@pytest.fixture(scope="module")
+def two_processes(synthetic_datasets, tmp_path_factory, worker_id) -> Path:
+    """The folder in which :func:`_two_process_worker` ran in 2 launched processes, once per test session even
+    when several pytest-xdist workers run tests that need it: the first launches, the others wait on a file
+    lock and read the same folder."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # With xdist, the parent of a worker's base folder is the session's, shared by all its workers.
+    name = "two_processes"
+    folder = tmp_path_factory.getbasetemp().parent / name if worker_id != "master" else tmp_path_factory.mktemp(name)
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not (folder / "launched").exists():
+            folder.mkdir(exist_ok=True)
+            launch(_two_process_worker, 2, dist_url="auto", args=(repo_root, str(folder), str(synthetic_datasets)))
+            (folder / "launched").touch()
+    return folder
 
 
 def _assert_same_checkpoint(expected_path: Path, actual_path: Path) -> None:
