@@ -367,10 +367,18 @@ def level_folder(level: float) -> str:
     return f"imbalance_{level:g}"
 
 
+# Images per process of the benchmark's preparation (:func:`prepare_benchmark`).
+IMAGES_PER_PREPARE_WORKER = 50
+
+
 def prepare_benchmark(preset: Preset, datasets_root: Path, workers: int, rare_frequency: float = 1.0) -> None:
     """Generate and prepare the synthetic benchmark under ``datasets_root/synthetic`` (idempotent), with
-    the rare classes of its target train split at ``rare_frequency`` times their frequency."""
+    the rare classes of its target train split at ``rare_frequency`` times their frequency, with at most
+    ``workers`` processes: one per :data:`IMAGES_PER_PREPARE_WORKER` images (a worker pool costs seconds to
+    start, more than a few dozen small images take; the output does not depend on the number)."""
     height, width = preset.image_size
+    images = preset.num_source + preset.num_source_val + preset.num_target_train + preset.num_target_val
+    workers = max(1, min(workers, images // IMAGES_PER_PREPARE_WORKER))
     command = [
         sys.executable, str(REPO_ROOT / "datasets" / "prepare_synthetic.py"), str(datasets_root / "synthetic"),
         "--num-source", str(preset.num_source), "--num-source-val", str(preset.num_source_val),
