@@ -6,7 +6,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +45,7 @@ def test_a_gradient_that_drives_the_loss_down_correlates_with_the_decrease(tmp_p
     rng = np.random.default_rng(0)
     steps = 600
     _write_metrics(tmp_path, OrderedDict(rider=_learned_class(rng, steps, present=0.6)), steps)
-    series = class_series(tmp_path)
+    series = class_series(tmp_path)["source/sem_seg"]
     assert list(series) == ["rider"]
     # Steps without the class carry no statistic.
     assert np.isnan(series["rider"].sq_norm[series["rider"].pixels == 0]).all()
@@ -66,10 +65,10 @@ def test_batch_noise_shared_by_the_gradient_and_the_loss_of_a_step_gives_no_corr
     noise = rng.exponential(size=steps)
     flat = {"sq_norm": noise, "ce": 2.0 + noise, "pixels": np.full(steps, 50.0)}
     _write_metrics(tmp_path, OrderedDict(pole=flat), steps)
-    result = correlations(class_series(tmp_path))
+    result = correlations(class_series(tmp_path)["source/sem_seg"])
     assert abs(result.per_class["pole"]) < 0.15
     # Had step t entered the first window, D(t) would contain noise(t) / W: check the pairs' windows.
-    sq_norm, decrease, level = difficulty_pairs(class_series(tmp_path)["pole"])
+    sq_norm, decrease, level = difficulty_pairs(class_series(tmp_path)["source/sem_seg"]["pole"])
     t = np.arange(WINDOW, steps - HORIZON + 1)
     expected = np.array([noise[s - WINDOW:s].mean() - noise[s + HORIZON - WINDOW:s + HORIZON].mean() for s in t])
     np.testing.assert_allclose(decrease, expected)
@@ -91,7 +90,7 @@ def test_the_partial_correlation_removes_what_the_loss_level_explains(tmp_path):
             ce[t + 1] = ce[t] - 0.03 * (ce[t] - 1.0) + kick
         classes[name] = {"sq_norm": ce ** 2, "ce": ce + 0.05 * rng.normal(size=steps), "pixels": np.full(steps, 10.0)}
     _write_metrics(tmp_path, classes, steps)
-    result = correlations(class_series(tmp_path))
+    result = correlations(class_series(tmp_path)["source/sem_seg"])
     assert result.pairs > 0
     assert result.pooled_level > result.pooled_sq_norm > 0.3
     assert abs(result.pooled_partial) < 0.5 * result.pooled_sq_norm

@@ -25,7 +25,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 from scipy import stats
@@ -67,30 +67,35 @@ class ClassSeries:
     pixels: np.ndarray
 
 
-def class_series(run_dir: Path, call: str = "source/sem_seg") -> "OrderedDict[str, ClassSeries]":
-    """The per-class statistics of loss call ``call`` logged in ``run_dir/metrics.json``
-    (``gbw_stats/<call>/<class>/<sq_norm|pixels|ce>``), ``{class name: ClassSeries}``; empty when the
-    run logged none (GBW off)."""
-    prefix = f"{STATISTIC_PREFIX}/{call}/"
-    rows: Dict[str, Dict[str, List[float]]] = OrderedDict()
+def class_series(run_dir: Path) -> Dict[str, "OrderedDict[str, ClassSeries]"]:
+    """The per-class statistics logged in ``run_dir/metrics.json``
+    (``gbw_stats/<pass>/<loss>/<class>/<sq_norm|pixels|ce>``), read once, by loss call:
+    ``{"<pass>/<loss>" (e.g. "source/sem_seg"): {class name: ClassSeries}}``; empty when the run logged
+    none (GBW off)."""
+    prefix = f"{STATISTIC_PREFIX}/"
+    rows: Dict[str, Dict[str, Dict[str, List[float]]]] = OrderedDict()
     for record in read_metrics(run_dir):
-        values: Dict[str, Dict[str, float]] = {}
+        values: Dict[Tuple[str, str], Dict[str, float]] = {}
         for key, value in record.items():
             if key.startswith(prefix):
-                name, statistic = key[len(prefix):].rsplit("/", 1)
-                values.setdefault(name, {})[statistic] = float(value)
-        for name, entry in values.items():
-            row = rows.setdefault(name, {"iterations": [], "sq_norm": [], "ce": [], "pixels": []})
+                call, statistic = key[len(prefix):].rsplit("/", 1)
+                call, name = call.rsplit("/", 1)
+                values.setdefault((call, name), {})[statistic] = float(value)
+        for (call, name), entry in values.items():
+            row = rows.setdefault(call, OrderedDict()).setdefault(
+                name, {"iterations": [], "sq_norm": [], "ce": [], "pixels": []}
+            )
             row["iterations"].append(float(record["iteration"]))
             for statistic in ("sq_norm", "ce", "pixels"):
                 row[statistic].append(entry.get(statistic, math.nan))
-    series = OrderedDict()
-    for name, row in rows.items():
-        arrays = {key: np.asarray(value, dtype=np.float64) for key, value in row.items()}
-        absent = ~(arrays["pixels"] > 0)
-        arrays["ce"][absent] = math.nan
-        arrays["sq_norm"][absent] = math.nan
-        series[name] = ClassSeries(**arrays)
+    series: Dict[str, "OrderedDict[str, ClassSeries]"] = OrderedDict()
+    for call, classes in rows.items():
+        for name, row in classes.items():
+            arrays = {key: np.asarray(value, dtype=np.float64) for key, value in row.items()}
+            absent = ~(arrays["pixels"] > 0)
+            arrays["ce"][absent] = math.nan
+            arrays["sq_norm"][absent] = math.nan
+            series.setdefault(call, OrderedDict())[name] = ClassSeries(**arrays)
     return series
 
 
@@ -185,10 +190,18 @@ def logged_every_step(series: Mapping[str, ClassSeries], max_iter: int) -> bool:
 
 
 def runs_logged_every_step(
-    run_dirs: Mapping[int, Path], max_iter: int, call: str
-) -> Optional[Dict[int, "OrderedDict[str, ClassSeries]"]]:
-    """``{seed: class_series}`` of an arm's runs when every one logged its statistics at every step, else None."""
-    found = {seed: class_series(run_dir, call) for seed, run_dir in run_dirs.items()}
-    if not found or not all(logged_every_step(series, max_iter) for series in found.values()):
-        return None
-    return found
+    run_dirs: Mapping[int, Path], max_iter: int
+) -> Dict[str, Dict[int, "OrderedDict[str, ClassSeries]"]]:
+    """``{loss call: {seed: its class series}}`` of an arm's runs (:func:`class_series`, each run read
+    once), for the loss calls that every run logged at (nearly) every step, the source batch's first; empty
+    when there are none."""
+    found = {seed: class_series(run_dir) for seed, run_dir in run_dirs.items()}
+    # The source batch (true labels) first.
+    calls = sorted(
+        {call for series in found.values() for call in series}, key=lambda call: (not call.startswith("source/"), call)
+    )
+    return {
+        call: {seed: series[call] for seed, series in found.items()}
+        for call in calls
+        if found and all(logged_every_step(series.get(call, {}), max_iter) for series in found.values())
+    }

@@ -479,10 +479,7 @@ def gradient_section(experiment: ExperimentResults, figures: Path) -> List[str]:
     for arm in experiment.arms:
         run_dirs = {seed: experiment.run_of[(arm.name, seed)].output_dir for seed in experiment.seeds}
         pooled_rows, per_class_of = [], {}
-        for call in ("source/sem_seg", "mixed/sem_seg"):
-            found = runs_logged_every_step(run_dirs, experiment.preset.max_iter, call)
-            if found is None:
-                continue
+        for call, found in runs_logged_every_step(run_dirs, experiment.preset.max_iter).items():
             per_seed = [correlations(found[seed]) for seed in sorted(found)]
             per_class, pooled = summarize(per_seed)
             per_class_of[call] = per_class
