@@ -19,8 +19,8 @@ from experiment.report import (  # noqa: E402
     ExperimentResults, conclusion_section, design_checks, sweep_section, write_levels_report,
 )
 from experiment.runs import (  # noqa: E402
-    ARMS, BATCH_SIZES, PRESETS, RunSpec, benchmark_of, plan_benchmarks, plan_runs, prepare_benchmark,
-    train_and_evaluate,
+    ARMS, BATCH_SIZES, PRESETS, SOURCE_VAL_DATASET, VAL_DATASET, RunSpec, benchmark_of, find_same_run,
+    plan_benchmarks, plan_runs, prepare_benchmark, train_and_evaluate,
 )
 from experiment.stats import gap_closed, t_interval  # noqa: E402
 
@@ -375,6 +375,52 @@ def test_a_run_of_another_benchmark_is_set_aside_and_trained_again(tmp_path):
     # Same command and benchmark but not evaluated: trained again in place (resumed), nothing set aside.
     train_and_evaluate(run, datasets, threads=1)
     assert not (tmp_path / "runs" / "dacs" / "seed0.old2").exists()
+
+
+def _write_finished_run(run: RunSpec, benchmark: dict) -> None:
+    """What a finished run of the experiment leaves: marker, saved config, both evaluations, final model."""
+    run.output_dir.mkdir(parents=True)
+    (run.output_dir / "config.yaml").write_text(run.config())
+    for dataset in (VAL_DATASET, SOURCE_VAL_DATASET):
+        run.eval_dir(dataset).mkdir(parents=True)
+        (run.eval_dir(dataset) / "sem_seg.json").write_text("{}")
+    (run.output_dir / "model_final.pth").write_bytes(b"weights of " + run.arm.name.encode())
+    marker = {"command": run.command, "benchmark": benchmark, "seconds": 12.5}
+    (run.output_dir / "experiment_run.json").write_text(json.dumps(marker))
+
+
+def test_a_run_an_earlier_experiment_finished_is_reused_not_trained(tmp_path, monkeypatch):
+    datasets, benchmark = tmp_path / "datasets", {"design": 2, "seed": 0}
+    (datasets / "synthetic").mkdir(parents=True)
+    (datasets / "synthetic" / "generation.json").write_text(json.dumps(benchmark))
+    # The earlier experiment ran from tmp_path with a relative output folder; this one has an absolute one.
+    monkeypatch.chdir(tmp_path)
+    earlier = {run.arm.name: run for run in plan_runs(PRESETS["experiment"], Path("experiment")) if run.seed == 0}
+    for name in ("source_only", "dacs", "dacs_gbw"):
+        _write_finished_run(earlier[name], benchmark)
+    batch = {run.arm.name: run for run in plan_runs(PRESETS["batch"], tmp_path / "batch") if run.seed == 0}
+    reuse_from = [tmp_path / "experiment"]
+
+    # At the configs' 2 images per domain the batch arms are DACS and DACS + GBW: the same config but for the
+    # folders, started from the same source-only run. Not another batch size, not on another benchmark.
+    assert find_same_run(batch["dacs_batch2"], benchmark, reuse_from) == tmp_path / "experiment/runs/dacs/600it_seed0"
+    assert find_same_run(batch["dacs_gbw_batch2"], benchmark, reuse_from).parent.name == "dacs_gbw"
+    assert find_same_run(batch["dacs_batch4"], benchmark, reuse_from) is None
+    assert find_same_run(batch["dacs_batch2"], {"design": 3, "seed": 0}, reuse_from) is None
+
+    for name in ("source_only", "dacs_batch2"):
+        assert train_and_evaluate(batch[name], datasets, threads=1, reuse_from=reuse_from) == 0.0
+    run = batch["dacs_batch2"]
+    assert run.is_done(benchmark)  # found done by the next call, without reuse_from
+    assert (run.output_dir / "model_final.pth").samefile(earlier["dacs"].output_dir / "model_final.pth")
+    assert run.made_with()["command"] == run.command and run.made_with()["seconds"] == 12.5
+    assert run.made_with()["reused_from"] == str((tmp_path / "experiment/runs/dacs/600it_seed0").resolve())
+
+    # A source-only run made with another learning rate: the DACS + GBW run started from it is another run.
+    changed = CfgNode.load_cfg(earlier["source_only"].config())
+    changed.SOLVER.BASE_LR *= 2
+    (earlier["source_only"].output_dir / "config.yaml").write_text(changed.dump())
+    assert find_same_run(batch["dacs_gbw_batch2"], benchmark, reuse_from) is None
 
 
 @pytest.mark.slow

@@ -13,7 +13,9 @@
    on the target val and held-out source val splits at the end; the adaptation arms (DACS ± GBW) and the
    target oracle start from the final source-only model of their seed, so source-only is trained first;
    finished runs are skipped, interrupted ones resume, and a run made with another command or config,
-   or on another benchmark design, is kept as <folder>.old<k> and trained again;
+   or on another benchmark design, is kept as <folder>.old<k> and trained again; with --reuse-from, a run
+   that an earlier experiment has already made (same config but for its folders, same benchmark, same
+   starting run) is copied from there instead of trained;
 3. write OUT/report.md (tables: mean ± std per arm, GBW − baseline paired by seed, per-class recall;
    figures: recall change per class, GBW weights during training, example predictions) and
    OUT/results.json.
@@ -50,11 +52,17 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="write the report of the preset's finished runs without training (a missing run is an "
                         "error; their configs are not compared with what the current code gives)")
+    parser.add_argument("--reuse-from", nargs="+", type=Path, default=(), metavar="DIR",
+                        help="output folders of earlier experiments (e.g. output/experiment): a run of this preset that "
+                        "one of them has finished (same config but for OUTPUT_DIR and the path of the model it starts "
+                        "from, same benchmark, started from the same run) is copied, its checkpoints hard-linked, "
+                        "instead of trained; its experiment_run.json names the folder (reused_from)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     report = run_experiment(
         args.preset, args.out or Path("output") / args.preset, args.datasets_root.resolve(),
         jobs=args.jobs, arms=args.arms, seeds=args.seeds, max_iter=args.max_iter, report_only=args.report_only,
+        reuse_from=args.reuse_from,
     )
     print(f"\nReport written to {report}")
     return 0

@@ -21,14 +21,17 @@ __all__ = ["run_experiment", "threads_per_run"]
 logger = logging.getLogger("experiment")
 
 
-def _train_after(after: Optional[Future], run: RunSpec, datasets_root: Path, threads: int) -> float:
-    """Train and evaluate ``run`` once ``after`` (the run it starts from) has finished."""
+def _train_after(
+    after: Optional[Future], run: RunSpec, datasets_root: Path, threads: int, reuse_from: Sequence[Path]
+) -> float:
+    """Train and evaluate ``run`` (or reuse the same run of an earlier experiment under ``reuse_from``) once
+    ``after`` (the run it starts from) has finished."""
     if after is not None:
         try:
             after.result()
         except Exception as e:
             raise RuntimeError(f"{run.arm.name} seed {run.seed} not trained: the run it starts from failed ({e})") from e
-    return train_and_evaluate(run, datasets_root, threads)
+    return train_and_evaluate(run, datasets_root, threads, reuse_from)
 
 
 def threads_per_run(runs: Sequence[RunSpec], jobs: int, cores: int) -> Dict[Path, int]:
@@ -54,12 +57,15 @@ def run_experiment(
     seeds: Optional[Sequence[int]] = None,
     max_iter: Optional[int] = None,
     report_only: bool = False,
+    reuse_from: Sequence[Path] = (),
 ) -> Path:
     """Prepare the benchmark (one per imbalance level of the preset, :func:`~.runs.plan_benchmarks`), train
     and evaluate every run (``jobs`` at a time; default: the preset's), write the report of each benchmark
     and, with imbalance levels, ``out/report.md`` comparing them. With ``report_only``, write the reports
     of runs that have all finished, without checking that their configs are those the current code gives
-    (e.g. after a later change of the code that added a config key); a missing run is an error.
+    (e.g. after a later change of the code that added a config key); a missing run is an error. A run that
+    is the same as a finished run of an earlier experiment under ``reuse_from`` (same config but for where its
+    files are, same benchmark, same starting run: :func:`~.runs.find_same_run`) is copied, not trained.
 
     Returns the path of ``out/report.md``.
     """
@@ -96,7 +102,7 @@ def run_experiment(
         for benchmark in benchmarks:
             prepare_benchmark(benchmark.preset, benchmark.datasets_root, workers=jobs, rare_frequency=benchmark.level)
         logger.info("%d runs (%s)", len(runs), preset.description)
-        _train(runs, jobs)
+        _train(runs, jobs, reuse_from)
     for benchmark in benchmarks:
         report = write_report(preset_name, benchmark.preset, benchmark.runs, benchmark.out, benchmark.datasets_root,
                               time.perf_counter() - start)
@@ -110,9 +116,10 @@ def run_experiment(
     return report
 
 
-def _train(runs: Sequence[Tuple[RunSpec, Path]], jobs: int) -> None:
+def _train(runs: Sequence[Tuple[RunSpec, Path]], jobs: int, reuse_from: Sequence[Path] = ()) -> None:
     """Train and evaluate ``runs`` (each with its datasets root), ``jobs`` at a time, a run after the one it
-    starts from; raises the first failure once every run has ended."""
+    starts from, reusing the same runs of the experiments under ``reuse_from``; raises the first failure once
+    every run has ended."""
     cores = os.cpu_count() or 1
     threads, shared = threads_per_run([run for run, _ in runs], jobs, cores), max(cores // jobs, 1)
     logger.info("%d at a time with %d thread(s) each", jobs, shared)
@@ -124,6 +131,8 @@ def _train(runs: Sequence[Tuple[RunSpec, Path]], jobs: int) -> None:
                             run.arm.name, run.seed, cores)
             # plan_runs puts a run after the one it starts from: that one has started when this one does.
             after = futures[run.starts_from.output_dir] if run.starts_from is not None else None
-            futures[run.output_dir] = pool.submit(_train_after, after, run, datasets_root, threads[run.output_dir])
+            futures[run.output_dir] = pool.submit(
+                _train_after, after, run, datasets_root, threads[run.output_dir], reuse_from
+            )
         for future in futures.values():
             future.result()

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import yaml
 
 from gbw_panoptic.data.prepare.synthetic import DEFAULT_SIZES
 from gbw_panoptic.uda.cli import build_parser, merged_config
@@ -31,7 +34,7 @@ __all__ = [
     "Arm", "SweepPoint", "Preset", "ARMS", "BATCH_SIZES", "PRESETS", "RunSpec", "REPO_ROOT", "VAL_DATASET",
     "SOURCE_VAL_DATASET", "SOURCE_ONLY", "ORACLE", "REFERENCE",
     "Benchmark", "environment", "same_images_schedule", "plan_runs", "level_folder", "plan_benchmarks",
-    "prepare_benchmark", "train_and_evaluate",
+    "prepare_benchmark", "find_same_run", "train_and_evaluate",
 ]
 
 logger = logging.getLogger("experiment")
@@ -354,11 +357,87 @@ class RunSpec:
         if made_with.get("command") != self.command or made_with.get("benchmark") != benchmark:
             return False
         saved = self.output_dir / "config.yaml"
-        return not saved.is_file() or saved.read_text() == self.config()
+        # The paths are the command's (compared above), or an equivalent run's for a reused run (find_same_run).
+        return not saved.is_file() or config_without_paths(saved.read_text()) == config_without_paths(self.config())
 
     def config(self) -> str:
         """The full config (``cfg.dump()``) of the command, as ``tools/train_net.py`` saves it."""
         return merged_config(build_parser().parse_args(self.command[2:])).dump()
+
+
+def config_without_paths(config: str) -> Dict:
+    """A run's config (``config.yaml`` text) without where its files are: ``OUTPUT_DIR`` and a ``MODEL.WEIGHTS``
+    that names another run's final model (``<folder>/model_final.pth``). A pretrained file stays."""
+    values = yaml.safe_load(config)
+    values.pop("OUTPUT_DIR", None)
+    if Path(values["MODEL"]["WEIGHTS"]).name == "model_final.pth":
+        values["MODEL"].pop("WEIGHTS")
+    return values
+
+
+def _starting_run_folder(folder: Path) -> Optional[Path]:
+    """The folder of the run whose final model the run in ``folder`` started from, found from its saved
+    ``MODEL.WEIGHTS`` and ``OUTPUT_DIR`` (relative paths are relative to the same working folder); None when it
+    cannot be told (a relative model path next to an absolute output folder)."""
+    values = yaml.safe_load((folder / "config.yaml").read_text())
+    weights, output_dir = values["MODEL"]["WEIGHTS"], values["OUTPUT_DIR"]
+    if os.path.isabs(weights):
+        return Path(weights).parent
+    if os.path.isabs(output_dir):
+        return None
+    return folder / os.path.relpath(Path(weights).parent, output_dir)
+
+
+def same_run(run: RunSpec, folder: Path, benchmark: Dict) -> bool:
+    """Whether the run in ``folder`` (made by the experiment runner, in this or another experiment) is ``run``
+    but for where its files are: finished and evaluated, on ``benchmark``, with ``run``'s config but for
+    :func:`config_without_paths`, and, where ``run`` starts from another run's final model, started from a run
+    that is the same as that one (recursively)."""
+    other = replace(run, output_dir=folder)
+    if not other.is_finished() or other.made_with().get("benchmark") != benchmark:
+        return False
+    saved = folder / "config.yaml"
+    if not saved.is_file() or config_without_paths(saved.read_text()) != config_without_paths(run.config()):
+        return False
+    if run.starts_from is None:
+        return True
+    starting_folder = _starting_run_folder(folder)
+    return starting_folder is not None and same_run(run.starts_from, starting_folder, benchmark)
+
+
+def find_same_run(run: RunSpec, benchmark: Dict, reuse_from: Sequence[Path]) -> Optional[Path]:
+    """The first run folder under ``reuse_from`` (folders of earlier experiments, searched in order) that is
+    the same run as ``run`` (:func:`same_run`), or None."""
+    for root in reuse_from:
+        for marker in sorted(Path(root).glob("**/experiment_run.json")):
+            folder = marker.parent
+            if folder.resolve() != run.output_dir.resolve() and same_run(run, folder, benchmark):
+                return folder
+    return None
+
+
+def _reuse(run: RunSpec, folder: Path, benchmark: Dict) -> None:
+    """Make ``run`` the finished run in ``folder``: its checkpoints hard-linked into ``run.output_dir`` (copied
+    where a link cannot be made; nothing rewrites a finished run's checkpoint), its other files copied, and a
+    marker with ``run``'s command, the original training time and the folder it came from (``reused_from``)."""
+    if run.output_dir.exists():
+        kept = set_aside(run.output_dir)
+        logger.warning("%s seed %d: unfinished %s kept as %s", run.arm.name, run.seed, run.output_dir, kept)
+
+    def link_checkpoint(source: str, destination: str) -> str:
+        if source.endswith(".pth"):
+            try:
+                os.link(source, destination)
+                return destination
+            except OSError:  # another file system, or links not supported
+                pass
+        return shutil.copy2(source, destination)
+
+    shutil.copytree(folder, run.output_dir, copy_function=link_checkpoint)
+    seconds = json.loads((folder / "experiment_run.json").read_text())["seconds"]
+    write_json(run.marker, {
+        "command": run.command, "benchmark": benchmark, "seconds": seconds, "reused_from": str(folder.resolve()),
+    })
 
 
 def level_folder(level: float) -> str:
@@ -520,15 +599,22 @@ def set_aside(output_dir: Path) -> Path:
     return output_dir.rename(output_dir.with_name(f"{output_dir.name}.old{k}"))
 
 
-def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int) -> float:
+def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int, reuse_from: Sequence[Path] = ()) -> float:
     """Run one training (skipped when already done); returns its wall time in seconds (0 if skipped).
 
-    A run started with another command, with a config that has changed since (a config file or default
-    edited), or on another benchmark (the datasets were generated again with another design, seed or
-    size) is not continued: its folder is kept as ``<folder>.old<k>`` and the run starts over."""
+    A run that is not done but is the same as a finished run of an earlier experiment under ``reuse_from``
+    (:func:`find_same_run`) is copied from it instead of trained. A run started with another command, with a
+    config that has changed since (a config file or default edited), or on another benchmark (the datasets
+    were generated again with another design, seed or size) is not continued: its folder is kept as
+    ``<folder>.old<k>`` and the run starts over."""
     benchmark = benchmark_of(datasets_root)
     if run.is_done(benchmark):
         logger.info("%s seed %d: already trained and evaluated (%s)", run.arm.name, run.seed, run.output_dir)
+        return 0.0
+    same = find_same_run(run, benchmark, reuse_from) if reuse_from else None
+    if same is not None:
+        _reuse(run, same, benchmark)
+        logger.info("%s seed %d: the same run is in %s; reused (%s)", run.arm.name, run.seed, same, run.output_dir)
         return 0.0
     made_with = run.made_with()
     if made_with is not None and not run.matches(made_with, benchmark):
