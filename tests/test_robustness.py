@@ -254,10 +254,14 @@ def test_truncated_image_is_named_by_the_training_loader(synthetic_datasets, tmp
     record["file_name"] = _truncated_copy(record["file_name"], tmp_path)
     mapper = GBWPanopticDatasetMapper(cfg, is_train=True, load_labels=True)
     loader = build_stream_loader(TrainStream([record], mapper, ShuffledIndexStream(1), 1, seed=0), num_workers)
+    children = set(multiprocessing.active_children())
     with pytest.raises(OSError if num_workers == 0 else Exception) as error:
         next(iter(loader))
     assert f"cannot read image file {record['file_name']}" in str(error.value)
     assert "truncated" in str(error.value)
+    # The workers have stopped by the time the error is caught, though it is kept: they ignore SIGTERM, so a worker
+    # left alive would make the interpreter's exit (after `tools/train_net.py` printed the error) wait forever.
+    assert set(multiprocessing.active_children()) == children
 
 
 def test_truncated_label_is_named_by_mapper_and_evaluator(synthetic_datasets, tmp_path):

@@ -132,11 +132,42 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class _StreamLoader(DataLoader):
+    """A ``DataLoader`` whose workers stop as soon as one of them fails.
+
+    The workers ignore SIGTERM (:func:`_leave_stop_signals_to_the_trainer`), so a worker still alive when
+    the interpreter exits makes the exit wait for it forever (multiprocessing terminates daemonic children
+    with SIGTERM, then joins them). Torch's iterator stops its workers when it is freed, but the error a
+    worker raises holds the iterator in its traceback's frames until the error is gone, and an error that
+    ends the program is kept to the exit (``sys.last_traceback``). So the error is raised again without
+    those frames (the worker's own traceback is in its message) and the iterator freed first."""
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        return iterator if self.num_workers == 0 else _stopping_workers_on_error(iterator)
+
+
+def _stopping_workers_on_error(iterator: Iterator[Any]) -> Iterator[Any]:
+    """The items of ``iterator`` (a multi-process loader iterator); on an error, the iterator is freed (its
+    workers stop) before the error, without the iterator's frames, is raised."""
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception as error:
+            error.with_traceback(None)
+            del iterator
+            raise error
+        yield item
+
+
 def build_stream_loader(stream: TrainStream, num_workers: int) -> DataLoader:
     """Infinite ``DataLoader`` of this process's batches (lists of :attr:`TrainStream.batch_size`
     mapped dicts) of ``stream``, in step order, mapped by ``num_workers`` worker processes (0: in
-    this process). Creating an iterator draws nothing from torch's global generator."""
-    return DataLoader(
+    this process). Creating an iterator draws nothing from torch's global generator; when a worker
+    fails, the workers are stopped before its error reaches the caller (:class:`_StreamLoader`)."""
+    return _StreamLoader(
         stream,
         batch_size=stream.batch_size,
         num_workers=num_workers,
