@@ -337,8 +337,11 @@ class UDATrainer(TrainerBase):
         else:
             self.iter = last_iter
             self.rng_states = comm.all_gather(get_rng_state())
-            self.checkpointer.save(f"model_{last_iter:07d}", iteration=last_iter)
-            checkpoint = self.checkpointer.get_checkpoint_file()
+            name = f"model_{last_iter:07d}"
+            self.checkpointer.save(name, iteration=last_iter)
+            # The file the main process writes (the others write nothing, and their last_checkpoint may not
+            # name it yet).
+            checkpoint = os.path.join(self.checkpointer.save_dir, f"{name}.pth")
             where = f"the checkpoint {checkpoint}"
         comm.synchronize()  # no process exits while the checkpoint is being written
         message = (
