@@ -214,6 +214,7 @@ def test_sweep_section_compares_gbw_with_dacs_at_each_batch_size(tmp_path):
     text = "\n".join(sweep_section(experiment, tmp_path / "figures"))
     assert (tmp_path / "figures" / "sweep_images_per_step.png").stat().st_size > 1000
     assert "## Sweep: lambda" not in text  # dacs_gbw alone is no λ sweep
+    text, change = text.split("### Change from images per step = 2")
     rows = _table_rows(text, "DACS", "DACS + GBW")
     assert [row[:3] for row in rows] == [
         ["DACS", "2", "–"], ["DACS", "4", "–"], ["DACS", "8", "–"],
@@ -221,6 +222,10 @@ def test_sweep_section_compares_gbw_with_dacs_at_each_batch_size(tmp_path):
     ]
     assert [row[4] for row in rows[3:]] == ["+1.00 [+1.00, +1.00]", "+2.00 [+2.00, +2.00]", "+4.00 [+4.00, +4.00]"]
     assert rows[2][3].startswith("4.00 [")  # DACS at batch 8: 10, 12, 14 - 8
+    # GBW's difference at 4 and 8 against its difference at the configs' 2 images (DACS has no baseline).
+    assert [row[:3] for row in _table_rows(change, "DACS", "DACS + GBW")] == [
+        ["DACS + GBW", "4", "+1.00 [+1.00, +1.00]"], ["DACS + GBW", "8", "+3.00 [+3.00, +3.00]"],
+    ]
 
 
 def test_batch_preset_trains_every_batch_size_on_as_many_images(tmp_path):
@@ -289,10 +294,16 @@ def test_levels_report_compares_gbw_with_dacs_at_each_level(tmp_path):
     # The rare classes' share of the target train pixels per level, with the link to the level's own report.
     assert "| 1 | 2.00% | [imbalance_1/report.md](imbalance_1/report.md) |" in text
     assert "| 0.1 | 0.20% | [imbalance_0.1/report.md](imbalance_0.1/report.md) |" in text
+    text, change = text.split("### Change from rare-class frequency factor = 1")
     rows = _table_rows(text, "DACS + GBW")
     assert [(row[1], row[2], row[4]) for row in rows] == [
         ("0.1", "DACS", "-3.00 [-3.00, -3.00]"), ("0.3", "DACS", "-1.00 [-1.00, -1.00]"),
         ("1", "DACS", experiments[1.0].difference("dacs_gbw", "dacs", "recall (rare)").format(signed=True)),
+    ]
+    # Against the standard benchmark, paired by seed: -1 - (1, 2, 3) at 0.3, -3 - (1, 2, 3) at 0.1.
+    assert [(row[1], row[2]) for row in _table_rows(change, "DACS + GBW")] == [
+        ("0.1", t_interval([-4.0, -5.0, -6.0]).format(signed=True)),
+        ("0.3", t_interval([-2.0, -3.0, -4.0]).format(signed=True)),
     ]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["levels"]) == {"1", "0.3", "0.1"}

@@ -31,8 +31,8 @@ from _common import read_metrics
 from .figures import plot_curves, plot_intervals, plot_recall_deltas, plot_sweep
 from .gradient import HORIZON, WINDOW, correlations, runs_logged_every_step, summarize
 from .runs import (
-    ARMS, ORACLE, REFERENCE, REPO_ROOT, SOURCE_ONLY, SOURCE_VAL_DATASET, VAL_DATASET, Arm, Preset, RunSpec, environment,
-    level_folder,
+    ARMS, ORACLE, REFERENCE, REPO_ROOT, SOURCE_ONLY, SOURCE_VAL_DATASET, SWEEP_REFERENCES, VAL_DATASET, Arm, Preset,
+    RunSpec, environment, level_folder,
 )
 from .stats import Interval, gap_closed, paired_differences, t_interval
 
@@ -338,14 +338,19 @@ SWEEP_METRICS = ("recall (rare)", "precision (rare)", "mIoU")
 @dataclass(frozen=True)
 class SweepRow:
     """One arm at one value of a swept setting (``value`` NaN: a baseline shown beside the sweep, not part
-    of it): its :data:`SWEEP_METRICS` over seeds and, when its baseline ran, arm − baseline paired by seed
-    (``differences`` empty otherwise)."""
+    of it): its :data:`SWEEP_METRICS` over seeds and, when its baseline ran, arm − baseline per seed
+    (``paired``: ``{metric: {seed: difference}}``) and their interval (``differences``); both empty without
+    a baseline."""
 
     series: str
     value: float
     baseline: str  # the baseline's label; "" without one
     metrics: Dict[str, Interval]
-    differences: Dict[str, Interval]
+    paired: Dict[str, Dict[int, float]]
+
+    @property
+    def differences(self) -> Dict[str, Interval]:
+        return {metric: t_interval(list(by_seed.values())) for metric, by_seed in self.paired.items()}
 
 
 def sweep_rows(experiment: ExperimentResults, points: Mapping[str, Tuple[str, float]]) -> List[SweepRow]:
@@ -354,19 +359,25 @@ def sweep_rows(experiment: ExperimentResults, points: Mapping[str, Tuple[str, fl
     for name, (series, value) in points.items():
         baseline = ARMS[name].baseline
         compared = baseline is not None and experiment.has(baseline)
+        paired = {}
+        for metric in SWEEP_METRICS if compared else ():
+            values, reference = experiment.by_seed(name, metric), experiment.by_seed(baseline, metric)
+            paired[metric] = {seed: values[seed] - reference[seed] for seed in sorted(set(values) & set(reference))}
         rows.append(SweepRow(
             series, value, ARMS[baseline].label if compared else "",
-            {metric: experiment.interval(name, metric) for metric in SWEEP_METRICS},
-            {metric: experiment.difference(name, baseline, metric) for metric in SWEEP_METRICS} if compared else {},
+            {metric: experiment.interval(name, metric) for metric in SWEEP_METRICS}, paired,
         ))
     return rows
 
 
-def sweep_lines(title: str, axis: str, rows: Sequence[SweepRow], out: Path) -> List[str]:
+def sweep_lines(
+    title: str, axis: str, rows: Sequence[SweepRow], out: Path, reference: Optional[float] = None
+) -> List[str]:
     """A report section of ``rows``: a table (per row its series, value of ``axis``, baseline, and each of
     :data:`SWEEP_METRICS` with its difference against the baseline) and the figure of the differences
     against ``axis``, one line per series (rows without a baseline are in the table only), written to
-    ``out/figures/sweep_<axis>.png`` (``out``: the report's folder)."""
+    ``out/figures/sweep_<axis>.png`` (``out``: the report's folder); with a ``reference`` value, also
+    :func:`change_from_reference_lines`."""
     figure = out / "figures" / f"sweep_{axis.replace(' ', '_')}.png"
     table, points = [], {}
     for row in sorted(rows, key=lambda row: (math.isnan(row.value), row.series, row.value)):
@@ -392,7 +403,38 @@ def sweep_lines(title: str, axis: str, rows: Sequence[SweepRow], out: Path) -> L
         plot_sweep(points, SWEEP_METRICS, axis, "arm − baseline (points)",
                    f"{title}: arm − baseline (mean and 95 % interval over seeds)", figure)
         lines += [f"![arm − baseline against {axis}]({figure.relative_to(out)})", ""]
+    if reference is not None:
+        lines += change_from_reference_lines(axis, rows, reference)
     return lines
+
+
+def change_from_reference_lines(axis: str, rows: Sequence[SweepRow], reference: float) -> List[str]:
+    """Whether an arm's difference against its baseline changes along the sweep: for each row with a
+    baseline, (arm − baseline) − (arm − baseline at ``axis`` = ``reference``, same series), paired by seed,
+    with its 95 % t-interval (empty when no series has a row at ``reference``)."""
+    at_reference = {row.series: row for row in rows if row.paired and row.value == reference}
+    table = []
+    for row in sorted(rows, key=lambda row: (row.series, row.value)):
+        if not row.paired or row.series not in at_reference or row.value == reference:
+            continue
+        cells = [row.series, f"{row.value:g}"]
+        for metric in SWEEP_METRICS:
+            cells.append(t_interval(paired_differences(
+                row.paired[metric], at_reference[row.series].paired[metric]
+            )).format(signed=True))
+        table.append(cells)
+    if not table:
+        return []
+    return [
+        f"### Change from {axis} = {reference:g}",
+        "",
+        f"(arm − baseline at the value) − (arm − baseline at {reference:g}), paired by seed (every run of a seed "
+        "starts from the same model), with 95 % t-intervals: an interval that excludes 0 shows that the treatment's "
+        f"effect differs from its effect at {reference:g}.",
+        "",
+        _markdown(table, ["series", axis, *(f"Δ {metric} − baseline" for metric in SWEEP_METRICS)]),
+        "",
+    ]
 
 
 def sweep_section(experiment: ExperimentResults, figures: Path) -> List[str]:
@@ -408,7 +450,9 @@ def sweep_section(experiment: ExperimentResults, figures: Path) -> List[str]:
         for arm in swept:
             if arm.baseline is not None and experiment.has(arm.baseline) and arm.baseline not in points:
                 points[arm.baseline] = (ARMS[arm.baseline].label, math.nan)
-        lines += sweep_lines(f"Sweep: {axis}", axis, sweep_rows(experiment, points), figures.parent)
+        lines += sweep_lines(
+            f"Sweep: {axis}", axis, sweep_rows(experiment, points), figures.parent, SWEEP_REFERENCES.get(axis)
+        )
     return lines
 
 
@@ -758,7 +802,9 @@ def write_levels_report(
         "",
         _markdown(shares, ["level", "rare classes' share of the target train pixels", "report"]),
     ]
-    lines += sweep_lines("Against the rare-class frequency", "rare-class frequency factor", rows, out)
+    lines += sweep_lines(
+        "Against the rare-class frequency", "rare-class frequency factor", rows, out, 1.0 if 1.0 in levels else None
+    )
     with atomic_write(out / "report.md", "w") as f:
         f.write("\n".join(lines))
     write_json(out / "results.json", {

@@ -31,8 +31,8 @@ from gbw_panoptic.uda.cli import build_parser, merged_config
 from gbw_panoptic.utils.io import write_json
 
 __all__ = [
-    "Arm", "SweepPoint", "Preset", "ARMS", "BATCH_SIZES", "PRESETS", "RunSpec", "REPO_ROOT", "VAL_DATASET",
-    "SOURCE_VAL_DATASET", "SOURCE_ONLY", "ORACLE", "REFERENCE",
+    "Arm", "SweepPoint", "Preset", "ARMS", "BATCH_SIZES", "SWEEP_REFERENCES", "PRESETS", "RunSpec", "REPO_ROOT",
+    "VAL_DATASET", "SOURCE_VAL_DATASET", "SOURCE_ONLY", "ORACLE", "REFERENCE",
     "Benchmark", "environment", "same_images_schedule", "plan_runs", "level_folder", "plan_benchmarks",
     "prepare_benchmark", "find_same_run", "train_and_evaluate",
 ]
@@ -159,6 +159,8 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
 
 # Images per domain per step of the batch-size study (datasets/README.md, "Study: batch size").
 BATCH_SIZES = (2, 4, 8)
+# The value of a swept setting (``SweepPoint.axis``) the report compares the others with: the configs'.
+SWEEP_REFERENCES: Dict[str, float] = {"images per step": BATCH_SIZES[0]}
 
 
 def _batch_arm(arm: Arm, images: int) -> Arm:
