@@ -381,7 +381,7 @@ def test_a_run_of_another_benchmark_is_set_aside_and_trained_again(tmp_path):
     assert json.loads((kept / "experiment_run.json").read_text()) == old_marker
     assert (kept / "model_final.pth").is_file() and not (run.output_dir / "model_final.pth").exists()
     made_with = run.made_with()
-    assert made_with["benchmark"] == {"design": 3, "seed": 0} and made_with["seconds"] > 0
+    assert made_with["benchmark"] == {"design": 3, "seed": 0} and made_with["seconds"] > 0 and made_with["threads"] == 1
     assert "trained" in (run.output_dir / "train_stdout.log").read_text()
     # Same command and benchmark but not evaluated: trained again in place (resumed), nothing set aside.
     train_and_evaluate(run, datasets, threads=1)
@@ -396,7 +396,7 @@ def _write_finished_run(run: RunSpec, benchmark: dict) -> None:
         run.eval_dir(dataset).mkdir(parents=True)
         (run.eval_dir(dataset) / "sem_seg.json").write_text("{}")
     (run.output_dir / "model_final.pth").write_bytes(b"weights of " + run.arm.name.encode())
-    marker = {"command": run.command, "benchmark": benchmark, "seconds": 12.5}
+    marker = {"command": run.command, "benchmark": benchmark, "threads": 1, "seconds": 12.5}
     (run.output_dir / "experiment_run.json").write_text(json.dumps(marker))
 
 
@@ -425,6 +425,7 @@ def test_a_run_an_earlier_experiment_finished_is_reused_not_trained(tmp_path, mo
     assert run.is_done(benchmark)  # found done by the next call, without reuse_from
     assert (run.output_dir / "model_final.pth").samefile(earlier["dacs"].output_dir / "model_final.pth")
     assert run.made_with()["command"] == run.command and run.made_with()["seconds"] == 12.5
+    assert run.made_with()["threads"] == 1
     assert run.made_with()["reused_from"] == str((tmp_path / "experiment/runs/dacs/600it_seed0").resolve())
 
     # A source-only run made with another learning rate: the DACS + GBW run started from it is another run.

@@ -56,7 +56,9 @@ def main() -> int:
                         help="output folders of earlier experiments (e.g. output/experiment): a run of this preset that "
                         "one of them has finished (same config but for OUTPUT_DIR and the path of the model it starts "
                         "from, same benchmark, started from the same run) is copied, its checkpoints hard-linked, "
-                        "instead of trained; its experiment_run.json names the folder (reused_from)")
+                        "instead of trained; its experiment_run.json names the folder (reused_from). The thread count is not "
+                        "compared (results differ slightly with it): reuse runs made with the same --jobs on a machine "
+                        "with as many cores")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     report = run_experiment(

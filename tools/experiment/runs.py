@@ -332,8 +332,8 @@ class RunSpec:
 
     @property
     def marker(self) -> Path:
-        """``experiment_run.json``: the command and benchmark of the run (written when it starts) and
-        its training time in seconds (added when it ends)."""
+        """``experiment_run.json``: the command, benchmark and CPU threads of the run (written when it
+        starts) and its training time in seconds (added when it ends)."""
         return self.output_dir / "experiment_run.json"
 
     def made_with(self) -> Optional[Dict]:
@@ -436,9 +436,10 @@ def _reuse(run: RunSpec, folder: Path, benchmark: Dict) -> None:
         return shutil.copy2(source, destination)
 
     shutil.copytree(folder, run.output_dir, copy_function=link_checkpoint)
-    seconds = json.loads((folder / "experiment_run.json").read_text())["seconds"]
+    made_with = json.loads((folder / "experiment_run.json").read_text())
     write_json(run.marker, {
-        "command": run.command, "benchmark": benchmark, "seconds": seconds, "reused_from": str(folder.resolve()),
+        "command": run.command, "benchmark": benchmark, "seconds": made_with["seconds"],
+        **({"threads": made_with["threads"]} if "threads" in made_with else {}), "reused_from": str(folder.resolve()),
     })
 
 
@@ -626,7 +627,7 @@ def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int, reuse_fr
             run.arm.name, run.seed, run.output_dir, kept,
         )
     run.output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run.marker, {"command": run.command, "benchmark": benchmark})
+    write_json(run.marker, {"command": run.command, "benchmark": benchmark, "threads": threads})
     log_path = run.output_dir / "train_stdout.log"
     logger.info("%s seed %d: training (log: %s)", run.arm.name, run.seed, log_path)
     start = time.perf_counter()
@@ -637,6 +638,6 @@ def train_and_evaluate(run: RunSpec, datasets_root: Path, threads: int, reuse_fr
         raise RuntimeError(
             f"training run {run.arm.name} seed {run.seed} failed (exit {result.returncode}); see {log_path}"
         )
-    write_json(run.marker, {"command": run.command, "benchmark": benchmark, "seconds": elapsed})
+    write_json(run.marker, {"command": run.command, "benchmark": benchmark, "threads": threads, "seconds": elapsed})
     logger.info("%s seed %d: done in %.0f s", run.arm.name, run.seed, elapsed)
     return elapsed
