@@ -21,6 +21,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -360,11 +361,23 @@ class RunSpec:
             return False
         saved = self.output_dir / "config.yaml"
         # The paths are the command's (compared above), or an equivalent run's for a reused run (find_same_run).
-        return not saved.is_file() or config_without_paths(saved.read_text()) == config_without_paths(self.config())
+        return not saved.is_file() or config_without_paths(saved.read_text()) == self.config_without_paths()
 
     def config(self) -> str:
         """The full config (``cfg.dump()``) of the command, as ``tools/train_net.py`` saves it."""
-        return merged_config(build_parser().parse_args(self.command[2:])).dump()
+        return _config_of(tuple(self.command))
+
+    def config_without_paths(self) -> Dict:
+        """:func:`config_without_paths` of :meth:`config`."""
+        return config_without_paths(self.config())
+
+
+@lru_cache(maxsize=None)
+def _config_of(command: Tuple[str, ...]) -> str:
+    """:meth:`RunSpec.config` of ``command``, built once per command (comparing a run with the folders of an
+    earlier experiment builds it once per folder otherwise). Config files are not expected to change while
+    the experiment runs."""
+    return merged_config(build_parser().parse_args(list(command[2:]))).dump()
 
 
 def config_without_paths(config: str) -> Dict:
@@ -399,7 +412,7 @@ def same_run(run: RunSpec, folder: Path, benchmark: Dict) -> bool:
     if not other.is_finished() or other.made_with().get("benchmark") != benchmark:
         return False
     saved = folder / "config.yaml"
-    if not saved.is_file() or config_without_paths(saved.read_text()) != config_without_paths(run.config()):
+    if not saved.is_file() or config_without_paths(saved.read_text()) != run.config_without_paths():
         return False
     if run.starts_from is None:
         return True
