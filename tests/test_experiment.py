@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from experiment import run_experiment, threads_per_run  # noqa: E402
 from experiment import report as experiment_report  # noqa: E402
 from experiment.report import (  # noqa: E402
-    ExperimentResults, conclusion_section, design_checks, sweep_section, write_levels_report,
+    COMPARED_METRICS, ExperimentResults, conclusion_section, design_checks, differences_section, sweep_section,
+    write_levels_report,
 )
 from experiment.runs import (  # noqa: E402
     ARMS, BATCH_SIZES, PRESETS, SOURCE_VAL_DATASET, VAL_DATASET, RunSpec, benchmark_of, find_same_run,
@@ -177,6 +178,31 @@ def _table_rows(text, *series):
     """The cells of the markdown rows of ``text`` that start with one of ``series``."""
     return [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()
             if line.startswith(tuple(f"| {name} |" for name in series))]
+
+
+def test_hrda_arms_are_paired_with_the_arm_they_add_to(tmp_path):
+    """H17 and H18 of the HRDA study: HRDA + DACS − HRDA source-only and HRDA + DACS + GBW − HRDA + DACS,
+    paired by seed, in the differences table and the conclusion."""
+    experiment = _experiment({0: 0.0, 1: 0.0, 2: 0.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    _add_arm(experiment, "hrda_source_only", -5.0)
+    _add_arm(experiment, "hrda_dacs", -1.0)
+    _add_arm(experiment, "hrda_dacs_gbw", -3.0)
+    for seed in experiment.seeds:  # HRDA + DACS + GBW: rare recall 2 below HRDA + DACS, +1 per seed
+        experiment.metrics[("hrda_dacs_gbw", seed)]["recall (rare)"] += seed
+    for values in experiment.metrics.values():  # metrics the constructed results leave out
+        for name in COMPARED_METRICS:
+            values.setdefault(name, math.nan)
+    text = "\n".join(differences_section(experiment, tmp_path / "figures"))
+    compared = ("HRDA + DACS − HRDA source only", "HRDA + DACS + GBW − HRDA + DACS")
+    rows = {row[0]: row[1:] for row in _table_rows(text, *compared)}
+    rare = COMPARED_METRICS.index("recall (rare)")
+    assert rows["HRDA + DACS − HRDA source only"][rare] == "+4.00 [+4.00, +4.00]"
+    assert rows["HRDA + DACS + GBW − HRDA + DACS"][rare] == experiment.difference(
+        "hrda_dacs_gbw", "hrda_dacs", "recall (rare)").format(signed=True)
+    assert experiment.difference("hrda_dacs_gbw", "hrda_dacs", "recall (rare)").mean == pytest.approx(-1.0)
+    conclusion = "\n".join(conclusion_section(experiment))
+    assert "**HRDA + DACS** vs HRDA source only" in conclusion
+    assert "**HRDA + DACS + GBW** vs HRDA + DACS" in conclusion
 
 
 def test_sweep_section_draws_each_lambda_against_dacs(tmp_path):

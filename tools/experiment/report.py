@@ -682,8 +682,9 @@ def conclusion_section(experiment: ExperimentResults) -> List[str]:
     lines = [
         "## Conclusion",
         "",
-        "The claim tested: the treatment of each arm (GBW, frequency weighting, or a GBW-trained starting "
-        "point) raises the recall of rare classes without lowering mIoU, against the arm it is added to.",
+        "The claim tested: the treatment of each arm (what it adds to its baseline: GBW, frequency weighting, a "
+        "GBW-trained starting point, or DACS) raises the recall of rare classes without lowering mIoU, against the "
+        "arm it is added to.",
         "",
     ]
     for arm in gbw_arms:

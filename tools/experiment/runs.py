@@ -145,7 +145,9 @@ ARMS: "OrderedDict[str, Arm]" = OrderedDict(
         # HRDA (semantic only): context crop at 0.5 + full-resolution detail crop, scale attention.
         Arm("hrda_source_only", "synthetic/hrda_source_only.yaml", "HRDA source only"),
         Arm("hrda_source_only_gbw", "synthetic/hrda_source_only_gbw.yaml", "HRDA source only + GBW", "hrda_source_only"),
-        Arm("hrda_dacs", "synthetic/hrda_dacs.yaml", "HRDA + DACS", starts_from="hrda_source_only"),
+        # HRDA + DACS adds DACS to HRDA source-only (its baseline: the report pairs them, as the single-scale
+        # source-only is paired with DACS).
+        Arm("hrda_dacs", "synthetic/hrda_dacs.yaml", "HRDA + DACS", "hrda_source_only", "hrda_source_only"),
         Arm("hrda_dacs_gbw", "synthetic/hrda_dacs_gbw.yaml", "HRDA + DACS + GBW", "hrda_dacs", "hrda_source_only"),
         # The top-down model (EDAPS's released architecture: Mask R-CNN instance decoder), its DACS from its
         # own source-only model, as the bottom-up arms.
