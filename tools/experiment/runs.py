@@ -450,11 +450,10 @@ def _reuse(run: RunSpec, folder: Path, benchmark: Dict) -> None:
                 pass
         return shutil.copy2(source, destination)
 
+    made_with = replace(run, output_dir=folder).made_with()  # its training time and threads are kept
     shutil.copytree(folder, run.output_dir, copy_function=link_checkpoint)
-    made_with = json.loads((folder / "experiment_run.json").read_text())
     write_json(run.marker, {
-        "command": run.command, "benchmark": benchmark, "seconds": made_with["seconds"],
-        **({"threads": made_with["threads"]} if "threads" in made_with else {}), "reused_from": str(folder.resolve()),
+        **made_with, "command": run.command, "benchmark": benchmark, "reused_from": str(folder.resolve()),
     })
 
 
